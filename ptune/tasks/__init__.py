@@ -1,0 +1,12 @@
+"""Task registry. Keys are the file names in conf/task/ (a test keeps them in sync)."""
+
+from ptune.tasks.base import Task
+from ptune.tasks.e2e import E2E
+
+TASKS: dict[str, type[Task]] = {
+    "e2e": E2E,
+}
+
+
+def build(name: str, **kwargs) -> Task:
+    return TASKS[name](**kwargs)

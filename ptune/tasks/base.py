@@ -1,0 +1,42 @@
+"""What a task is: how to load a split, how to encode an example, and how to score predictions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ptune.data import Example
+from ptune.errors import PtuneError
+
+
+class Task:
+    name = "base"
+    metric_for_best = "loss"  # a key of evaluate()'s result
+    greater_is_better = True
+
+    def __init__(self, data_dir: str | None = None, max_train_samples: int | None = None,
+                 max_eval_samples: int | None = None, subsample_seed: int = 0, **_):
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
+        self.subsample_seed = subsample_seed
+
+    def local_file(self, *parts: str) -> Path | None:
+        """A file under task.data_dir, or None when data come from the hub."""
+        if self.data_dir is None:
+            return None
+        path = self.data_dir.joinpath(*parts)
+        if not path.exists():
+            raise PtuneError(f"task {self.name}: {path} does not exist; set task.data_dir (or PTUNE_DATA_DIR) "
+                             f"to a folder holding {'/'.join(parts)}, or unset it to load from the hub")
+        return path
+
+    def train_examples(self, tokenizer) -> list[Example]:
+        raise NotImplementedError
+
+    def evaluate(self, method, split: str, batch_size: int) -> tuple[dict, list[dict]]:
+        """(metrics by name, one prediction record per example)."""
+        raise NotImplementedError
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"

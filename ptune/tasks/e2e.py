@@ -1,0 +1,96 @@
+"""E2E NLG Challenge (Novikova et al. 2017): restaurant meaning representations -> one sentence.
+
+The table-to-text task of the prefix-tuning paper. A meaning representation such as
+`name[The Eagle], eatType[coffee shop]` is linearized as in Li & Liang's code
+(`name : The Eagle | eatType : coffee shop`) and put in `source_template`; the model learns to
+continue with the reference text and an end-of-sequence token. The loss covers only the target.
+
+Evaluation groups references by MR (547 dev MRs, 630 test MRs, several references each) and scores
+one generated sentence per MR with the official challenge metrics (ptune.metrics.e2e).
+Data: `<task.data_dir>/e2e/{train,dev,test}.csv` (columns mr, ref), else hub `GEM/e2e_nlg`.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+
+from ptune.data import Example, subsample
+from ptune.errors import PtuneError
+from ptune.generate import generate_texts
+from ptune.tasks.base import Task
+
+_HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+
+
+def linearize(mr: str) -> str:
+    """`name[The Eagle], food[French]` -> `name : The Eagle | food : French`."""
+    pairs = re.findall(r"\s*([^\[,]+)\[([^\]]*)\]", mr)
+    return " | ".join(f"{k.strip()} : {v.strip()}" for k, v in pairs) if pairs else mr
+
+
+class E2E(Task):
+    name = "e2e"
+    metric_for_best = "bleu"
+
+    def __init__(self, source_template: str = "Table: {mr}\nText:", num_beams: int = 1, max_new_tokens: int = 64,
+                 max_source_len: int = 128, max_target_len: int = 64, **kw):
+        super().__init__(**kw)
+        self.source_template = source_template
+        self.num_beams, self.max_new_tokens = num_beams, max_new_tokens
+        self.max_source_len, self.max_target_len = max_source_len, max_target_len
+
+    def rows(self, split: str) -> list[tuple[str, str]]:
+        """(mr, ref) pairs of a split, in file order."""
+        path = self.local_file("e2e", f"{split}.csv")
+        if path is not None:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or not {"mr", "ref"} <= set(reader.fieldnames):
+                    raise PtuneError(f"{path}: expected a CSV with columns mr,ref, found {reader.fieldnames}")
+                return [(r["mr"], r["ref"]) for r in reader]
+        import datasets
+
+        ds = datasets.load_dataset("GEM/e2e_nlg", split=_HUB_SPLITS[split])
+        return [(r["meaning_representation"], r["target"]) for r in ds]
+
+    def source(self, mr: str) -> str:
+        return self.source_template.format(mr=linearize(mr))
+
+    def train_examples(self, tokenizer) -> list[Example]:
+        rows = self.rows("train")
+        rows = [rows[i] for i in subsample(len(rows), self.max_train_samples, self.subsample_seed)]
+        src = tokenizer([self.source(mr) for mr, _ in rows], add_special_tokens=False).input_ids
+        tgt = tokenizer([" " + ref for _, ref in rows], add_special_tokens=False).input_ids
+        out = []
+        for s, t in zip(src, tgt):
+            s, t = s[-self.max_source_len:], t[: self.max_target_len] + [tokenizer.eos_token_id]
+            out.append(Example(input_ids=s + t, labels=[-100] * len(s) + t))
+        return out
+
+    def references(self, split: str) -> tuple[list[str], list[list[str]]]:
+        """MRs in order of first appearance and their reference lists (subsampled by MR)."""
+        grouped: dict[str, list[str]] = {}
+        for mr, ref in self.rows(split):
+            grouped.setdefault(mr, []).append(ref)
+        mrs = list(grouped)
+        mrs = [mrs[i] for i in subsample(len(mrs), self.max_eval_samples, self.subsample_seed)]
+        return mrs, [grouped[m] for m in mrs]
+
+    def predict(self, method, rows: list[dict], batch_size: int) -> list[str]:
+        """One sentence per row; each row needs an `mr` field."""
+        if any("mr" not in r for r in rows):
+            raise PtuneError("task e2e: every input row needs an 'mr' field (a meaning representation)")
+        return generate_texts(method, [self.source(r["mr"]) for r in rows], batch_size=batch_size,
+                              num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
+                              max_source_len=self.max_source_len)
+
+    def evaluate(self, method, split, batch_size):
+        from ptune.metrics.e2e import e2e_scores
+
+        mrs, refs = self.references(split)
+        hyps = generate_texts(method, [self.source(m) for m in mrs], batch_size=batch_size, num_beams=self.num_beams,
+                              max_new_tokens=self.max_new_tokens, max_source_len=self.max_source_len)
+        scores = e2e_scores(hyps, refs)
+        records = [{"mr": m, "prediction": h, "references": r} for m, h, r in zip(mrs, hyps, refs)]
+        return scores, records

@@ -1,0 +1,204 @@
+"""The config boundary: `train(cfg)`, `evaluate_run(...)`, `predict_run(...)` unpack the composed
+config and call plain functions below them (models, methods, tasks, trainer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ptune import checkpoint as ckpt
+from ptune import methods, models, rundir, tasks
+from ptune.config import check, method_kwargs, task_kwargs
+from ptune.errors import PtuneError
+from ptune.trainer import TrainArgs, fit, peak_memory_mb
+
+log = logging.getLogger("ptune")
+
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def setup_logging(run_dir: Path | None, main: bool = True) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_ptune", False):
+            root.removeHandler(h)
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = [logging.StreamHandler(sys.stderr)] if main else []
+    if run_dir is not None and main:
+        handlers.append(logging.FileHandler(Path(run_dir) / "train.log"))
+    for h in handlers:
+        h._ptune = True
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    for noisy in ("transformers", "httpx", "urllib3", "datasets", "huggingface_hub", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build(cfg: DictConfig):
+    """(backbone, method, task) from a composed config."""
+    backbone = models.load(cfg.model.name, cfg.model.kind, cfg.model.source, cfg.model.get("name_or_path"),
+                           OmegaConf.to_container(cfg.model.get("tiny")) if cfg.model.get("tiny") else None,
+                           cfg.model.get("tokenizer"), seed=cfg.model.get("init_seed", 0))
+    torch.manual_seed(cfg.trainer.seed)  # the method's initial tensors come from the run's seed
+    method = methods.build(cfg.method.name, backbone, **method_kwargs(cfg))
+    task = tasks.build(cfg.task.name, **task_kwargs(cfg))
+    return backbone, method, task
+
+
+def _accelerator(precision: str):
+    from accelerate import Accelerator
+
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise PtuneError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16 or fp32")
+    return Accelerator(mixed_precision=_PRECISION[precision], cpu=not torch.cuda.is_available())
+
+
+def _claim_run_dir(accelerator, cfg: DictConfig, run_dir: Path | None) -> Path:
+    """Rank 0 creates the directory; the others receive its path."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [str(run_dir) if run_dir else None]
+    if accelerator.is_main_process and run_dir is None:
+        box = [str(rundir.new_run_dir(cfg.output_dir))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box)
+    return Path(box[0])
+
+
+def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) -> dict:
+    """Run one training job into run_dir (claimed under cfg.output_dir if None). Returns summary."""
+    check(cfg)
+    accelerator = _accelerator(cfg.trainer.precision)
+    run_dir = _claim_run_dir(accelerator, cfg, run_dir)
+    main = accelerator.is_main_process
+    setup_logging(run_dir, main)
+    resume_from = None
+    if resume:
+        resume_from = ckpt.latest_good(run_dir / "checkpoints")
+        log.info("resuming %s from %s", run_dir, resume_from or "the start (no usable checkpoint)")
+    elif main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("run directory: %s", run_dir)
+
+    torch.manual_seed(cfg.trainer.seed)
+    backbone, method, task = build(cfg)
+    backbone.model.to(accelerator.device)
+    method.to(accelerator.device)
+    examples = task.train_examples(backbone.tokenizer)
+    t = cfg.trainer
+    args = TrainArgs(max_steps=t.max_steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr,
+                     weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, schedule=t.schedule,
+                     max_grad_norm=t.max_grad_norm, eval_every=t.eval_every, save_every=t.save_every,
+                     keep_last=t.keep_last, log_every=t.log_every, seed=t.seed, eval_batch_size=t.eval_batch_size,
+                     group_by_length=t.group_by_length, eval_split=t.eval_split)
+    trainable = sum(p.numel() for p in method.trainable_tensors().values())
+    log.info("%s on %s / %s: %d trainable of %d parameters, %d training examples", cfg.method.name, cfg.model.name,
+             cfg.task.name, trainable, trainable + sum(p.numel() for p in backbone.model.parameters()), len(examples))
+
+    def save_adapter(directory: Path) -> None:
+        config = {**method.adapter_config(), "base_model": cfg.model.name, "task": cfg.task.name}
+        ckpt.save_adapter(directory, method.adapter_tensors(), config)
+
+    state = fit(method, task, examples, args, accelerator, run_dir, resume_from, on_adapter=save_adapter)
+    summary = None
+    if main:
+        save_adapter(run_dir / "adapter")
+        summary = _summary(cfg, method, task, backbone, state, accelerator)
+        rundir.write_summary(run_dir, summary)
+        log.info("done: %s", run_dir)
+    accelerator.wait_for_everyone()
+    return {"run_dir": str(run_dir), "summary": summary}
+
+
+def _summary(cfg, method, task, backbone, state, accelerator) -> dict:
+    trainable = sum(p.numel() for p in method.trainable_tensors().values())
+    stored = sum(t.numel() for t in method.adapter_tensors().values())
+    last_eval = state.history[-1]["metrics"] if state.history else {}
+    return {
+        "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
+        "steps": state.step, "trainable_params": trainable, "stored_params": stored,
+        "total_params": trainable + sum(p.numel() for p in backbone.model.parameters()),
+        "wall_time_s": round(state.wall_time_s, 2), "train_time_s": round(state.train_time_s, 2),
+        "train_tokens": state.train_tokens,
+        "train_tokens_per_s": round(state.train_tokens / max(state.train_time_s, 1e-9), 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1), "final_train_loss": state.last_loss,
+        "eval": last_eval, "metric_for_best": task.metric_for_best,
+        "best": state.best, "processes": accelerator.num_processes, "precision": cfg.trainer.precision,
+        "device": str(accelerator.device), "torch": torch.__version__, "python": platform.python_version(),
+    }
+
+
+def load_run(run: str | Path) -> tuple[Path, DictConfig]:
+    run_dir = Path(run)
+    if not rundir.is_run_dir(run_dir):
+        raise PtuneError(f"{run_dir} is not a ptune run directory (no config.yaml and checkpoints/); "
+                         f"pass a directory printed by `ptune train`")
+    return run_dir, OmegaConf.load(run_dir / "config.yaml")
+
+
+def _load_for_inference(run_dir: Path, cfg: DictConfig, which: str = "adapter"):
+    backbone, method, task = build(cfg)
+    adapter = run_dir / which
+    if not (adapter / "adapter_model.safetensors").exists():
+        raise PtuneError(f"{adapter} has no adapter_model.safetensors; the run has not finished (resume it first)")
+    _, tensors = ckpt.load_adapter(adapter)
+    method.load_adapter_tensors(tensors)
+    return backbone, method, task
+
+
+def evaluate_run(run: str, split: str = "dev", which: str = "adapter", batch_size: int | None = None) -> dict:
+    run_dir, cfg = load_run(run)
+    setup_logging(None)
+    _, method, task = _load_for_inference(run_dir, cfg, which)
+    scores, records = task.evaluate(method, split, batch_size or cfg.trainer.eval_batch_size)
+    out = {"run": str(run_dir), "split": split, "adapter": which, "metrics": scores}
+    ckpt.write_json(out, run_dir / f"eval_{split}.json")
+    from ptune.trainer import _write_predictions
+
+    _write_predictions(run_dir, split, records)
+    return out
+
+
+def predict_run(run: str, input_path: str, output: str | None = None, batch_size: int | None = None) -> Path:
+    run_dir, cfg = load_run(run)
+    setup_logging(None)
+    _, method, task = _load_for_inference(run_dir, cfg)
+    rows = read_rows(Path(input_path))
+    preds = task.predict(method, rows, batch_size or cfg.trainer.eval_batch_size)
+    out = Path(output) if output else run_dir / "predictions" / f"{Path(input_path).stem}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({**row, "prediction": p}) + "\n" for row, p in zip(rows, preds)))
+    return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl, .json, .csv or .tsv file as dicts."""
+    import csv
+
+    if not path.is_file():
+        raise PtuneError(f"input file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif suffix == ".json":
+            rows = json.loads(path.read_text())
+        elif suffix in (".csv", ".tsv"):
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        else:
+            raise PtuneError(f"input file {path}: unknown format {suffix!r}; use .jsonl, .json, .csv or .tsv")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PtuneError(f"input file {path} is not valid {suffix[1:]}: {e}") from None
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise PtuneError(f"input file {path} holds no rows of named fields")
+    return rows

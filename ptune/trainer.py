@@ -1,0 +1,242 @@
+"""The training loop: one explicit loop on Accelerate, read top to bottom.
+
+Per optimizer step: the step's examples come from a deterministic plan (ptune.data); they are cut
+into `grad_accum` micro-batches, each split across processes; every micro-batch's summed token
+loss is divided by the label-token count of the whole step (all micro-batches, all processes), so
+the gradient is the same whatever the accumulation or the number of processes; gradients of the
+trainable tensors are summed across processes (no DDP wrapper: the backbone is frozen and holds no
+gradients); then clip, step, log, evaluate, checkpoint.
+
+Everything the next step depends on -- trainable tensors, optimizer state, RNG, step -- is in the
+checkpoint, and the data position is a function of the step, so a resumed run repeats an unbroken
+one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ptune import checkpoint as ckpt
+from ptune.data import collate, epoch_plan, micro_batches
+from ptune.errors import PtuneError
+from ptune.heads import lm_loss
+from ptune.rundir import MetricsLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainArgs:
+    max_steps: int
+    batch_size: int  # examples per micro-batch per process
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str  # linear | cosine | constant
+    max_grad_norm: float
+    eval_every: int
+    save_every: int
+    keep_last: int
+    log_every: int
+    seed: int
+    eval_batch_size: int
+    group_by_length: bool = True
+    eval_split: str = "dev"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    train_tokens: int = 0
+    train_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    last_loss: float | None = None
+    best: dict | None = None
+    history: list = field(default_factory=list)  # eval records, for summary.json
+
+    def to_json(self) -> dict:
+        return dict(step=self.step, train_tokens=self.train_tokens, train_time_s=self.train_time_s,
+                    wall_time_s=self.wall_time_s, last_loss=self.last_loss, best=self.best, history=self.history)
+
+
+def lr_at(step: int, args: TrainArgs) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the decay."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    if args.schedule == "constant":
+        return args.lr
+    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
+    if args.schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return args.lr * (1 - progress)
+
+
+def _label_count(example) -> int:
+    return sum(1 for t in example.labels[1:] if t != -100)
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _is_better(value, best: dict | None, key: str, greater: bool) -> bool:
+    if not isinstance(value, (int, float)):
+        return False
+    if best is None:
+        return True
+    return value > best["metrics"][key] if greater else value < best["metrics"][key]
+
+
+def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, resume_from: Path | None = None,
+        on_adapter=None) -> TrainState:
+    """Train `method` on `examples`; evaluate and checkpoint into run_dir. Returns the final state.
+
+    on_adapter(directory) writes the adapter of the current method into `directory`.
+    """
+    run_dir = Path(run_dir)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    device = accelerator.device
+    params = method.trainable_tensors()
+    names = list(params)
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay) if params else None
+    pad_id = method.backbone.tokenizer.pad_token_id
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+
+    step_size = args.batch_size * args.grad_accum * world
+    if len(examples) < step_size:
+        raise PtuneError(f"{len(examples)} training examples are fewer than one step needs ({step_size} = "
+                         f"batch_size x grad_accum x processes); lower trainer.batch_size or add data")
+    steps_per_epoch = len(examples) // step_size
+    lengths = [len(e.input_ids) for e in examples]
+    n_labels = [_label_count(e) for e in examples]
+
+    state = TrainState()
+    if resume_from is not None:
+        saved = ckpt.load_checkpoint(resume_from)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved["trainable"][k])
+        ckpt.optimizer_from_flat(optimizer, saved["optimizer"], saved["state"]["optimizer"])
+        ckpt.set_rng_state(saved["rng"])
+        state = TrainState(**{k: v for k, v in saved["state"].items() if k in TrainState.__dataclass_fields__})
+        if main:
+            metrics.truncate_after(state.step)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+
+    def evaluate() -> None:
+        method.backbone.model.eval()
+        if main:
+            t0 = time.perf_counter()
+            scores, records = task.evaluate(method, args.eval_split, args.eval_batch_size)
+            record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "split": args.eval_split,
+                      **{f"eval/{k}": v for k, v in scores.items()}, "eval_time_s": round(time.perf_counter() - t0, 2)}
+            metrics.write(record)
+            state.history.append({"step": state.step, "metrics": scores})
+            key = task.metric_for_best
+            if _is_better(scores.get(key), state.best, key, task.greater_is_better):
+                state.best = {"step": state.step, "metrics": scores}
+                on_adapter(run_dir / "adapter_best")
+            _write_predictions(run_dir, args.eval_split, records)
+            log.info("step %d eval: %s", state.step, _fmt(scores))
+        accelerator.wait_for_everyone()
+
+    def save() -> None:
+        if main:
+            opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer, names)
+            ckpt.save_checkpoint(run_dir / "checkpoints", state.step, params, opt_tensors, ckpt.rng_state(),
+                                 {**state.to_json(), "optimizer": opt_meta, "steps_per_epoch": steps_per_epoch,
+                                  "data_position": divmod(state.step, steps_per_epoch)}, keep_last=args.keep_last)
+        accelerator.wait_for_everyone()
+
+    if not params:  # nothing to train (hard-prompt): evaluate the frozen model once
+        evaluate()
+        return state
+
+    bar = tqdm(total=args.max_steps, initial=state.step, disable=not main, desc="train", mininterval=1.0, dynamic_ncols=True)
+    plan, plan_epoch = None, -1
+    t_log, tok_log = time.perf_counter(), 0
+    wall_start = time.perf_counter() - state.wall_time_s
+    while state.step < args.max_steps:
+        t_step = time.perf_counter()
+        method.backbone.model.train()  # backbone dropout active, as in the papers' code and PEFT
+        epoch, k = divmod(state.step, steps_per_epoch)
+        if epoch != plan_epoch:
+            plan, plan_epoch = epoch_plan(lengths, step_size, args.seed, epoch, args.group_by_length), epoch
+        step_indices = sorted(plan[k], key=lambda i: lengths[i])
+        denom = sum(n_labels[i] for i in step_indices)  # label tokens in the whole step, all processes
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state.step, args)
+
+        loss_total = torch.zeros((), device=device)
+        tokens = 0
+        for mb in micro_batches(step_indices, args.grad_accum, world, rank):
+            batch = {key: t.to(device) for key, t in collate([examples[i] for i in mb], pad_id).items()}
+            with accelerator.autocast():
+                loss_sum, _ = lm_loss(method, **batch)
+            (loss_sum / denom).backward()
+            loss_total += loss_sum.detach()
+            tokens += int(batch["attention_mask"].sum())
+        if world > 1:  # sum, not mean: each process already divided by the global token count
+            for p in params.values():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+            stats = torch.tensor([loss_total.item(), tokens], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(stats)
+            loss_total, tokens = stats[0], int(stats[1])
+        loss = float(loss_total) / denom
+        if not math.isfinite(loss):
+            last = ckpt.latest_good(run_dir / "checkpoints")
+            raise PtuneError(f"training loss became {loss} at step {state.step + 1}; stopped. Lower trainer.lr or use "
+                             f"trainer.precision=fp32; the last good checkpoint is {last or 'none (no checkpoint yet)'}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm) if args.max_grad_norm > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state.step += 1
+        state.last_loss = loss
+        state.train_tokens += tokens
+        state.train_time_s += time.perf_counter() - t_step
+        tok_log += tokens
+        bar.update(1)
+        if main and (state.step % args.log_every == 0 or state.step == args.max_steps):
+            dt = time.perf_counter() - t_log
+            record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": loss,
+                      "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tok_log / max(dt, 1e-9), 1)}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            metrics.write(record)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            t_log, tok_log = time.perf_counter(), 0
+        if state.step % args.eval_every == 0 or state.step == args.max_steps:
+            evaluate()
+        state.wall_time_s = time.perf_counter() - wall_start
+        if state.step % args.save_every == 0 or state.step == args.max_steps:
+            save()
+    bar.close()
+    state.wall_time_s = time.perf_counter() - wall_start
+    return state
+
+
+def _write_predictions(run_dir: Path, split: str, records: list[dict]) -> None:
+    import json
+
+    out = run_dir / "predictions"
+    out.mkdir(exist_ok=True)
+    tmp = out / f".{split}.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(out / f"{split}.jsonl")
+
+
+def _fmt(scores: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in scores.items())
