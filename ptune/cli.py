@@ -147,11 +147,19 @@ def _resume_config(run: str, overrides: list[str]):
 
 
 def _headline(result: dict) -> str:
-    s = result.get("summary") or {}
+    """Run directory and headline metric; empty on processes other than rank 0 (no summary)."""
+    if result.get("summary") is None:
+        return ""
+    s = result["summary"]
     key = s.get("metric_for_best")
     value = (s.get("eval") or {}).get(key)
     shown = f"{value:.4f}" if isinstance(value, float) else value
     return f"run: {result['run_dir']}\n{s.get('task')} dev {key}: {shown}  (final train loss {s.get('final_train_loss')})"
+
+
+def _print(text: str) -> None:
+    if text:
+        print(text)
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -168,10 +176,10 @@ def cmd_train(argv: list[str]) -> int:
         if multirun:
             raise PtuneError("resume= and -m cannot be combined; resume one run directory at a time")
         run_dir, cfg = _resume_config(resume, [o for o in overrides if not o.startswith("resume=")])
-        print(_headline(train(cfg, run_dir=run_dir, resume=True)))
+        _print(_headline(train(cfg, run_dir=run_dir, resume=True)))
         return 0
     if not multirun:
-        print(_headline(train(compose(overrides))))
+        _print(_headline(train(compose(overrides))))
         return 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise PtuneError("-m sweeps run one process; launch each job separately under accelerate launch")

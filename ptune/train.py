@@ -39,6 +39,9 @@ def setup_logging(run_dir: Path | None, main: bool = True) -> None:
         h._ptune = True
         h.setFormatter(fmt)
         root.addHandler(h)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every load
     for noisy in ("transformers", "httpx", "urllib3", "datasets", "huggingface_hub", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -78,6 +81,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     """Run one training job into run_dir (claimed under cfg.output_dir if None). Returns summary."""
     check(cfg)
     accelerator = _accelerator(cfg.trainer.precision)
+    # Everything that can fail on bad input (model, method, data) is loaded before a run directory
+    # is claimed or written, so a mistake leaves no half-made run behind.
+    setup_logging(None, accelerator.is_main_process)  # console only until the run directory exists
+    backbone, method, task = build(cfg)
+    backbone.model.to(accelerator.device)
+    method.to(accelerator.device)
+    examples = task.train_examples(backbone.tokenizer)
+
     run_dir = _claim_run_dir(accelerator, cfg, run_dir)
     main = accelerator.is_main_process
     setup_logging(run_dir, main)
@@ -88,12 +99,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     elif main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run directory: %s", run_dir)
-
-    torch.manual_seed(cfg.trainer.seed)
-    backbone, method, task = build(cfg)
-    backbone.model.to(accelerator.device)
-    method.to(accelerator.device)
-    examples = task.train_examples(backbone.tokenizer)
     t = cfg.trainer
     args = TrainArgs(max_steps=t.max_steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr,
                      weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, schedule=t.schedule,

@@ -412,12 +412,20 @@ def _meteor_talk(proc, hyp_t, ref_t) -> float:
     return float(read())
 
 
-def e2e_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> dict[str, float | dict]:
-    """All five official scores; an unavailable one is ``{"unavailable": reason}``."""
+METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+
+
+def e2e_scores(hyps: Sequence[str], refs: Sequence[Sequence[str]],
+               names: Sequence[str] = METRICS) -> dict[str, float | dict]:
+    """The official scores named (all five by default); an unavailable one is ``{"unavailable": reason}``."""
     _check(hyps, refs)
+    unknown = set(names) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown E2E metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    fns = {"bleu": bleu, "nist": nist, "meteor": meteor, "rouge_l": rouge_l, "cider": cider}
     out: dict[str, float | dict] = {}
-    for name, fn in (("bleu", bleu), ("nist", nist), ("meteor", meteor),
-                     ("rouge_l", rouge_l), ("cider", cider)):
+    for name in names:
+        fn = fns[name]
         try:
             out[name] = fn(hyps, refs)
         except MetricUnavailable as e:

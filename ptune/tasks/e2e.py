@@ -34,8 +34,13 @@ class E2E(Task):
     metric_for_best = "bleu"
 
     def __init__(self, source_template: str = "Table: {mr}\nText:", num_beams: int = 1, max_new_tokens: int = 64,
-                 max_source_len: int = 128, max_target_len: int = 64, **kw):
+                 max_source_len: int = 128, max_target_len: int = 64, metrics=None, **kw):
         super().__init__(**kw)
+        from ptune.metrics.e2e import METRICS
+
+        self.metrics = tuple(metrics or METRICS)
+        if set(self.metrics) - set(METRICS):
+            raise PtuneError(f"task.metrics={list(self.metrics)} has unknown names; choose from {', '.join(METRICS)}")
         self.source_template = source_template
         self.num_beams, self.max_new_tokens = num_beams, max_new_tokens
         self.max_source_len, self.max_target_len = max_source_len, max_target_len
@@ -91,6 +96,6 @@ class E2E(Task):
         mrs, refs = self.references(split)
         hyps = generate_texts(method, [self.source(m) for m in mrs], batch_size=batch_size, num_beams=self.num_beams,
                               max_new_tokens=self.max_new_tokens, max_source_len=self.max_source_len)
-        scores = e2e_scores(hyps, refs)
+        scores = e2e_scores(hyps, refs, self.metrics)
         records = [{"mr": m, "prediction": h, "references": r} for m, h, r in zip(mrs, hyps, refs)]
         return scores, records

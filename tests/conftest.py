@@ -1,0 +1,33 @@
+"""Test setup: offline, data from ../shared/data, tiny models only (built in-process)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("PTUNE_DATA_DIR", str((ROOT.parent / "shared" / "data").resolve()))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Small, fast runs: a few steps on a few examples; every test passes these first.
+TINY = ["task.max_train_samples=64", "task.max_eval_samples=6", "task.max_new_tokens=8", "trainer.batch_size=4",
+        "trainer.max_steps=6", "trainer.eval_every=3", "trainer.save_every=3", "trainer.log_every=1",
+        "trainer.eval_batch_size=8",
+        "task.metrics=[bleu,nist,rouge_l,cider]"]  # METEOR starts a JVM (8 s): tested in test_metrics_e2e
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ["PTUNE_DATA_DIR"])
+    if not (path / "e2e" / "train.csv").exists():
+        pytest.fail(f"test data not found at {path}; set PTUNE_DATA_DIR to the shared data folder")
+    return path
+
+
+@pytest.fixture()
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty directory so outputs/ lands in tmp."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
