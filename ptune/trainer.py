@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +114,8 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay) if params else None
     pad_id = method.backbone.tokenizer.pad_token_id
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+    # fp16 autocast needs loss scaling (bf16 and fp32 do not); its state is part of the checkpoint.
+    scaler = torch.amp.GradScaler(device.type) if accelerator.mixed_precision == "fp16" else None
 
     step_size = args.batch_size * args.grad_accum * world
     if len(examples) < step_size:
@@ -129,6 +133,8 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
                 p.copy_(saved["trainable"][k])
         ckpt.optimizer_from_flat(optimizer, saved["optimizer"], saved["state"]["optimizer"])
         ckpt.set_rng_state(saved["rng"])
+        if scaler is not None and saved["state"].get("grad_scaler"):
+            scaler.load_state_dict(saved["state"]["grad_scaler"])
         state = TrainState(**{k: v for k, v in saved["state"].items() if k in TrainState.__dataclass_fields__})
         if main:
             metrics.truncate_after(state.step)
@@ -156,6 +162,7 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
             opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer, names)
             ckpt.save_checkpoint(run_dir / "checkpoints", state.step, params, opt_tensors, ckpt.rng_state(),
                                  {**state.to_json(), "optimizer": opt_meta, "steps_per_epoch": steps_per_epoch,
+                                  "grad_scaler": scaler.state_dict() if scaler is not None else None,
                                   "data_position": divmod(state.step, steps_per_epoch)}, keep_last=args.keep_last)
         accelerator.wait_for_everyone()
 
@@ -163,69 +170,111 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
         evaluate()
         return state
 
-    bar = tqdm(total=args.max_steps, initial=state.step, disable=not main, desc="train", mininterval=1.0, dynamic_ncols=True)
-    plan, plan_epoch = None, -1
-    t_log, tok_log = time.perf_counter(), 0
-    wall_start = time.perf_counter() - state.wall_time_s
-    while state.step < args.max_steps:
-        t_step = time.perf_counter()
-        method.backbone.model.train()  # backbone dropout active, as in the papers' code and PEFT
-        epoch, k = divmod(state.step, steps_per_epoch)
-        if epoch != plan_epoch:
-            plan, plan_epoch = epoch_plan(lengths, step_size, args.seed, epoch, args.group_by_length), epoch
-        step_indices = sorted(plan[k], key=lambda i: lengths[i])
-        denom = sum(n_labels[i] for i in step_indices)  # label tokens in the whole step, all processes
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(state.step, args)
+    stop = _StopOnSignal()
+    try:
+        bar = tqdm(total=args.max_steps, initial=state.step, disable=not main, desc="train", mininterval=1.0, dynamic_ncols=True)
+        plan, plan_epoch = None, -1
+        t_log, tok_log = time.perf_counter(), 0
+        wall_start = time.perf_counter() - state.wall_time_s
+        while state.step < args.max_steps:
+            t_step = time.perf_counter()
+            method.backbone.model.train()  # backbone dropout active, as in the papers' code and PEFT
+            epoch, k = divmod(state.step, steps_per_epoch)
+            if epoch != plan_epoch:
+                plan, plan_epoch = epoch_plan(lengths, step_size, args.seed, epoch, args.group_by_length), epoch
+            step_indices = sorted(plan[k], key=lambda i: lengths[i])
+            denom = sum(n_labels[i] for i in step_indices)  # label tokens in the whole step, all processes
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state.step, args)
 
-        loss_total = torch.zeros((), device=device)
-        tokens = 0
-        for mb in micro_batches(step_indices, args.grad_accum, world, rank):
-            batch = {key: t.to(device) for key, t in collate([examples[i] for i in mb], pad_id).items()}
-            with accelerator.autocast():
-                loss_sum, _ = lm_loss(method, **batch)
-            (loss_sum / denom).backward()
-            loss_total += loss_sum.detach()
-            tokens += int(batch["attention_mask"].sum())
-        if world > 1:  # sum, not mean: each process already divided by the global token count
-            for p in params.values():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-            stats = torch.tensor([loss_total.item(), tokens], dtype=torch.float64, device=device)
-            torch.distributed.all_reduce(stats)
-            loss_total, tokens = stats[0], int(stats[1])
-        loss = float(loss_total) / denom
-        if not math.isfinite(loss):
-            last = ckpt.latest_good(run_dir / "checkpoints")
-            raise PtuneError(f"training loss became {loss} at step {state.step + 1}; stopped. Lower trainer.lr or use "
-                             f"trainer.precision=fp32; the last good checkpoint is {last or 'none (no checkpoint yet)'}")
-        grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm) if args.max_grad_norm > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            loss_total = torch.zeros((), device=device)
+            tokens = 0
+            for mb in micro_batches(step_indices, args.grad_accum, world, rank):
+                batch = {key: t.to(device) for key, t in collate([examples[i] for i in mb], pad_id).items()}
+                with accelerator.autocast():
+                    loss_sum, _ = lm_loss(method, **batch)
+                scaled = loss_sum / denom
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_total += loss_sum.detach()
+                tokens += int(batch["attention_mask"].sum())
+            if world > 1:  # sum, not mean: each process already divided by the global token count
+                for p in params.values():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                stats = torch.tensor([loss_total.item(), tokens], dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(stats)
+                loss_total, tokens = stats[0], int(stats[1])
+            loss = float(loss_total) / denom
+            if not math.isfinite(loss):
+                last = ckpt.latest_good(run_dir / "checkpoints")
+                raise PtuneError(f"training loss became {loss} at step {state.step + 1}; stopped. Lower trainer.lr or use "
+                                 f"trainer.precision=fp32; the last good checkpoint is {last or 'none (no checkpoint yet)'}")
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients
+            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm) if args.max_grad_norm > 0 else None
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        state.step += 1
-        state.last_loss = loss
-        state.train_tokens += tokens
-        state.train_time_s += time.perf_counter() - t_step
-        tok_log += tokens
-        bar.update(1)
-        if main and (state.step % args.log_every == 0 or state.step == args.max_steps):
-            dt = time.perf_counter() - t_log
-            record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": loss,
-                      "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tok_log / max(dt, 1e-9), 1)}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            metrics.write(record)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            t_log, tok_log = time.perf_counter(), 0
-        if state.step % args.eval_every == 0 or state.step == args.max_steps:
-            evaluate()
-        state.wall_time_s = time.perf_counter() - wall_start
-        if state.step % args.save_every == 0 or state.step == args.max_steps:
-            save()
-    bar.close()
+            state.step += 1
+            state.last_loss = loss
+            state.train_tokens += tokens
+            state.train_time_s += time.perf_counter() - t_step
+            tok_log += tokens
+            bar.update(1)
+            if main and (state.step % args.log_every == 0 or state.step == args.max_steps):
+                dt = time.perf_counter() - t_log
+                record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": loss,
+                          "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tok_log / max(dt, 1e-9), 1)}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                metrics.write(record)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                t_log, tok_log = time.perf_counter(), 0
+            if state.step % args.eval_every == 0 or state.step == args.max_steps:
+                evaluate()
+            state.wall_time_s = time.perf_counter() - wall_start
+            if world > 1:  # every process must stop at the same step, or the next all_reduce hangs
+                flag = torch.tensor([1.0 if stop.signal else 0.0], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop.signal = stop.signal or ("a signal to another process" if flag.item() else None)
+            if state.step % args.save_every == 0 or state.step == args.max_steps or stop.signal:
+                save()
+            if stop.signal:
+                bar.close()
+                raise PtuneError(f"stopped by {stop.signal} at step {state.step}; a checkpoint was saved. Continue with: "
+                                 f"ptune train resume={run_dir}")
+        bar.close()
+    finally:
+        stop.restore()
     state.wall_time_s = time.perf_counter() - wall_start
     return state
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves a checkpoint and stops.
+
+    A second signal while saving is left to the default handler (Ctrl-C twice kills at once).
+    """
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        self.restore()
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
 
 
 def _write_predictions(run_dir: Path, split: str, records: list[dict]) -> None:

@@ -170,3 +170,28 @@ def test_help_lists_commands_groups_and_keys():
 def test_run_directories_are_unique_within_one_second(tmp_path):
     dirs = [rundir.new_run_dir(tmp_path) for _ in range(5)]
     assert len(set(dirs)) == 5 and all(d.is_dir() for d in dirs)
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(in_tmp, data_dir):
+    """SIGTERM mid-run: checkpoint, one clear line, non-zero exit; resume then completes the run."""
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "ptune", "train", "model=tiny-llama", *TINY, "trainer.max_steps=100000",
+            "trainer.save_every=100000", "trainer.eval_every=100000"]
+    proc = subprocess.Popen(args, cwd=in_tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(in_tmp.glob("outputs/*/*/metrics.jsonl")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGTERM at step ") and "ptune train resume=" in last
+    [run] = run_dirs(in_tmp)
+    [ckpt] = checkpoint.list_checkpoints(run / "checkpoints")
+    step = int(ckpt.name.split("-")[1])
+    assert step >= 1 and checkpoint.verify(ckpt) is None
+    assert main(["train", f"resume={run}", f"trainer.max_steps={step + 2}"]) == 0
+    assert json.loads((run / "summary.json").read_text())["steps"] == step + 2
