@@ -62,20 +62,18 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # -- adapters ----------------------------------------------------------------------------------
 def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """adapter_model.safetensors + adapter_config.json, replaced atomically as a folder."""
+    """adapter_model.safetensors + adapter_config.json, each replaced atomically.
+
+    Files, not the folder, are swapped: a directory cannot be renamed over a non-empty one in one
+    step, and a kill between two renames would leave no adapter at all.
+    """
     directory = Path(directory)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    save_file(_contiguous(tensors), tmp / "adapter_model.safetensors")
-    _fsync(tmp / "adapter_model.safetensors")
-    write_json(config, tmp / "adapter_config.json")
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / ".adapter_model.safetensors.tmp"
+    save_file(_contiguous(tensors), tmp)
+    _fsync(tmp)
+    os.replace(tmp, directory / "adapter_model.safetensors")
+    write_json(config, directory / "adapter_config.json")
 
 
 def load_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -131,6 +129,8 @@ def save_checkpoint(root: Path, step: int, trainable: dict, optimizer_tensors: d
     """Write checkpoints/step-<step> atomically and keep only the newest `keep_last`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step-*"):  # left by a write that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}-"))
     save_file(_contiguous(trainable), tmp / "trainable.safetensors")

@@ -37,7 +37,18 @@ def new_run_dir(root: str | Path = "outputs") -> Path:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (Path(path) / "config.yaml").is_file() and (Path(path) / "checkpoints").is_dir()
+    """A run directory has its config.yaml (written before the first step; checkpoints come later)."""
+    return (Path(path) / "config.yaml").is_file()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class MetricsLog:

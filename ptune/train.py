@@ -96,8 +96,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     if resume:
         resume_from = ckpt.latest_good(run_dir / "checkpoints")
         log.info("resuming %s from %s", run_dir, resume_from or "the start (no usable checkpoint)")
+        if resume_from is None and main:  # killed before its first checkpoint: start the log afresh
+            rundir.MetricsLog(run_dir / "metrics.jsonl").truncate_after(0)
     elif main:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        rundir.write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run directory: %s", run_dir)
     t = cfg.trainer
     args = TrainArgs(max_steps=t.max_steps, batch_size=t.batch_size, grad_accum=t.grad_accum, lr=t.lr,
@@ -145,7 +147,7 @@ def _summary(cfg, method, task, backbone, state, accelerator) -> dict:
 def load_run(run: str | Path) -> tuple[Path, DictConfig]:
     run_dir = Path(run)
     if not rundir.is_run_dir(run_dir):
-        raise PtuneError(f"{run_dir} is not a ptune run directory (no config.yaml and checkpoints/); "
+        raise PtuneError(f"{run_dir} is not a ptune run directory (no config.yaml); "
                          f"pass a directory printed by `ptune train`")
     return run_dir, OmegaConf.load(run_dir / "config.yaml")
 
