@@ -1,0 +1,299 @@
+"""Level 2: P-tuning on tiny decoder-only backbones (GPT-2, Llama with grouped-query attention),
+with prompts prepended (E2E today) and at soft positions anywhere in the input; plus level 4
+(resumed == uninterrupted through the CLI)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY
+from ptune import checkpoint, methods
+from ptune.cli import main
+from ptune.data import collate
+from ptune.errors import PtuneError
+from ptune.heads import lm_loss
+from ptune.methods.p_tuning import insert_soft
+from test_prefix import load, toy_batch  # the tiny backbones and the E2E-like toy batch
+
+BACKBONES = ["tiny-gpt2", "tiny-llama"]
+ENCODERS = ["lstm", "mlp"]
+
+
+@pytest.fixture(scope="module", params=BACKBONES)
+def backbone(request):
+    return load(request.param)
+
+
+def ptuning(backbone, p=5, **kw):
+    torch.manual_seed(0)
+    return methods.build("p-tuning", backbone, num_virtual_tokens=p, **kw)
+
+
+def soft_rows(tok):
+    """Two rows with 5 soft positions each: before, between and after segments (different splits)."""
+    a, b, c = (tok(s).input_ids for s in ("name : Eagle", " | food : French", " The Eagle"))
+    return [insert_soft([a, b, c], [2, 1, 0, 2]), insert_soft([c, a], [1, 3, 1])]
+
+
+def soft_batch(rows, pad_id, side="right"):
+    """input_ids, attention_mask, soft_mask (batch, width) from insert_soft rows."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask, soft = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    for r, (i, s) in enumerate(rows):
+        sl = slice(0, len(i)) if side == "right" else slice(width - len(i), width)
+        ids[r, sl], mask[r, sl], soft[r, sl] = torch.tensor(i), 1, torch.tensor(s)
+    return ids, mask, soft
+
+
+def logits(method, input_ids, attention_mask, soft_mask=None):
+    return method.backbone.model(**method.model_inputs(input_ids, attention_mask, soft_mask)).logits
+
+
+def encoder_count(encoder, H, E):
+    """Trainable numbers of the prompt encoder alone, written out layer by layer."""
+    if encoder == "mlp":  # Linear(H, E) ReLU Linear(E, E) ReLU Linear(E, H)
+        return (H * E + E) + (E * E + E) + (E * H + H)
+    h = E // 2  # units per direction; each LSTM direction has 4 gates with W_ih, W_hh, b_ih, b_hh
+    layer0 = 2 * (4 * h * H + 4 * h * h + 8 * h)
+    layer1 = 2 * (4 * h * 2 * h + 4 * h * h + 8 * h)  # input is both directions of layer 0
+    return layer0 + layer1 + (E * E + E) + (E * H + H)  # + Linear(E, E) ReLU Linear(E, H)
+
+
+@pytest.mark.parametrize("encoder, width", [("lstm", None), ("lstm", 32), ("mlp", None), ("mlp", 48)])
+def test_parameter_counts(backbone, encoder, width):
+    H = backbone.dims.hidden
+    m = ptuning(backbone, p=7, encoder=encoder, encoder_hidden_size=width)
+    E = width or H
+    assert sum(t.numel() for t in m.trainable_tensors().values()) == 7 * H + encoder_count(encoder, H, E)
+    closed = {"lstm": 8 * (E // 2) * H + 32 * (E // 2) ** 2 + 32 * (E // 2) + E * E + E + E * H + H,
+              "mlp": 2 * E * H + E * E + 2 * E + H}[encoder]  # the formula in the module docstring
+    assert closed == encoder_count(encoder, H, E)
+    assert {k: tuple(v.shape) for k, v in m.adapter_tensors().items()} == {"prompt": (7, H)}  # stored = p x hidden
+
+
+def test_paper_lstm_shapes(backbone):
+    """Default lstm = the paper's LAMA encoder: LSTM(H, H // 2, 2 layers, bidirectional), Linear(H, H) x 2."""
+    H = backbone.dims.hidden
+    m = ptuning(backbone)
+    assert (m.lstm_head.input_size, m.lstm_head.hidden_size, m.lstm_head.num_layers) == (H, H // 2, 2)
+    assert m.lstm_head.bidirectional and m.lstm_head.dropout == 0
+    assert [tuple(x.weight.shape) for x in m.mlp_head if isinstance(x, torch.nn.Linear)] == [(H, H), (H, H)]
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_training_touches_only_the_encoder_and_loss_falls(backbone, encoder):
+    m = ptuning(backbone, encoder=encoder)
+    frozen = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    batch = collate(toy_batch(backbone.tokenizer), backbone.tokenizer.pad_token_id)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss, n = lm_loss(m, **batch)
+        assert m.n_prepended == 5
+        (loss / n).backward()
+        assert all(p.grad is None for p in backbone.model.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.trainable_tensors().values())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item() / n)
+    # Prompts in the input reach the real tokens only through attention over LayerNorm'ed inputs,
+    # so on these random 2-layer models the loss has a floor close to its start (as for prompt
+    # tuning, tests/test_prompt.py): measured drops 0.077 / 0.080 nats (GPT-2, lstm / mlp) and
+    # 0.154 / 0.178 (Llama) after 10 steps, a plateau reached by step 5 that 30 steps or lr 1e-1
+    # do not lower. The 0.5-nat bar of test_prefix.py (a prefix sets keys and values in every
+    # layer) is out of reach; 0.05 is learning, not noise.
+    assert losses[-1] < losses[0] - 0.05
+    for k, v in backbone.model.state_dict().items():
+        assert torch.equal(v, frozen[k]), f"frozen weight {k} changed"
+
+
+def test_adapter_roundtrip_gives_identical_logits(backbone, tmp_path):
+    m = ptuning(backbone)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    checkpoint.save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
+    assert list(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == ["prompt"]  # encoder dropped
+    m2 = ptuning(load(backbone.name))
+    _, tensors = checkpoint.load_adapter(tmp_path / "adapter")
+    m2.load_adapter_tensors(tensors)
+    assert not list(m2.trainable_tensors()) and not hasattr(m2, "lstm_head")
+    batch = collate(toy_batch(backbone.tokenizer), backbone.tokenizer.pad_token_id)
+    ids, mask, soft = soft_batch(soft_rows(backbone.tokenizer), backbone.tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.equal(logits(m, batch["input_ids"], batch["attention_mask"]),
+                           logits(m2, batch["input_ids"], batch["attention_mask"]))
+        assert torch.equal(logits(m, ids, mask, soft), logits(m2, ids, mask, soft))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_does_not_change_logits(backbone, side):
+    m = ptuning(backbone)
+    pad = backbone.tokenizer.pad_token_id
+    exs = toy_batch(backbone.tokenizer)
+    rows = soft_rows(backbone.tokenizer)
+    with torch.no_grad():
+        for i, e in enumerate(exs):  # prepended prompts
+            alone = collate([e], pad)
+            ref = logits(m, alone["input_ids"], alone["attention_mask"])[0]
+            batch = collate(exs, pad, padding_side=side)
+            full = logits(m, batch["input_ids"], batch["attention_mask"])[i]
+            keep = torch.cat([torch.ones(5, dtype=torch.bool), batch["attention_mask"][i].bool()])
+            torch.testing.assert_close(full[keep], ref, atol=1e-5, rtol=1e-5)
+        ids, mask, soft = soft_batch(rows, pad, side)  # prompts at soft positions
+        full = logits(m, ids, mask, soft)
+        for i, row in enumerate(rows):
+            ref = logits(m, *soft_batch([row], pad))[0]
+            torch.testing.assert_close(full[i][mask[i].bool()], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_insert_soft_places_prompts_before_between_and_after():
+    ids, soft = insert_soft([[11, 12], [13], [14, 15]], [2, 1, 0, 2], filler_id=7)
+    assert ids == [7, 7, 11, 12, 7, 13, 14, 15, 7, 7]
+    assert soft == [True, True, False, False, True, False, False, False, True, True]
+    assert insert_soft([[11]], [0, 0]) == ([11], [False])
+    with pytest.raises(PtuneError, match="3 counts"):
+        insert_soft([[11], [12]], [1, 1])
+
+
+def test_soft_positions_match_manually_built_inputs_embeds(backbone):
+    """The i-th soft position of every row carries prompt vector i; nothing is prepended."""
+    m = ptuning(backbone)
+    pad = backbone.tokenizer.pad_token_id
+    rows = soft_rows(backbone.tokenizer)
+    ids, mask, soft = soft_batch(rows, pad, "left")
+    with torch.no_grad():
+        ours = logits(m, ids, mask, soft)
+        assert m.n_prepended == 0 and ours.shape[1] == ids.shape[1]
+        prompt = m.adapter_tensors()["prompt"]  # (p, hidden)
+        table = backbone.model.get_input_embeddings()
+        for i, (row_ids, row_soft) in enumerate(rows):
+            row = table(torch.tensor([row_ids]))[0].clone()  # (len, hidden)
+            where = [j for j, s in enumerate(row_soft) if s]
+            assert len(where) == 5
+            for k, j in enumerate(where):
+                row[j] = prompt[k]
+            ref = backbone.model(inputs_embeds=row[None], position_ids=torch.arange(len(row_ids))[None]).logits[0]
+            torch.testing.assert_close(ours[i][mask[i].bool()], ref, atol=1e-5, rtol=1e-5)
+        # the soft positions' ids are never read
+        assert torch.equal(ours, logits(m, ids.masked_fill(soft, 123), mask, soft))
+
+
+def test_bad_soft_masks_and_values(backbone):
+    m = ptuning(backbone)
+    ids, mask, soft = soft_batch(soft_rows(backbone.tokenizer), backbone.tokenizer.pad_token_id)
+    with pytest.raises(PtuneError, match="exactly method.num_virtual_tokens=5"):
+        m.model_inputs(ids, mask, soft & (soft.cumsum(-1) <= 4))
+    with pytest.raises(PtuneError, match="padded positions"):
+        m.model_inputs(ids, mask.masked_fill(soft, 0), soft)
+    with pytest.raises(PtuneError, match="method.encoder='gru'"):
+        ptuning(backbone, encoder="gru")
+    with pytest.raises(PtuneError, match="even integer"):
+        ptuning(backbone, encoder="lstm", encoder_hidden_size=33)
+
+
+def greedy_by_hand(m, ids, soft, steps):
+    seq, soft = torch.tensor([ids]), torch.tensor([soft])
+    for _ in range(steps):
+        with torch.no_grad():
+            nxt = logits(m, seq, torch.ones_like(seq), soft if soft.any() else None)[0, -1].argmax()
+        seq, soft = torch.cat([seq, nxt.view(1, 1)], 1), torch.cat([soft, torch.zeros(1, 1, dtype=torch.bool)], 1)
+    return seq[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("placement", ["prepended", "soft"])
+def test_generate_matches_step_by_step_greedy(backbone, placement):
+    m = ptuning(backbone)
+    tok = backbone.tokenizer
+    if placement == "soft":
+        rows = soft_rows(tok)
+    else:
+        rows = [(e.input_ids, [False] * len(e.input_ids)) for e in toy_batch(tok)]
+    ids, mask, soft = soft_batch(rows, tok.pad_token_id, "left")
+    new = m.generate(ids, mask, soft_mask=soft, max_new_tokens=5, do_sample=False, num_beams=1, eos_token_id=None,
+                     pad_token_id=tok.pad_token_id)
+    assert new.shape == (2, 5)  # only the new tokens
+    for i, (row_ids, row_soft) in enumerate(rows):
+        assert new[i].tolist() == greedy_by_hand(m, row_ids, row_soft, 5)
+
+
+def test_beam_search(backbone):
+    """Beam search through inputs_embeds; the best beam scores at least as high as greedy."""
+    m = ptuning(backbone)
+    tok = backbone.tokenizer
+    ids, mask, soft = soft_batch(soft_rows(tok), tok.pad_token_id, "left")
+    kw = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    beams = m.generate(ids, mask, soft_mask=soft, num_beams=3, **kw)
+    assert beams.shape == (2, 4)
+    greedy = m.generate(ids, mask, soft_mask=soft, num_beams=1, **kw)
+
+    def score(new, i):
+        seq, extra = torch.cat([ids[i:i + 1], new.view(1, -1)], 1), torch.ones(1, new.numel(), dtype=torch.long)
+        s = torch.cat([soft[i:i + 1], torch.zeros_like(extra, dtype=torch.bool)], 1)  # new tokens are not soft
+        with torch.no_grad():
+            lp = logits(m, seq, torch.cat([mask[i:i + 1], extra], 1), s).log_softmax(-1)[0, -new.numel() - 1:-1]
+        return lp.gather(1, new.view(-1, 1)).sum().item()
+
+    for i in range(2):
+        assert score(beams[i], i) >= score(greedy[i], i) - 1e-4
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_matches_peft_p_tuning(name, encoder):
+    """PEFT's P_TUNING with the same encoder weights gives the same logits (unpadded input).
+
+    mlp: PEFT's MLP encoder, same width. lstm: PEFT's LSTM encoder with encoder_hidden_size = E/2
+    (PEFT counts units per direction) is the paper's encoder."""
+    peft = pytest.importorskip("peft")
+    bb = load(name)
+    H = bb.dims.hidden
+    m = ptuning(bb, p=4, encoder=encoder, encoder_hidden_size=48 if encoder == "mlp" else None)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    config = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_reparameterization_type=encoder.upper(),
+                                      encoder_hidden_size=48 if encoder == "mlp" else H // 2)
+    pm = peft.get_peft_model(load(name).model, config)
+    pm.prompt_encoder["default"].load_state_dict(m.state_dict())  # same names: embedding, lstm_head, mlp_head
+    ids = torch.tensor([bb.tokenizer("name : Eagle | food : French. The Eagle").input_ids])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ours = logits(m, ids, mask)[:, 4:]
+        theirs = pm(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:]
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_resumed_equals_uninterrupted(in_tmp, data_dir, monkeypatch):
+    """Through the CLI: a run killed after its step-3 checkpoint and resumed equals an unbroken one."""
+    args = ["train", "model=tiny-gpt2", "method=p-tuning", *TINY, "task.metrics=[bleu]"]
+    assert main(args) == 0
+    [full] = sorted(p for p in (in_tmp / "outputs").glob("*/*") if p.is_dir())
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(root, step, *a, **kw):
+        path = real_save(root, step, *a, **kw)
+        if step == 3:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    assert main(args) == 130
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    broken = next(p for p in (in_tmp / "outputs").glob("*/*") if p.is_dir() and p != full)
+    assert main(["train", f"resume={broken}"]) == 0
+    assert list(load_file(full / "adapter/adapter_model.safetensors")) == ["prompt"]
+    assert "lstm_head.weight_ih_l0" in load_file(full / "checkpoints/step-6/trainable.safetensors")
+    for name in ("adapter/adapter_model.safetensors", "adapter_best/adapter_model.safetensors",
+                 "checkpoints/step-6/trainable.safetensors", "checkpoints/step-6/optimizer.safetensors"):
+        a, b = load_file(full / name), load_file(broken / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    def metrics(run):
+        return [{k: v for k, v in json.loads(line).items() if k not in {"tokens_per_s", "eval_time_s"}}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert metrics(full) == metrics(broken)
