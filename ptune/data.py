@@ -16,12 +16,30 @@ from dataclasses import dataclass
 import torch
 
 
+LAYOUTS = ("causal", "seq2seq", "class")
+
+
 @dataclass
 class Example:
-    """One tokenized training example. labels are -100 where no loss is taken (the source)."""
+    """One tokenized training example; `layout` says how labels relate to input_ids and which loss
+    `ptune.heads.loss` takes:
+
+    - causal:  labels align with input_ids (source + target), -100 where no loss is taken;
+    - seq2seq: input_ids is the encoder's source, labels the decoder's target (own length);
+    - class:   labels is [class index] (one loss term per example).
+    """
 
     input_ids: list[int]
     labels: list[int]
+    layout: str = "causal"
+
+    def n_loss_terms(self) -> int:
+        """How many terms this example adds to the summed loss (the trainer normalises by the step's total)."""
+        if self.layout == "causal":  # token t+1 is predicted at t: the first position is never a target
+            return sum(1 for t in self.labels[1:] if t != -100)
+        if self.layout == "seq2seq":
+            return sum(1 for t in self.labels if t != -100)
+        return 1
 
 
 def epoch_plan(lengths: list[int], step_size: int, seed: int, epoch: int, group_by_length: bool = True) -> list[list[int]]:
@@ -52,19 +70,35 @@ def micro_batches(step_indices: list[int], grad_accum: int, world: int, rank: in
     return [c[rank * per_rank:(rank + 1) * per_rank] for c in chunks]
 
 
-def collate(examples: list[Example], pad_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """Pad to the longest example: input_ids, attention_mask, labels, each (batch, max_len)."""
+def collate(examples: list[Example], pad_id: int, padding_side: str = "right") -> dict:
+    """Pad to the longest example.
+
+    Returns input_ids and attention_mask (batch, max_len), labels, and `layout` (a str, read by
+    `ptune.heads.loss`). labels: causal (batch, max_len) padded like input_ids; seq2seq
+    (batch, max_target_len) right-padded with -100; class (batch,).
+    """
+    layout = examples[0].layout
+    if any(e.layout != layout for e in examples):
+        raise ValueError("a batch mixes example layouts")
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    if layout == "causal":
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    elif layout == "seq2seq":
+        labels = torch.full((len(examples), max(len(e.labels) for e in examples)), -100, dtype=torch.long)
+    else:
+        labels = torch.tensor([e.labels[0] for e in examples], dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
         sl = slice(0, n) if padding_side == "right" else slice(width - n, width)
         ids[row, sl] = torch.tensor(e.input_ids)
         mask[row, sl] = 1
-        labels[row, sl] = torch.tensor(e.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if layout == "causal":
+            labels[row, sl] = torch.tensor(e.labels)
+        elif layout == "seq2seq":
+            labels[row, : len(e.labels)] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "layout": layout}
 
 
 def subsample(n_total: int, n: int | None, seed: int = 0) -> list[int]:

@@ -14,7 +14,16 @@ import torch.nn.functional as F
 from ptune.methods.base import Method
 
 
-def lm_loss(method: Method, input_ids, attention_mask, labels) -> tuple[torch.Tensor, int]:
+def loss(method: Method, batch: dict) -> tuple[torch.Tensor, int]:
+    """The loss a batch's layout calls for (see ptune.data.Example): (summed loss, number of terms)."""
+    layout = batch.get("layout", "causal")
+    tensors = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    if layout == "causal":
+        return lm_loss(method, **tensors)
+    raise NotImplementedError(f"no loss for batch layout {layout!r} yet")
+
+
+def lm_loss(method: Method, input_ids, attention_mask, labels, **_) -> tuple[torch.Tensor, int]:
     """Summed token cross-entropy and the number of label tokens.
 
     input_ids, attention_mask, labels: (batch, seq). Returns (scalar sum, count): the trainer

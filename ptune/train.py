@@ -109,7 +109,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
                      group_by_length=t.group_by_length, eval_split=t.eval_split)
     trainable = sum(p.numel() for p in method.trainable_tensors().values())
     log.info("%s on %s / %s: %d trainable of %d parameters, %d training examples", cfg.method.name, cfg.model.name,
-             cfg.task.name, trainable, trainable + sum(p.numel() for p in backbone.model.parameters()), len(examples))
+             cfg.task.name, trainable, total_params(method), len(examples))
 
     def save_adapter(directory: Path) -> None:
         config = {**method.adapter_config(), "base_model": cfg.model.name, "task": cfg.task.name}
@@ -126,6 +126,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     return {"run_dir": str(run_dir), "summary": summary}
 
 
+def total_params(method) -> int:
+    """Backbone parameters plus the method's own (fine-tune trains backbone tensors: counted once)."""
+    return sum(p.numel() for p in method.backbone.model.parameters()) + sum(p.numel() for p in method.parameters())
+
+
 def _summary(cfg, method, task, backbone, state, accelerator) -> dict:
     trainable = sum(p.numel() for p in method.trainable_tensors().values())
     stored = sum(t.numel() for t in method.adapter_tensors().values())
@@ -133,7 +138,7 @@ def _summary(cfg, method, task, backbone, state, accelerator) -> dict:
     return {
         "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
         "steps": state.step, "trainable_params": trainable, "stored_params": stored,
-        "total_params": trainable + sum(p.numel() for p in backbone.model.parameters()),
+        "total_params": total_params(method),
         "wall_time_s": round(state.wall_time_s, 2), "train_time_s": round(state.train_time_s, 2),
         "train_tokens": state.train_tokens,
         "train_tokens_per_s": round(state.train_tokens / max(state.train_time_s, 1e-9), 1),

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ptune import checkpoint as ckpt
 from ptune.data import collate, epoch_plan, micro_batches
 from ptune.errors import PtuneError
-from ptune.heads import lm_loss
+from ptune import heads
 from ptune.rundir import MetricsLog
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,6 @@ def lr_at(step: int, args: TrainArgs) -> float:
     return args.lr * (1 - progress)
 
 
-def _label_count(example) -> int:
-    return sum(1 for t in example.labels[1:] if t != -100)
-
-
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -123,7 +119,7 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
                          f"batch_size x grad_accum x processes); lower trainer.batch_size or add data")
     steps_per_epoch = len(examples) // step_size
     lengths = [len(e.input_ids) for e in examples]
-    n_labels = [_label_count(e) for e in examples]
+    n_labels = [e.n_loss_terms() for e in examples]
 
     state = TrainState()
     if resume_from is not None:
@@ -190,9 +186,10 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
             loss_total = torch.zeros((), device=device)
             tokens = 0
             for mb in micro_batches(step_indices, args.grad_accum, world, rank):
-                batch = {key: t.to(device) for key, t in collate([examples[i] for i in mb], pad_id).items()}
+                batch = {key: t.to(device) if torch.is_tensor(t) else t
+                         for key, t in collate([examples[i] for i in mb], pad_id).items()}
                 with accelerator.autocast():
-                    loss_sum, _ = lm_loss(method, **batch)
+                    loss_sum, _ = heads.loss(method, batch)
                 scaled = loss_sum / denom
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 loss_total += loss_sum.detach()
