@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import sys
 from pathlib import Path
@@ -51,10 +50,32 @@ def build(cfg: DictConfig):
     backbone = models.load(cfg.model.name, cfg.model.kind, cfg.model.source, cfg.model.get("name_or_path"),
                            OmegaConf.to_container(cfg.model.get("tiny")) if cfg.model.get("tiny") else None,
                            cfg.model.get("tokenizer"), seed=cfg.model.get("init_seed", 0))
-    torch.manual_seed(cfg.trainer.seed)  # the method's initial tensors come from the run's seed
-    method = methods.build(cfg.method.name, backbone, **method_kwargs(cfg))
     task = tasks.build(cfg.task.name, **task_kwargs(cfg))
+    kwargs = method_kwargs(cfg)
+    if kwargs.get("init") == "labels":  # prompt tuning's class-label init embeds the task's label words
+        kwargs["label_words"] = task.label_words() if hasattr(task, "label_words") else None
+    torch.manual_seed(cfg.trainer.seed)  # the method's initial tensors come from the run's seed
+    method = methods.build(cfg.method.name, backbone, **kwargs)
+    _attach_head(method, task, backbone, cfg.trainer.seed)
     return backbone, method, task
+
+
+def _attach_head(method, task, backbone, seed: int) -> None:
+    """Give the method the head its task asks for (`task.head`; generation tasks have none: lm)."""
+    from ptune.heads import LinearHead
+
+    head = getattr(task, "head", "lm")
+    if head == "lm" and backbone.kind in ("masked", "encoder"):
+        raise PtuneError(f"task={task.name} generates text, which model={backbone.name} ({backbone.kind}, no "
+                         f"left-to-right decoder) cannot; use a causal or seq2seq model")
+    if head != "linear":
+        return
+    if method.name == "hard-prompt":
+        # By definition it trains nothing; with a trained head it would be a linear probe, which
+        # is fine-tune's `trainable=head` (and reported as such, with its trainable count).
+        raise PtuneError("method=hard-prompt trains nothing, so task.head=linear would train only the classifier on "
+                         "a frozen backbone (a linear probe); run that as method=fine-tune method.trainable=head")
+    method.attach_head(LinearHead(backbone.dims.hidden, len(task.labels), task.head_dropout, seed=seed))
 
 
 def _accelerator(precision: str):
@@ -87,7 +108,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     backbone, method, task = build(cfg)
     backbone.model.to(accelerator.device)
     method.to(accelerator.device)
-    examples = task.train_examples(backbone.tokenizer)
+    examples = task.train_examples(backbone.tokenizer, backbone.kind)
 
     run_dir = _claim_run_dir(accelerator, cfg, run_dir)
     main = accelerator.is_main_process
@@ -112,8 +133,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
              cfg.task.name, trainable, total_params(method), len(examples))
 
     def save_adapter(directory: Path) -> None:
-        config = {**method.adapter_config(), "base_model": cfg.model.name, "task": cfg.task.name}
-        ckpt.save_adapter(directory, method.adapter_tensors(), config)
+        config = {**method.adapter_config(), "base_model": cfg.model.name, "task": cfg.task.name,
+                  **_head_config(method, task)}
+        ckpt.save_adapter(directory, adapter_tensors(method), config)
 
     state = fit(method, task, examples, args, accelerator, run_dir, resume_from, on_adapter=save_adapter)
     summary = None
@@ -133,7 +155,7 @@ def total_params(method) -> int:
 
 def _summary(cfg, method, task, backbone, state, accelerator) -> dict:
     trainable = sum(p.numel() for p in method.trainable_tensors().values())
-    stored = sum(t.numel() for t in method.adapter_tensors().values())
+    stored = sum(t.numel() for t in adapter_tensors(method).values())
     last_eval = state.history[-1]["metrics"] if state.history else {}
     return {
         "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
@@ -163,8 +185,51 @@ def _load_for_inference(run_dir: Path, cfg: DictConfig, which: str = "adapter"):
     if not (adapter / "adapter_model.safetensors").exists():
         raise PtuneError(f"{adapter} has no adapter_model.safetensors; the run has not finished (resume it first)")
     _, tensors = ckpt.load_adapter(adapter)
-    method.load_adapter_tensors(tensors)
+    load_adapter_tensors(method, tensors)
     return backbone, method, task
+
+
+# The task head is saved beside the method's tensors, as `head.*`, and split off again on load:
+# methods stay unaware of heads, and a head works the same under every method.
+def adapter_tensors(method) -> dict[str, torch.Tensor]:
+    """What the adapter holds: the method's adapter tensors and, with a linear head, head.weight
+    (n_classes, hidden) and head.bias (n_classes,)."""
+    tensors = method.adapter_tensors()
+    head = getattr(method, "head", None)
+    if head is None:
+        return tensors
+    # A method's own `head.*` tensors can only be this submodule's (fine-tune lists them itself).
+    return {**tensors, **{f"head.{k}": v.detach().float() for k, v in head.state_dict().items()}}
+
+
+def load_adapter_tensors(method, tensors: dict[str, torch.Tensor]) -> None:
+    """Load an adapter written by `adapter_tensors` into a method built from the same config."""
+    head = getattr(method, "head", None)
+    if head is None:
+        method.load_adapter_tensors(tensors)
+        return
+    saved = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    expected = head.state_dict()
+    if set(saved) != set(expected):
+        raise PtuneError("the adapter holds no linear head (head.weight, head.bias) but task.head=linear needs one; "
+                         "evaluate it with the task.head it was trained with")
+    for k, v in saved.items():
+        if v.shape != expected[k].shape:
+            raise PtuneError(f"adapter tensor head.{k} has shape {tuple(v.shape)}, this task and model need "
+                             f"{tuple(expected[k].shape)}; use the task and model the run was trained with")
+    method.load_adapter_tensors({k: v for k, v in tensors.items() if not k.startswith("head.")})
+    head.load_state_dict(saved)
+    head.requires_grad_(False)  # loaded for inference, like a loaded prompt or prefix
+
+
+def _head_config(method, task) -> dict:
+    """adapter_config.json's description of the task head (nothing for generation tasks)."""
+    head = getattr(method, "head", None)
+    if head is None:
+        return {}
+    n_classes, hidden = head.weight.shape
+    return {"head": {"kind": "linear", "labels": task.label_words(), "hidden": hidden, "n_classes": n_classes,
+                     "dropout": head.dropout, "tensors": "head.weight (n_classes, hidden), head.bias (n_classes,)"}}
 
 
 def evaluate_run(run: str, split: str = "dev", which: str = "adapter", batch_size: int | None = None) -> dict:

@@ -139,8 +139,8 @@ def test_bad_values_and_adapters_fail_clearly(backbone):
                       (dict(trainable="top-k", k=n + 1), f"from 1 to {n}")]:
         with pytest.raises(PtuneError, match=words):
             fine_tune(backbone, **kw)
-    with pytest.raises(PtuneError, match="on masked models is not available yet"):
-        fine_tune(replace(backbone, kind="masked"))
+    with pytest.raises(PtuneError, match="does not know model.kind=vision"):
+        fine_tune(replace(backbone, kind="vision"))
     m = fine_tune(backbone, "top-k", 1)
     with pytest.raises(PtuneError, match="adapter lacks"):
         m.load_adapter_tensors(fine_tune(backbone, "head").adapter_tensors())

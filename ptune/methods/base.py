@@ -56,6 +56,13 @@ class Method(nn.Module):
         pos = attention_mask.long().cumsum(-1) - 1 + n_before
         return pos.masked_fill(attention_mask == 0, 1)
 
+    def attach_head(self, head: nn.Module) -> None:
+        """Attach a task head (ptune.heads.LinearHead) as the submodule `head`: it then trains with
+        the method (its parameters are the method's), lands in checkpoints as `head.*`, and
+        train.py saves it in the adapter beside `adapter_tensors()`. A method whose own choice of
+        trained tensors depends on the head (fine-tune's `trainable=head`) overrides this."""
+        self.head = head
+
     # -- what is saved -------------------------------------------------------------------------
     def trainable_tensors(self) -> dict[str, torch.Tensor]:
         """Everything the optimizer updates (training state, incl. reparameterization MLPs)."""
@@ -71,3 +78,19 @@ class Method(nn.Module):
     def adapter_config(self) -> dict:
         """JSON-able description written to adapter_config.json."""
         raise NotImplementedError
+
+
+def real_tokens_first(attention_mask: torch.Tensor, *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Reorder each row so its real positions come first, in order (left padding -> right padding).
+
+    attention_mask and every tensor in rows: (batch, seq), reordered alike; returns (mask, *rows).
+    For an encoder-decoder's encoder input. Encoders whose positions are a fixed arange (BART's
+    learned absolute positions; BartEncoder takes no position_ids) number a left-padded row's
+    real tokens from its padding length, so its logits change with the batch (measured on
+    tiny-bart: 1.6e-2). With real tokens first, every row's tokens sit at the positions they have alone.
+    The encoder attends both ways and nothing reads its positions back (the decoder's
+    cross-attention is invariant to the order of the keys), so the reordering changes nothing
+    else; for relative-position encoders (T5) it is harmless.
+    """
+    order = (attention_mask == 0).long().argsort(dim=1, stable=True)  # (batch, seq): real positions first
+    return tuple(t.gather(1, order) for t in (attention_mask, *rows))

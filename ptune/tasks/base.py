@@ -30,7 +30,10 @@ class Task:
                              f"to a folder holding {'/'.join(parts)}, or unset it to load from the hub")
         return path
 
-    def train_examples(self, tokenizer) -> list[Example]:
+    def train_examples(self, tokenizer, kind: str = "causal") -> list[Example]:
+        """Tokenized training examples. kind is the backbone's (`Backbone.kind`): it decides the
+        layout of generation examples (causal: source + target in one sequence; seq2seq: source
+        for the encoder, target for the decoder)."""
         raise NotImplementedError
 
     def evaluate(self, method, split: str, batch_size: int) -> tuple[dict, list[dict]]:

@@ -17,7 +17,7 @@ import re
 
 from ptune.data import Example, subsample
 from ptune.errors import PtuneError
-from ptune.generate import generate_texts
+from ptune.generate import encode_sources, generate_texts, special_wrap
 from ptune.tasks.base import Task
 
 _HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
@@ -62,14 +62,29 @@ class E2E(Task):
     def source(self, mr: str) -> str:
         return self.source_template.format(mr=linearize(mr))
 
-    def train_examples(self, tokenizer) -> list[Example]:
+    def train_examples(self, tokenizer, kind: str = "causal") -> list[Example]:
+        """causal: source + " " + reference + eos in one sequence, loss on the reference part.
+        seq2seq: the source (in the tokenizer's own special tokens, see generate.encode_sources)
+        feeds the encoder; the labels are the reference as the tokenizer encodes a sentence, ending
+        in eos (T5 `ref </s>`, BART `<s> ref </s>` as in HF's seq2seq fine-tuning scripts; eos is
+        appended where the tokenizer adds none, as for the tiny models' borrowed tokenizer)."""
+        if kind not in ("causal", "seq2seq"):
+            raise PtuneError(f"task e2e generates text; model.kind={kind} cannot: use a causal or seq2seq model "
+                             f"(e.g. model=smollm2-135m or model=t5)")
         rows = self.rows("train")
         rows = [rows[i] for i in subsample(len(rows), self.max_train_samples, self.subsample_seed)]
-        src = tokenizer([self.source(mr) for mr, _ in rows], add_special_tokens=False).input_ids
+        src = encode_sources(tokenizer, [self.source(mr) for mr, _ in rows], self.max_source_len, kind)
+        if kind == "seq2seq":
+            before, after = special_wrap(tokenizer)
+            if tokenizer.eos_token_id not in after:
+                after = after + [tokenizer.eos_token_id]
+            tgt = tokenizer([ref for _, ref in rows], add_special_tokens=False).input_ids
+            return [Example(input_ids=s, labels=before + t[: self.max_target_len] + after, layout="seq2seq")
+                    for s, t in zip(src, tgt)]
         tgt = tokenizer([" " + ref for _, ref in rows], add_special_tokens=False).input_ids
         out = []
         for s, t in zip(src, tgt):
-            s, t = s[-self.max_source_len:], t[: self.max_target_len] + [tokenizer.eos_token_id]
+            t = t[: self.max_target_len] + [tokenizer.eos_token_id]
             out.append(Example(input_ids=s + t, labels=[-100] * len(s) + t))
         return out
 
