@@ -2,9 +2,11 @@
 
 from ptune.tasks.base import Task
 from ptune.tasks.e2e import E2E
+from ptune.tasks.sst2 import SST2
 
 TASKS: dict[str, type[Task]] = {
     "e2e": E2E,
+    "sst2": SST2,
 }
 
 

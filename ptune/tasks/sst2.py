@@ -1,0 +1,49 @@
+"""SST-2 (Socher et al. 2013; GLUE, Wang et al. 2019): binary sentiment of movie-review sentences.
+
+The GLUE task on which P-tuning v2 (Liu et al. 2022, Table 1) compares deep prompt tuning with
+fine-tuning BERT. Labels: 0 negative, 1 positive. Scored by accuracy on the dev split (GLUE's
+test labels are hidden, so `split=test` is refused).
+
+Data: `<task.data_dir>/sst2/{train,dev}.tsv` (GLUE's files: header `sentence\\tlabel`, no quoting),
+else the hub's `glue`/`sst2` (train, validation). GLUE ends every sentence with a space, which a
+byte-level BPE tokenizer would turn into a token of its own: sentences are stripped.
+"""
+
+from __future__ import annotations
+
+import csv
+
+from ptune.errors import PtuneError
+from ptune.tasks.classification import ClassificationTask
+
+_HUB_SPLITS = {"train": "train", "dev": "validation"}
+
+
+class SST2(ClassificationTask):
+    name = "sst2"
+    labels = ("negative", "positive")
+    fields = ("sentence",)
+
+    def __init__(self, template: str = "{sentence}", **kw):
+        super().__init__(template=template, **kw)
+
+    def rows(self, split: str) -> list[dict]:
+        if split not in _HUB_SPLITS:
+            raise PtuneError(f"task sst2 has no labelled split {split!r} (GLUE hides the test labels); use split=dev")
+        path = self.local_file("sst2", f"{split}.tsv")
+        if path is None:
+            import datasets
+
+            ds = datasets.load_dataset("glue", "sst2", split=_HUB_SPLITS[split])
+            return [{"sentence": r["sentence"].strip(), "label": int(r["label"])} for r in ds]
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(reader, None)
+            if header != ["sentence", "label"]:
+                raise PtuneError(f"{path}: expected a TSV with the header sentence<TAB>label, found {header}")
+            rows = []
+            for n, fields in enumerate(reader, start=2):
+                if len(fields) != 2 or fields[1] not in ("0", "1"):
+                    raise PtuneError(f"{path}, line {n}: expected a sentence, a tab and a label 0 or 1")
+                rows.append({"sentence": fields[0].strip(), "label": int(fields[1])})
+        return rows
