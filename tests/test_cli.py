@@ -46,7 +46,7 @@ def test_train_writes_the_run_directory(in_tmp, data_dir, capsys):
     assert list(load_file(run / "adapter/adapter_model.safetensors")) == ["prefix"]
     ckpts = checkpoint.list_checkpoints(run / "checkpoints")
     assert [p.name for p in ckpts] == ["step-3", "step-6"]
-    assert {"embedding.weight", "mlp.0.weight"} <= set(load_file(ckpts[-1] / "trainable.safetensors"))
+    assert {"prefixes.decoder.embedding.weight", "prefixes.decoder.mlp.0.weight"} <= set(load_file(ckpts[-1] / "trainable.safetensors"))
     assert checkpoint.verify(ckpts[-1]) is None
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -1,4 +1,7 @@
-"""Level 2: prefix-tuning on tiny decoder-only backbones (GPT-2, Llama with grouped-query attention)."""
+"""Level 2: prefix-tuning on tiny decoder-only backbones (GPT-2, Llama with grouped-query attention).
+Encoder-decoders: test_prefix_seq2seq.py; BERT and P-tuning v2: test_p_tuning_v2.py."""
+
+import re
 
 import pytest
 import torch
@@ -6,6 +9,7 @@ import torch
 from ptune import checkpoint, methods, models
 from ptune.cli import compose
 from ptune.data import Example, collate
+from ptune.errors import PtuneError
 from ptune.heads import lm_loss
 
 BACKBONES = ["tiny-gpt2", "tiny-llama"]
@@ -155,3 +159,33 @@ def test_matches_peft_prefix_tuning(name):
         ours = logits(m, ids, mask)
         theirs = pm(input_ids=ids, attention_mask=mask).logits
     assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_words_init_equals_the_text_written_in_front(backbone):
+    """init=words without projection (paper §7.3): the prefix is the frozen LM's keys/values of the
+    words, so the prefixed model reads x exactly as the plain model reads [words; x]."""
+    tok = backbone.tokenizer
+    text = "Describe the restaurant:"
+    words = tok(text, add_special_tokens=False).input_ids
+    m = prefix(backbone, p=len(words), projection=False, init="words", init_text=text)
+    assert all(p.requires_grad for p in m.trainable_tensors().values())  # a starting point, then trained
+    x = torch.tensor([tok(" name : Eagle | food : French").input_ids])
+    with torch.no_grad():
+        ours = logits(m, x, torch.ones_like(x))
+        ref = backbone.model(input_ids=torch.cat([torch.tensor([words]), x], 1)).logits[:, len(words):]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw, key", [(dict(init="vocab"), "method.init"), (dict(init="words"), "method.init_text"),
+                                     (dict(dropout=1.0), "method.dropout"), (dict(mid_dim=0), "method.mid_dim")])
+def test_bad_options_name_the_key(backbone, kw, key):
+    with pytest.raises(PtuneError, match=re.escape(key)):
+        prefix(backbone, **kw)
+
+
+def test_adapter_of_another_shape_or_model_is_refused(backbone):
+    m = prefix(backbone, p=5)
+    with pytest.raises(PtuneError, match="num_virtual_tokens"):
+        m.load_adapter_tensors({"prefix": torch.zeros(6, m.stacks[0].width)})
+    with pytest.raises(PtuneError, match="no tensor 'prefix'"):
+        m.load_adapter_tensors({"decoder_prefix": torch.zeros(5, m.stacks[0].width)})

@@ -1,124 +1,217 @@
 """Prefix-tuning — Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation".
 
-Trainable key/value prefixes of length p in every attention layer of a frozen LM. During training
-the prefix is reparameterized (paper §4.3): P = MLP(P'), with P' a (p, d) embedding and the MLP
-Linear(d, mid_dim) - Tanh - Linear(mid_dim, L * 2 * kv_heads * head_dim), mid_dim 512. After
-training only P is needed: the adapter stores the collapsed prefix, not the MLP.
+Trainable key/value prefixes of length p in every attention layer of a frozen LM. Which layers
+(`kv.stacks_of`): a decoder-only model's self-attention; BERT's self-attention; for an
+encoder-decoder, as the paper prescribes (§4.2: prefixes "for both encoder and decoder") and as
+its BART code builds them, three separate prefixes: encoder self-attention, decoder
+self-attention and decoder cross-attention. How each reaches the model: `ptune/methods/kv.py`.
 
-Shapes: the flat prefix is (p, L * 2 * kv_heads * head_dim), laid out like PEFT's
-`prompt_embeddings` ([layer 0 K, layer 0 V, layer 1 K, ...]) so that an adapter converts to PEFT by
-renaming. Per layer the backbone receives keys and values of shape (batch, kv_heads, p, head_dim)
-through a `transformers.DynamicCache` built from them (the installed library's own cache object,
-no tuple caches, no patched attention).
+Reparameterization (paper §4.3, `projection: true`): each prefix is P = MLP(P') with its own P'
+(p, embed_dim) and its own MLP Linear(embed_dim, mid_dim) - Tanh - Linear(mid_dim, width), mid_dim
+512 -- the BART code's three pairs `wte`/`control_trans` (decoder), `wte_enc`/`control_trans_enc`
+(encoder), `wte2`/`control_trans2` (cross). After training only P is needed: the adapter stores
+the collapsed prefixes; checkpoints (the training state) keep P' and the MLPs.
 
-Differences from PEFT's PrefixTuning:
-- positions: real tokens are numbered from p onwards from the attention mask, so left- and
-  right-padded rows give the same logits in training and in generate();
-- the adapter holds the collapsed prefix even when training used the MLP (PEFT saves the MLP's
-  output too, but keeps the MLP in the training state the same way we do in checkpoints/);
-- generation prefills nothing by hand: the prefix is in the cache and `p` placeholder ids stand
-  in front of the prompt, so transformers' generate() numbers the cache correctly for greedy and
-  beam search alike.
-Encoder-decoder backbones (encoder self-attention, decoder self- and cross-attention prefixes, as
-in the paper) are not wired in yet: they raise a clear error.
+Adapter tensors, each (p, L * 2 * kv_heads * head_dim) in PEFT's prompt_embeddings order
+([layer 0 K, layer 0 V, layer 1 K, ...]): `prefix` on single-stack models (a rename to PEFT's
+`prompt_embeddings`); `encoder_prefix`, `decoder_prefix`, `cross_prefix` on encoder-decoders.
+Stored count: 2 * L * p * kv_heads * head_dim per stack, i.e. for T5/BART
+2*L_enc*p*d + 2*L_dec*p*d + 2*L_dec*p*d (d = heads * head_dim).
+Trainable with projection, per stack: p*E + E*M + M + M*W + W (E = embed_dim, M = mid_dim,
+W = 2*L*kv_heads*head_dim); without: the stored count.
+
+Initialisation (`init`): `random` (P' ~ N(0, 1) and PyTorch's Linear init; without projection
+P ~ N(0, 1), PEFT's init); `words` (the paper's initialization study, §7: "activations of real
+words"): the frozen LM reads `init_text` (its tokens repeated or cut to p) and each layer's keys
+and values of those tokens become the prefix -- for an encoder-decoder the encoder's self-attention
+keys/values (encoder reads the words), the decoder's (decoder reads the words) and the
+cross-attention's (projections of the words' encoder states). Without projection they are P
+itself. With projection P is not a free tensor; we do what the paper's code does
+(`lowdata_init_train2/3`): the MLP alone is fitted to the activations by MSE with Adam, lr 1e-4,
+500 steps, from its random init. On a decoder-only model, words without projection equal the
+prompt text written in front of the input (tested).
+
+Positions: decoder-only and BERT number real tokens from p from the attention mask (PEFT and the
+official P-tuning v2 code number them after the cache length, p, too; ours ignores pads, so left-
+and right-padded rows agree). Encoder-decoder encoders read their rows real-tokens-first at 0..
+(BART's learned positions take no position ids; the prefix there has no position). Decoders count
+on from the cache as transformers does: BART's decoder tokens take learned positions p, p+1, ...
+(as in PEFT; Li & Liang's BART code, on transformers 3.x, numbered them from 0 whatever the
+prefix), and T5's relative bias puts the prefix just before the first token (kv.py).
+
+Differences from PEFT 0.21's PrefixTuning: on an encoder-decoder PEFT prefixes only the decoder's
+self-attention (its cross part is discarded: `cross_attention_cache = DynamicCache()`) and leaves
+the encoder alone; its flat prefix reaches decoder layer j as flat layer 2j mod L (cat([kv, kv])
+then split(4)), so with L > 1 some layers share one slot; decoder-only positions there count pads.
+Given PEFT's subset and pairing, the logits agree (tests). `dropout` on the prefix (Li & Liang's
+prefix_dropout, 0 by default) has no PEFT counterpart.
+Generation: decoder-only models get p placeholder ids in front of the prompt so that generate()
+numbers its cache from p; encoder-decoders pass encoder_outputs, the extended mask and the cache
+to generate(), which decodes from the decoder start token (greedy and beam search alike).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from ptune.errors import PtuneError
-from ptune.methods.base import Method
+from ptune.methods import kv
+from ptune.methods.base import Method, real_tokens_first
+
+INITS = ("random", "words")
+WORDS_FIT_STEPS, WORDS_FIT_LR = 500, 1e-4  # Li & Liang's lowdata_init_train: 500 Adam steps at lr 1e-4
 
 
 class Prefix(Method):
     name = "prefix"
 
     def __init__(self, backbone, num_virtual_tokens: int = 10, projection: bool = True, mid_dim: int = 512,
-                 embed_dim: int | None = None, init: str = "random", **_):
+                 embed_dim: int | None = None, init: str = "random", init_text: str | None = None,
+                 dropout: float = 0.0, **_):
         super().__init__(backbone)
-        d = self.dims
-        if d.is_encoder_decoder:
-            raise PtuneError("method=prefix on encoder-decoder models is not available yet; use a decoder-only model")
-        if init != "random":
-            raise PtuneError(f"method.init={init!r} is not available for prefix yet; use method.init=random")
-        self.p = num_virtual_tokens
-        self.kv_dim = d.n_layers * 2 * d.n_kv_heads * d.head_dim  # one row of the flat prefix
-        self.projection = projection
-        self.mid_dim, self.embed_dim = mid_dim, embed_dim or d.hidden
-        if projection:
-            self.embedding = nn.Embedding(self.p, self.embed_dim)  # P': (p, embed_dim)
-            self.mlp = nn.Sequential(
-                nn.Linear(self.embed_dim, mid_dim), nn.Tanh(), nn.Linear(mid_dim, self.kv_dim)
-            )
-        else:
-            self.prefix = nn.Parameter(torch.randn(self.p, self.kv_dim))  # P directly (PEFT's init)
+        if init not in INITS:
+            raise PtuneError(f"method.init={init!r} is not one of {', '.join(INITS)}; use method.init=random")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+            raise PtuneError(f"method.dropout={dropout!r} is invalid: must be a number in [0, 1)")
+        for key, value in (("mid_dim", mid_dim), ("embed_dim", embed_dim)):
+            if projection and not (isinstance(value, int) and value >= 1) and not (key == "embed_dim" and value is None):
+                raise PtuneError(f"method.{key}={value!r} is invalid: must be an integer >= 1")
+        self.stacks = kv.stacks_of(backbone)
+        self.p, self.projection, self.init, self.dropout = num_virtual_tokens, projection, init, dropout
+        self.mid_dim, self.embed_dim = mid_dim, embed_dim or self.dims.hidden
+        self.prefixes = nn.ModuleDict(
+            {s.name: kv.PrefixParams(self.p, s.width, projection, self.embed_dim, mid_dim) for s in self.stacks})
+        self._bias_module = [None]  # T5's relative-bias attention, kept out of the module tree
+        if backbone.kind == "seq2seq":
+            kv.install_encoder_prefix(backbone.model)
+            self._bias_module = [kv.relative_bias_module(backbone.model.get_encoder())]
+        if init == "words":
+            self._init_from_words(init_text)
 
-    def flat_prefix(self) -> torch.Tensor:
-        """(p, L * 2 * kv_heads * head_dim)."""
-        if self.projection:
-            return self.mlp(self.embedding.weight)
-        return self.prefix
+    # -- initialisation ------------------------------------------------------------------------
+    def _init_from_words(self, text: str | None) -> None:
+        ids = self.backbone.tokenizer(text, add_special_tokens=False).input_ids if text else []
+        if not ids:
+            raise PtuneError(f"method.init=words needs a non-empty method.init_text (got {text!r}); "
+                             f"set method.init_text='...' or use method.init=random")
+        ids = torch.tensor((ids * (self.p // len(ids) + 1))[:self.p])  # (p,), repeated or cut
+        for name, target in word_activations(self.backbone, ids).items():
+            params = self.prefixes[name]
+            if params.projection:
+                params.fit_mlp(target, WORDS_FIT_STEPS, WORDS_FIT_LR)
+            else:
+                params.set_directly(target, trainable=True)
 
-    def cache(self, batch_size: int) -> DynamicCache:
-        """A fresh cache holding the prefix for every layer; (batch, kv_heads, p, head_dim) each."""
-        d = self.dims
-        flat = self.flat_prefix()
-        model_dtype = next(self.backbone.model.parameters()).dtype
-        kv = flat.to(model_dtype).view(self.p, d.n_layers * 2, d.n_kv_heads, d.head_dim).permute(1, 2, 0, 3)
-        layers = [
-            (kv[2 * i].unsqueeze(0).expand(batch_size, -1, -1, -1), kv[2 * i + 1].unsqueeze(0).expand(batch_size, -1, -1, -1))
-            for i in range(d.n_layers)
-        ]
-        return DynamicCache(ddp_cache_data=layers, config=self.backbone.model.config)
+    # -- forward -------------------------------------------------------------------------------
+    def _layers(self, name: str, batch: int):
+        stack = next(s for s in self.stacks if s.name == name)
+        dtype = next(self.backbone.model.parameters()).dtype
+        return kv.to_layers(self.prefixes[name].flat(), stack, batch, dtype, self.dropout,
+                            training=self.backbone.model.training)
 
     def _mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         ones = attention_mask.new_ones(attention_mask.shape[0], self.p)
         return torch.cat([ones, attention_mask], dim=1)  # (batch, p + seq)
 
     def model_inputs(self, input_ids, attention_mask):
-        inputs = dict(
-            input_ids=input_ids,
-            attention_mask=self._mask(attention_mask),
-            past_key_values=self.cache(input_ids.shape[0]),
-            use_cache=False,
-        )
+        if self.backbone.kind == "seq2seq":
+            return self._seq2seq_inputs(input_ids, attention_mask, input_ids.shape[0])
+        name = self.stacks[0].name
+        inputs = dict(input_ids=input_ids, attention_mask=self._mask(attention_mask), use_cache=False,
+                      past_key_values=kv.dynamic_cache(self._layers(name, input_ids.shape[0]), self.backbone.model.config))
         pos = self._position_ids(attention_mask, self.p)
         if pos is not None:
             inputs["position_ids"] = pos
         return inputs
 
+    def _seq2seq_inputs(self, input_ids, attention_mask, cache_rows: int) -> dict:
+        """The encoder runs here, with its prefix; the decoder prefixes ride in a cache of cache_rows rows."""
+        attention_mask, input_ids = real_tokens_first(attention_mask, input_ids)
+        batch, seq = input_ids.shape
+        bias_module = self._bias_module[0]
+        bias = None if bias_module is None else kv.prefix_position_bias(bias_module, seq, self.p, input_ids.device)
+        encoder_prefix = kv.EncoderPrefix(self._layers("encoder", batch), bias)
+        encoder_outputs = self.backbone.model.get_encoder()(
+            input_ids=input_ids, attention_mask=attention_mask, **{kv.PREFIX_KWARG: encoder_prefix})
+        cache = kv.encoder_decoder_cache(self._layers("decoder", cache_rows), self._layers("cross", cache_rows))
+        # the extended mask is the decoder's cross-attention mask: [p prefix columns; encoder]
+        return dict(encoder_outputs=encoder_outputs, attention_mask=self._mask(attention_mask),
+                    past_key_values=cache, use_cache=False)
+
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, **gen_kwargs):
+        kind = self.backbone.kind
+        if kind not in ("causal", "seq2seq"):
+            raise PtuneError(f"model.kind={kind} models do not generate; use a classification task (task.head=linear)")
+        # generate() copies each row num_beams times for beam search, num_return_sequences times otherwise
+        beams = gen_kwargs.get("num_beams") or 1
+        rows = input_ids.shape[0] * (beams if beams > 1 else gen_kwargs.get("num_return_sequences") or 1)
+        if kind == "seq2seq":
+            inputs = self._seq2seq_inputs(input_ids, attention_mask, rows)
+            inputs.pop("use_cache")
+            return self.backbone.model.generate(**inputs, **gen_kwargs)[:, 1:]  # without the decoder start token
         # p placeholder ids stand for the prefix already in the cache: generate() then starts its
-        # cache positions at p and feeds only the real prompt. Beams need the cache per beam.
-        n = input_ids.shape[0] * gen_kwargs.get("num_beams", 1)
+        # cache positions at p and feeds only the real prompt. The placeholders are never embedded.
         placeholder = input_ids.new_full((input_ids.shape[0], self.p), self.backbone.tokenizer.pad_token_id)
-        out = self.backbone.model.generate(
-            input_ids=torch.cat([placeholder, input_ids], dim=1),
-            attention_mask=self._mask(attention_mask),
-            past_key_values=self.cache(n),
-            **gen_kwargs,
-        )
+        cache = kv.dynamic_cache(self._layers("decoder", rows), self.backbone.model.config)
+        out = self.backbone.model.generate(input_ids=torch.cat([placeholder, input_ids], dim=1),
+                                           attention_mask=self._mask(attention_mask), past_key_values=cache,
+                                           **gen_kwargs)
         return out[:, self.p + input_ids.shape[1]:]
 
     # -- saving --------------------------------------------------------------------------------
+    def _key(self, name: str) -> str:
+        return "prefix" if len(self.stacks) == 1 else f"{name}_prefix"
+
     def adapter_tensors(self):
-        return {"prefix": self.flat_prefix().detach().float().contiguous()}
+        return {self._key(s.name): self.prefixes[s.name].flat().detach().float().contiguous() for s in self.stacks}
 
     def load_adapter_tensors(self, tensors):
-        """Load a collapsed prefix: inference (and PEFT-style training) then uses it directly."""
-        prefix = tensors["prefix"]
-        if tuple(prefix.shape) != (self.p, self.kv_dim):
-            raise PtuneError(f"adapter prefix has shape {tuple(prefix.shape)}, this model needs {(self.p, self.kv_dim)}")
-        if self.projection:
-            del self.embedding, self.mlp
-            self.projection = False
-        self.prefix = nn.Parameter(prefix.clone(), requires_grad=False)
+        """Load collapsed prefixes: inference then uses them directly (frozen)."""
+        for s in self.stacks:
+            key = self._key(s.name)
+            if key not in tensors:
+                raise PtuneError(f"adapter has no tensor {key!r} (it has {sorted(tensors)}); it was trained "
+                                 f"for another model kind or method")
+            shape = tuple(tensors[key].shape)
+            if shape != (self.p, s.width):
+                raise PtuneError(f"adapter {key} has shape {shape}, this model needs {(self.p, s.width)}; "
+                                 f"set method.num_virtual_tokens to the adapter's length")
+        for s in self.stacks:
+            device = next(self.backbone.model.parameters()).device
+            self.prefixes[s.name].set_directly(tensors[self._key(s.name)].to(device), trainable=False)
+        self.projection = False
 
     def adapter_config(self):
-        d = self.dims
-        return dict(method=self.name, num_virtual_tokens=self.p, num_layers=d.n_layers, num_kv_heads=d.n_kv_heads,
-                    head_dim=d.head_dim, layout="(p, layers*2*kv_heads*head_dim), PEFT prompt_embeddings order")
+        return dict(method=self.name, num_virtual_tokens=self.p, init=self.init,
+                    stacks={s.name: dict(tensor=self._key(s.name), num_layers=s.n_layers, num_kv_heads=s.kv_heads,
+                                         head_dim=s.head_dim) for s in self.stacks},
+                    layout="(p, layers*2*kv_heads*head_dim), PEFT prompt_embeddings order")
+
+
+@torch.no_grad()
+def word_activations(backbone, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per stack, the flat (p, width) keys/values of the frozen LM reading the p token ids."""
+    model = backbone.model
+    training = model.training
+    model.eval()  # the activations of the model as it is, without dropout
+    device = next(model.parameters()).device
+    ids = ids.view(1, -1).to(device)  # (1, p)
+    ones = torch.ones_like(ids)
+    try:
+        if backbone.kind != "seq2seq":  # decoder-only and BERT fill a cache they are handed
+            cache = kv.dynamic_cache(None, model.config)
+            model.base_model(input_ids=ids, attention_mask=ones, past_key_values=cache, use_cache=True)
+            name = kv.stacks_of(backbone)[0].name
+            return {name: kv.from_layers([(layer.keys, layer.values) for layer in cache.layers])}
+        record: dict = {}
+        encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=ones, **{kv.RECORD_KWARG: record})
+        cache = kv.encoder_decoder_cache(None, None)
+        model(encoder_outputs=encoder_outputs, attention_mask=ones, decoder_input_ids=ids, past_key_values=cache,
+              use_cache=True)
+        return {"encoder": kv.from_layers([record[i] for i in sorted(record)]),
+                "decoder": kv.from_layers([(l.keys, l.values) for l in cache.self_attention_cache.layers]),
+                "cross": kv.from_layers([(l.keys, l.values) for l in cache.cross_attention_cache.layers])}
+    finally:
+        model.train(training)
