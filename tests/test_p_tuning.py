@@ -16,6 +16,7 @@ from ptune.errors import PtuneError
 from ptune.heads import lm_loss
 from ptune.methods.p_tuning import insert_soft
 from test_prefix import load, toy_batch  # the tiny backbones and the E2E-like toy batch
+from test_prompt import best_of_two_step_beam
 
 BACKBONES = ["tiny-gpt2", "tiny-llama"]
 ENCODERS = ["lstm", "mlp"]
@@ -221,24 +222,22 @@ def test_generate_matches_step_by_step_greedy(backbone, placement):
 
 
 def test_beam_search(backbone):
-    """Beam search through inputs_embeds; the best beam scores at least as high as greedy."""
+    """Width-3 beam search over two steps, prompts at soft positions of left-padded rows, returns the
+    best path it can see (computed by hand)."""
     m = ptuning(backbone)
     tok = backbone.tokenizer
     ids, mask, soft = soft_batch(soft_rows(tok), tok.pad_token_id, "left")
-    kw = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
-    beams = m.generate(ids, mask, soft_mask=soft, num_beams=3, **kw)
-    assert beams.shape == (2, 4)
-    greedy = m.generate(ids, mask, soft_mask=soft, num_beams=1, **kw)
-
-    def score(new, i):
-        seq, extra = torch.cat([ids[i:i + 1], new.view(1, -1)], 1), torch.ones(1, new.numel(), dtype=torch.long)
-        s = torch.cat([soft[i:i + 1], torch.zeros_like(extra, dtype=torch.bool)], 1)  # new tokens are not soft
-        with torch.no_grad():
-            lp = logits(m, seq, torch.cat([mask[i:i + 1], extra], 1), s).log_softmax(-1)[0, -new.numel() - 1:-1]
-        return lp.gather(1, new.view(-1, 1)).sum().item()
-
+    beams = m.generate(ids, mask, soft_mask=soft, num_beams=3, max_new_tokens=2, do_sample=False, eos_token_id=None,
+                       pad_token_id=tok.pad_token_id)
+    assert beams.shape == (2, 2)
     for i in range(2):
-        assert score(beams[i], i) >= score(greedy[i], i) - 1e-4
+        def next_logprobs(prefix, i=i):
+            new = torch.tensor([prefix], dtype=torch.long).view(1, -1)
+            seq, extra = torch.cat([ids[i:i + 1], new], 1), torch.ones_like(new)
+            s = torch.cat([soft[i:i + 1], torch.zeros_like(new, dtype=torch.bool)], 1)  # new tokens are not soft
+            with torch.no_grad():
+                return logits(m, seq, torch.cat([mask[i:i + 1], extra], 1), s)[0, -1].log_softmax(-1)
+        assert beams[i].tolist() == best_of_two_step_beam(next_logprobs, 3)
 
 
 @pytest.mark.parametrize("name", BACKBONES)

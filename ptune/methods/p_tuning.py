@@ -31,17 +31,31 @@ vocabulary collide with real text (SmolLM2: pad = eos = 2, and E2E targets end w
 mask cannot be confused with a token and needs no resized embedding matrix. The ids at soft
 positions are never read (any valid id, `insert_soft` writes 0).
 
+Backbones. causal (GPT-2, Llama): the prompts go into the input. masked / encoder (BERT, the
+paper's LAMA and SuperGLUE backbones): into the input; prepended ones sit before [CLS], as in
+PEFT, and a linear head pools [CLS] at position p (`n_prepended`). seq2seq (T5, BART): into the
+ENCODER input only (prepended or at soft positions), the extended mask serving the decoder's
+cross-attention too; the decoder is untouched. PEFT's SEQ_2_SEQ_LM P_TUNING allocates 2p encoder
+inputs (num_transformer_submodules=2) and uses the first p outputs for the encoder, the rest
+never: with the MLP (row-wise) that is our computation with p unused rows; with the LSTM it is
+not, since the bidirectional LSTM then also reads the p unused rows. PEFT with
+num_transformer_submodules=1 is ours exactly for both encoders (tests/test_p_tuning_seq2seq_masked.py).
+
 Positions: prepended vectors take 0..p-1 and real tokens count on from p; soft positions inside
 the sequence are ordinary positions. Both skip pads (`_position_ids`), so left- and right-padded
 rows give the same logits in training and in generate(). PEFT drops position_ids: identical for
-unpadded input, but there a left-padded row's tokens are shifted by its padding.
+unpadded input, but there a left-padded row's tokens are shifted by its padding. Encoder-decoders
+take no position ids: their encoder rows (ids, mask, soft mask alike) are reordered
+real-tokens-first (`real_tokens_first`), which gives BART's learned absolute positions the
+unpadded numbering (T5's relative positions never depended on padding).
 
 Differences from the paper: the paper also fine-tunes a few anchor tokens and, for SuperGLUE,
-the whole LM (the frozen-LM setting is its LAMA one); only decoder-only backbones are wired;
-the template language that emits soft positions belongs to the task side (not written yet).
+the whole LM (the frozen-LM setting is its LAMA one); the template language that emits soft
+positions belongs to the task side (not written yet).
 
-Generation goes through transformers' generate(inputs_embeds=...): for decoder-only models it
-returns only the new tokens; greedy and beam search both work (tests/test_p_tuning.py).
+Generation goes through transformers' generate(inputs_embeds=...), greedy and beam search alike
+(tests/test_p_tuning.py, tests/test_p_tuning_seq2seq_masked.py): decoder-only models return only
+the new tokens; encoder-decoders return the decoder's start token first, which is dropped.
 """
 
 from __future__ import annotations
@@ -50,9 +64,10 @@ import torch
 from torch import nn
 
 from ptune.errors import PtuneError
-from ptune.methods.base import Method
+from ptune.methods.base import Method, real_tokens_first
 
 ENCODERS = ("lstm", "mlp")
+KINDS = ("causal", "seq2seq", "masked", "encoder")
 
 
 class PTuning(Method):
@@ -61,9 +76,8 @@ class PTuning(Method):
     def __init__(self, backbone, num_virtual_tokens: int = 10, encoder: str = "lstm",
                  encoder_hidden_size: int | None = None, **_):
         super().__init__(backbone)
-        if self.dims.is_encoder_decoder or backbone.kind != "causal":
-            raise PtuneError(f"method=p-tuning on {backbone.kind} models is not available yet; use a decoder-only "
-                             f"(model.kind=causal) model such as model=smollm2-135m")
+        if backbone.kind not in KINDS:
+            raise PtuneError(f"method=p-tuning does not support model.kind={backbone.kind!r}; use one of {', '.join(KINDS)}")
         if encoder not in ENCODERS:
             raise PtuneError(f"method.encoder={encoder!r} is not one of {', '.join(ENCODERS)}; use method.encoder=lstm")
         hidden = self.dims.hidden
@@ -110,8 +124,13 @@ class PTuning(Method):
         """Backbone kwargs. input_ids, attention_mask, soft_mask (optional, bool): (batch, seq).
 
         Sets n_prepended for this call (p without soft positions, else 0): lm_loss reads it right
-        after model_inputs to strip the prepended positions.
+        after model_inputs to strip the prepended positions. Encoder-decoders: the encoder's inputs
+        (the mask also serves cross-attention), rows reordered real-tokens-first.
         """
+        if self.dims.is_encoder_decoder:
+            attention_mask, input_ids, *soft = real_tokens_first(attention_mask, input_ids,
+                                                                 *([] if soft_mask is None else [soft_mask]))
+            soft_mask = soft[0] if soft else None
         embeds = self.backbone.model.get_input_embeddings()(input_ids)  # (batch, seq, hidden)
         prompt = self.prompt_embeddings().to(embeds.dtype)  # (p, hidden)
         soft = self._soft(soft_mask, attention_mask)
@@ -139,11 +158,16 @@ class PTuning(Method):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, soft_mask=None, **gen_kwargs):
         """New tokens only, (batch * num_return_sequences, new_len); soft_mask as in model_inputs."""
-        # With inputs_embeds and no input_ids, generate() returns only the new tokens; it extends
-        # the position ids by one per step and copies them per beam.
+        if self.backbone.kind not in ("causal", "seq2seq"):
+            raise PtuneError(f"model {self.backbone.name} ({self.backbone.kind}) does not generate; use a "
+                             f"classification task, or a causal or seq2seq model for generation")
+        # Decoder-only: with inputs_embeds and no input_ids, generate() returns only the new tokens;
+        # it extends the position ids by one per step and copies them per beam. Encoder-decoder:
+        # the encoder runs once on inputs_embeds, and the output starts with the decoder start token.
         inputs = self.model_inputs(input_ids, attention_mask, soft_mask)
         inputs.pop("use_cache")
-        return self.backbone.model.generate(**inputs, **gen_kwargs)
+        out = self.backbone.model.generate(**inputs, **gen_kwargs)
+        return out[:, 1:] if self.dims.is_encoder_decoder else out
 
     # -- saving --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -169,7 +193,8 @@ class PTuning(Method):
     def adapter_config(self):
         return dict(method=self.name, num_virtual_tokens=self.p, token_dim=self.dims.hidden, encoder=self.encoder,
                     encoder_hidden_size=self.encoder_hidden_size,
-                    layout="(p, hidden), the encoder's output; PEFT prompt_embeddings (rename prompt -> prompt_embeddings)")
+                    layout="(p, hidden), the prompt encoder's output, in the " + ("encoder input" if self.dims.is_encoder_decoder else "input")
+                    + "; PEFT prompt_embeddings (rename prompt -> prompt_embeddings)")
 
 
 def insert_soft(segments: list[list[int]], n_soft_per_gap: list[int], filler_id: int = 0) -> tuple[list[int], list[bool]]:
