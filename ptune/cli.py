@@ -1,4 +1,4 @@
-"""`ptune <command> [key=value ...]`: train (single run or -m sweep), eval, predict.
+"""`ptune <command> [key=value ...]`: train (single run or -m sweep), eval, predict, export.
 
 Configs are composed with Hydra's compose API and its override grammar (`group=option`,
 `a.b=value`, `-m a.b=1,2,3`), but the run loop is ours rather than `@hydra.main`: that is how
@@ -28,6 +28,8 @@ commands:
             resume a run:   ptune train resume=outputs/YYYY-MM-DD/HH-MM-SS
   eval      evaluate a finished run: ptune eval run=<run dir> [split=dev|test] [adapter=adapter|adapter_best]
   predict   predict for a file: ptune predict run=<run dir> input=<file.jsonl|csv> [output=<file.jsonl>]
+  export    write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it):
+            ptune export run=<run dir> out=<new dir> [format=peft] [adapter=adapter|adapter_best]
 
 `ptune train --help` lists the config groups, their options and keys.
 Errors are one line; set PTUNE_TRACEBACK=1 to see the traceback."""
@@ -239,7 +241,19 @@ def cmd_predict(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict}
+def cmd_export(argv: list[str]) -> int:
+    from ptune.export import export_run
+
+    a = _kv(argv, {"run": None, "format": "peft", "out": None, "adapter": "adapter"}, "export")
+    if not a["run"] or not a["out"]:
+        raise PtuneError("ptune export needs run=<run dir> and out=<new directory>")
+    if a["adapter"] not in ("adapter", "adapter_best"):
+        raise PtuneError(f"adapter={a['adapter']!r}: choose adapter (final) or adapter_best")
+    print(f"exported: {export_run(a['run'], a['format'], a['out'], a['adapter'])}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

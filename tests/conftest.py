@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("PTUNE_DATA_DIR", str((ROOT.parent / "shared" / "data").resolve()))
@@ -31,3 +32,19 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in an empty directory so outputs/ lands in tmp."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@torch.no_grad()
+def peft_greedy(model, ids, n, decoder_start=None) -> list:
+    """n greedy tokens by full forwards of `model` (no cache), (1, n) as a list: the reference for
+    generate(). PEFT's own generate() is not one: under transformers 5.24 its prompt-tuning decode on
+    GPT-2 leaves its own forward's argmax after the first token (a PEFT x transformers cache issue)."""
+    mask = torch.ones_like(ids)
+    out = torch.tensor([[decoder_start]]) if decoder_start is not None else ids
+    for _ in range(n):
+        if decoder_start is not None:
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=out).logits
+        else:
+            logits = model(input_ids=out, attention_mask=torch.ones_like(out)).logits
+        out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return out[:, 1 if decoder_start is not None else ids.shape[1]:].tolist()
