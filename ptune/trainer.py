@@ -219,13 +219,15 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
             state.step += 1
             state.last_loss = loss
             state.train_tokens += tokens
-            state.train_time_s += time.perf_counter() - t_step
+            step_s = time.perf_counter() - t_step
+            state.train_time_s += step_s
             tok_log += tokens
             bar.update(1)
             if main and (state.step % args.log_every == 0 or state.step == args.max_steps):
                 dt = time.perf_counter() - t_log
                 record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "loss": loss,
-                          "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tok_log / max(dt, 1e-9), 1)}
+                          "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tok_log / max(dt, 1e-9), 1),
+                          "step_s": round(step_s, 4)}  # this step alone (forward, backward, update)
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
                 metrics.write(record)

@@ -1,0 +1,417 @@
+#!/usr/bin/env python
+"""ptune against Hugging Face PEFT + transformers Trainer, side by side, on the same job.
+
+    .venv/bin/python scripts/bench.py                       # smollm2-135m on E2E, every method, fp32
+    .venv/bin/python scripts/bench.py --quick               # tiny-llama, a few steps (CI: it runs, < 1 min)
+    .venv/bin/python scripts/bench.py --methods prefix --precisions fp32,bf16 --steps 40 --rounds 3
+
+For each method and precision the two tools run alternately, A B A B ... (`--rounds` pairs), each
+job in its own subprocess (so its peak RSS is its own and nothing is cached between jobs), so that
+drift on a shared machine hits both alike; the table reports each tool's median over its rounds.
+
+Same job for both: the same backbone weights and tokenizer (ptune's model loader), the same
+tokenized training examples (ptune's task), batch size, number of optimizer steps, learning rate,
+method hyper-parameters and precision. Differences that are the tools' own and are the point of
+the comparison: ptune's loop, batching (length-grouped, dynamic padding) and method code against
+PEFT's model wrappers under Trainer at its defaults (random sampler, padding per batch).
+
+The eval metric after training comes from ONE evaluator, ptune's: PEFT's trained tensors are read
+out of its model (for prefix-tuning through its MLP, collapsed) and loaded into a ptune method of
+the same shape, then decoded and scored exactly as ptune's own run. "Loss" is the mean training
+loss of the last `--loss-window` steps as each tool logs it (token-level cross-entropy).
+
+The floor: forward-only tokens/s of the same backbone on the same batches (no autograd), and this
+machine's measured matmul GFLOP/s (2048 x 2048, fp32 and bf16). Each row's roofline fraction is
+its FLOP rate over the matmul peak of its precision, with FLOPs per token 4*N for a frozen
+backbone (forward 2N + backward through activations 2N) and 6*N for fine-tuning (+ weight
+gradients), N = the backbone's parameters (the tied LM head counted once); prompt tokens that
+lengthen the sequence (prompt, p-tuning) are counted as tokens too.
+
+Writes bench/<date>.md and bench/<date>.json (or --out PREFIX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CONFIGS = {
+    # name: model, task, batch, steps, lr, eval MRs, new tokens, training rows (a deterministic subset, the same for both)
+    "smollm2-e2e": dict(model="smollm2-135m", task="e2e", batch_size=8, steps=30, lr=1e-3, eval_samples=20,
+                        max_new_tokens=64, train_samples=4000),
+    "tiny": dict(model="tiny-llama", task="e2e", batch_size=4, steps=4, lr=1e-3, eval_samples=4, max_new_tokens=8,
+                 train_samples=64),
+}
+METHODS = ("prompt", "prefix", "p-tuning", "p-tuning-v2", "fine-tune")
+FINE_TUNE_LR = 5e-5  # full fine-tuning at 1e-3 diverges; both tools get this one
+
+
+# ------------------------------------------------------------------------------------------------
+# the two jobs (each runs in a fresh subprocess: `bench.py _job <spec json>`)
+# ------------------------------------------------------------------------------------------------
+def _compose(spec: dict, out_dir: str):
+    from ptune.cli import compose
+
+    lr = FINE_TUNE_LR if spec["method"] == "fine-tune" else spec["lr"]
+    n = spec["steps"]
+    return compose([f"method={spec['method']}", f"model={spec['model']}", f"task={spec['task']}",
+                    f"trainer.max_steps={n}", f"trainer.eval_every={n}", f"trainer.save_every={n}",
+                    f"trainer.batch_size={spec['batch_size']}", f"trainer.lr={lr}", "trainer.log_every=1",
+                    f"trainer.precision={spec['precision']}", "trainer.keep_last=1", "trainer.warmup_steps=0",
+                    f"task.max_eval_samples={spec['eval_samples']}", f"task.max_train_samples={spec['train_samples']}", f"task.max_new_tokens={spec['max_new_tokens']}",
+                    "task.metrics=[bleu]", f"output_dir={out_dir}"])
+
+
+def job_ptune(spec: dict) -> dict:
+    from ptune.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _compose(spec, tmp)
+        result = train(cfg)
+        run = Path(result["run_dir"])
+        summary = result["summary"]
+        steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        train_steps = [r for r in steps if "loss" in r]
+    window = train_steps[-spec["loss_window"]:]
+    return dict(trainable_params=summary["trainable_params"], tokens=summary["train_tokens"],
+                train_time_s=summary["train_time_s"], step_s=[r["step_s"] for r in train_steps],
+                loss=statistics.mean(r["loss"] for r in window), eval=summary["eval"].get("bleu"),
+                extra_tokens_per_example=_extra_tokens(cfg))
+
+
+def _extra_tokens(cfg) -> int:
+    """Virtual tokens that lengthen every sequence (prompt and p-tuning prepend theirs)."""
+    return int(cfg.method.get("num_virtual_tokens", 0)) if cfg.method.name in ("prompt", "p-tuning") else 0
+
+
+def _peft_config(cfg, model):
+    import peft
+
+    m = cfg.method
+    common = dict(task_type="CAUSAL_LM", num_virtual_tokens=int(m.get("num_virtual_tokens", 0)))
+    if m.name == "prompt":
+        return peft.PromptTuningConfig(**common)  # PEFT's default init (random N(0,1) rows)
+    if m.name == "prefix":
+        return peft.PrefixTuningConfig(**common, prefix_projection=bool(m.projection), encoder_hidden_size=int(m.mid_dim))
+    if m.name == "p-tuning-v2":
+        return peft.PrefixTuningConfig(**common, prefix_projection=False)
+    if m.name == "p-tuning":
+        kind = "LSTM" if m.encoder == "lstm" else "MLP"
+        hidden = m.get("encoder_hidden_size") or model.config.hidden_size
+        return peft.PromptEncoderConfig(**common, encoder_reparameterization_type=kind, encoder_hidden_size=int(hidden))
+    return None  # fine-tune: the plain model under Trainer
+
+
+def job_peft(spec: dict) -> dict:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    import peft
+    from ptune.train import build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _compose(spec, tmp)
+        torch.manual_seed(cfg.trainer.seed)
+        backbone, method, task = build(cfg)  # same weights, tokenizer, data; `method` is ptune's evaluator
+        tok, model = backbone.tokenizer, backbone.model
+        examples = task.train_examples(tok, backbone.kind)
+        rows = [dict(input_ids=e.input_ids, attention_mask=[1] * len(e.input_ids), labels=e.labels) for e in examples]
+        pconf = _peft_config(cfg, model)
+        if pconf is None:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            trained = model
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            trained = peft.get_peft_model(model, pconf)
+        trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
+
+        counted = {"tokens": 0}
+        pad = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+
+        def collate(batch):
+            out = pad(batch)
+            counted["tokens"] += int(out["attention_mask"].sum())
+            return out
+
+        class Clock(TrainerCallback):
+            def __init__(self):
+                self.step_s, self.losses, self._t = [], [], None
+
+            def on_step_begin(self, args, state, control, **kw):
+                self._t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                self.step_s.append(time.perf_counter() - self._t)
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    self.losses.append(logs["loss"])
+
+        clock = Clock()
+        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=spec["batch_size"], max_steps=spec["steps"],
+                                 learning_rate=cfg.trainer.lr, logging_steps=1, save_strategy="no", report_to=[],
+                                 bf16=spec["precision"] == "bf16", fp16=spec["precision"] == "fp16",
+                                 seed=cfg.trainer.seed, dataloader_num_workers=0, disable_tqdm=True,
+                                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
+        Trainer(model=trained, args=args, train_dataset=rows, data_collator=collate, callbacks=[clock]).train()
+
+        # one evaluator: PEFT's trained tensors into ptune's method, scored by ptune's task
+        trained.eval()
+        with torch.no_grad():
+            if cfg.method.name in ("prompt", "p-tuning"):
+                method.load_adapter_tensors({"prompt": trained.get_prompt_embedding_to_save("default").float()})
+            elif cfg.method.name in ("prefix", "p-tuning-v2"):
+                enc = trained.prompt_encoder["default"]
+                flat = enc(torch.arange(method.p).unsqueeze(0))[0].float()  # (p, L * 2 * kv_dim), collapsed
+                method.load_adapter_tensors({next(iter(method.adapter_tensors())): flat})
+        scores, _ = task.evaluate(method, "dev", cfg.trainer.eval_batch_size)
+    window = clock.losses[-spec["loss_window"]:]
+    return dict(trainable_params=trainable, tokens=counted["tokens"], train_time_s=sum(clock.step_s),
+                step_s=clock.step_s, loss=statistics.mean(window), eval=scores.get("bleu"),
+                extra_tokens_per_example=_extra_tokens(cfg))
+
+
+def job_floor(spec: dict) -> dict:
+    """Forward-only tokens/s of the frozen backbone on the training batches, and its size."""
+    import torch
+
+    from ptune.data import collate
+    from ptune.train import build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _compose({**spec, "method": "hard-prompt"}, tmp)
+        backbone, _, task = build(cfg)
+    model = backbone.model.eval()
+    examples = task.train_examples(backbone.tokenizer, backbone.kind)[: spec["batch_size"] * spec["steps"]]
+    n_params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied matrix once
+    bs, tokens, t = spec["batch_size"], 0, 0.0
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=spec["precision"] == "bf16"):
+        for i in range(0, len(examples), bs):
+            batch = collate(examples[i:i + bs], backbone.tokenizer.pad_token_id)
+            t0 = time.perf_counter()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            t += time.perf_counter() - t0
+            tokens += int(batch["attention_mask"].sum())
+    return dict(forward_tokens_per_s=tokens / t, backbone_params=n_params,
+                mean_tokens_per_example=tokens / len(examples))
+
+
+def matmul_gflops(dtype_name: str, n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype_name])
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+JOBS = {"ptune": job_ptune, "peft": job_peft, "floor": job_floor}
+
+
+def _job_main(spec_json: str) -> None:
+    import logging
+
+    logging.disable(logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = json.loads(spec_json)
+    result = JOBS[spec["tool"]](spec)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("BENCH-RESULT " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the driver
+# ------------------------------------------------------------------------------------------------
+def run_job(spec: dict, in_process: bool = False) -> dict:
+    """One job's result dict, or {"error": "..."}; in a fresh subprocess unless in_process (--quick)."""
+    if in_process:  # quick mode: no interpreter start-up per job; peak RSS is then the process's so far
+        try:
+            result = JOBS[spec["tool"]](spec)
+        except Exception as e:  # noqa: BLE001 - a failed job is a row, not a lost bench
+            return {"error": f"{type(e).__name__}: {e}"}
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return result
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    shared = ROOT.parent / "shared" / "data"
+    if "PTUNE_DATA_DIR" not in env and shared.is_dir():  # a checkout beside the shared data (this image, CI)
+        env["PTUNE_DATA_DIR"] = str(shared)
+    proc = subprocess.run([sys.executable, __file__, "_job", json.dumps(spec)], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH-RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
+    return json.loads(lines[-1][len("BENCH-RESULT "):])
+
+
+def summarize(runs: list[dict]) -> dict:
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return {"error": runs[0]["error"]}
+    med = statistics.median
+    return dict(trainable_params=ok[0]["trainable_params"],
+                tokens_per_s=med(r["tokens"] / r["train_time_s"] for r in ok),
+                step_s=med(med(r["step_s"]) for r in ok), peak_rss_mb=med(r["peak_rss_mb"] for r in ok),
+                loss=med(r["loss"] for r in ok), eval=med(r["eval"] for r in ok if r["eval"] is not None),
+                extra_tokens_per_example=ok[0]["extra_tokens_per_example"], rounds=len(ok))
+
+
+def roofline(row: dict, floor: dict, method: str, peak_gflops: float) -> float:
+    n = floor["backbone_params"]
+    per_token = (6 if method == "fine-tune" else 4) * n
+    stretch = 1 + row["extra_tokens_per_example"] / floor["mean_tokens_per_example"]
+    return row["tokens_per_s"] * stretch * per_token / (peak_gflops * 1e9)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="smollm2-e2e", choices=sorted(CONFIGS))
+    ap.add_argument("--quick", action="store_true", help="tiny-llama, few steps: checks the bench runs (CI)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--precisions", default="fp32")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--rounds", type=int, default=2, help="A B pairs per method and precision")
+    ap.add_argument("--loss-window", type=int, default=10)
+    ap.add_argument("--out", help="output prefix (default bench/<date>)")
+    a = ap.parse_args(argv)
+    base = dict(CONFIGS["tiny" if a.quick else a.config])
+    if a.steps:
+        base["steps"] = a.steps
+    if a.quick:  # one round, jobs in this process (peak RSS is then cumulative, not per job)
+        a.rounds = min(a.rounds, 1)
+        import logging
+
+        logging.disable(logging.INFO)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        shared = ROOT.parent / "shared" / "data"
+        if "PTUNE_DATA_DIR" not in os.environ and shared.is_dir():
+            os.environ["PTUNE_DATA_DIR"] = str(shared)
+    base["loss_window"] = min(a.loss_window, base["steps"])
+    methods = [m for m in a.methods.split(",") if m]
+    precisions = [p for p in a.precisions.split(",") if p]
+    out = Path(a.out) if a.out else ROOT / "bench" / datetime.date.today().isoformat()
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    t_start = time.time()
+    peaks = {p: matmul_gflops(p) for p in precisions}
+    report = dict(command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+                  date=datetime.datetime.now().isoformat(timespec="seconds"), machine=_machine(),
+                  config={k: v for k, v in base.items()}, matmul_gflops=peaks, floor={}, rows=[])
+    for prec in precisions:
+        floor = run_job({**base, "tool": "floor", "method": "hard-prompt", "precision": prec}, a.quick)
+        report["floor"][prec] = floor
+        print(f"[{prec}] floor: {floor}", flush=True)
+        if "error" in floor:  # the backbone or the data cannot be loaded: every job would fail the same way
+            _write(out, report)
+            print(f"error: {floor['error']}", file=sys.stderr)
+            return 1
+        for method in methods:
+            runs = {"ptune": [], "peft": []}
+            for r in range(a.rounds):
+                for tool in ("ptune", "peft"):  # A B A B
+                    res = run_job({**base, "tool": tool, "method": method, "precision": prec}, a.quick)
+                    runs[tool].append(res)
+                    print(f"[{prec}] {method} round {r + 1} {tool}: " + _short(res), flush=True)
+            row = dict(method=method, precision=prec, ptune=summarize(runs["ptune"]), peft=summarize(runs["peft"]),
+                       raw=runs)
+            for tool in ("ptune", "peft"):
+                if "error" not in row[tool] and "error" not in floor:
+                    row[tool]["roofline"] = roofline(row[tool], floor, method, peaks[prec])
+            report["rows"].append(row)
+            _write(out, report)  # after every method: an interrupted bench keeps what it measured
+    report["bench_wall_s"] = round(time.time() - t_start, 1)
+    _write(out, report)
+    print(f"wrote {out}.md and {out}.json ({report['bench_wall_s']:.0f} s)")
+    return 0 if all("error" not in r["ptune"] and "error" not in r["peft"] for r in report["rows"]) else 1
+
+
+def _short(res: dict) -> str:
+    if "error" in res:
+        return "ERROR " + res["error"]
+    return (f"{res['tokens'] / res['train_time_s']:.0f} tok/s, step {statistics.median(res['step_s']):.3f} s, "
+            f"loss {res['loss']:.4f}, bleu {res['eval']}, rss {res['peak_rss_mb']:.0f} MB")
+
+
+def _machine() -> dict:
+    import torch
+
+    return dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
+                threads=torch.get_num_threads(), cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+
+
+def _write(out: Path, report: dict) -> None:
+    Path(f"{out}.json").write_text(json.dumps(report, indent=1) + "\n")
+    Path(f"{out}.md").write_text(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [f"# Bench {report['date']}: ptune vs PEFT + Trainer", "",
+             f"`{report['command']}`", "",
+             f"{c['model']} on {c['task']}, batch {c['batch_size']}, {c['steps']} optimizer steps, "
+             f"eval BLEU on {c['eval_samples']} dev MRs (greedy, ptune's evaluator for both), loss = mean of the "
+             f"last {c['loss_window']} steps. Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
+             f"torch {report['machine']['torch']} ({report['machine']['threads']} threads)"
+             + (f", GPU {report['machine']['cuda']}" if report['machine']['cuda'] else "") + ".", "",
+             "Matmul peak (2048², best of 10): " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in report["matmul_gflops"].items())
+             + ".", ""]
+    for prec, floor in report["floor"].items():
+        if "error" in floor:
+            lines.append(f"Floor ({prec}): error {floor['error']}")
+        else:
+            lines.append(f"Floor ({prec}): forward-only {floor['forward_tokens_per_s']:.0f} tokens/s, backbone "
+                         f"{floor['backbone_params'] / 1e6:.1f} M parameters, {floor['mean_tokens_per_example']:.1f} "
+                         f"tokens per example.")
+    lines += ["", "| method | prec | tool | trainable | tokens/s | s/step (median) | peak RSS MB | loss | BLEU | roofline |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        for tool in ("ptune", "peft"):
+            r = row[tool]
+            if "error" in r:
+                lines.append(f"| {row['method']} | {row['precision']} | {tool} | error: {r['error'][:120]} | | | | | | |")
+                continue
+            lines.append(f"| {row['method']} | {row['precision']} | {tool} | {r['trainable_params']:,} | "
+                         f"{r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_rss_mb']:.0f} | {r['loss']:.4f} | "
+                         f"{_num(r['eval'])} | {r.get('roofline', float('nan')):.1%} |")
+        p, q = row["ptune"], row["peft"]
+        if "error" not in p and "error" not in q:
+            lines.append(f"| {row['method']} | {row['precision']} | **ptune / PEFT** | | "
+                         f"**{p['tokens_per_s'] / q['tokens_per_s']:.2f}x** | {p['step_s'] / q['step_s']:.2f}x | "
+                         f"{p['peak_rss_mb'] / q['peak_rss_mb']:.2f}x | {p['loss'] - q['loss']:+.4f} | "
+                         f"{_diff(p['eval'], q['eval'])} | |")
+    lines += ["", f"Bench wall time: {report.get('bench_wall_s', 'unfinished')} s.", ""]
+    return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def _diff(a, b) -> str:
+    return f"{a - b:+.4f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "n/a"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "_job":
+        _job_main(sys.argv[2])
+        sys.exit(0)
+    sys.exit(main())
