@@ -24,6 +24,11 @@ as it is, whatever the method):
   head_dim, num_attention_heads = kv_heads, recomputed from the model config on load), which is
   ptune's layout; the export checks that PEFT's recomputation gives ptune's shapes and refuses
   otherwise.
+- p-tuning-v2 -> PREFIX_TUNING, prefix_projection=false, on decoder-only models with the LM head:
+  P-tuning v2 is ptune's prefix computation with the paper's defaults (no MLP, prefix dropout in
+  training only), and its adapter holds the same collapsed prefix, so it maps as prefix does.
+  With task.head=linear (the paper's setting) the head has no place in PEFT's adapter; on
+  encoder-decoders the encoder and cross-attention prefixes have none either: both refused.
 - p-tuning -> P_TUNING: ptune's adapter holds the prompt encoder's output (p, hidden); PEFT
   saves the same thing (`get_prompt_embedding_to_save` runs the encoder) and, in inference mode,
   builds no LSTM/MLP and uses the saved rows directly. So the adapter suffices and the encoder
@@ -31,8 +36,9 @@ as it is, whatever the method):
   units per direction = ptune's E / 2; MLP: E); it only describes the training.
 
 Refused (one line, exit 2, nothing written): fine-tune and hard-prompt (no PEFT prompt-learning
-counterpart); prefixes on encoder-decoders (ptune's paper-faithful encoder and cross-attention
-prefixes have no place in PEFT, whose seq2seq prefix reaches only the decoder's self-attention);
+counterpart); prefixes (prefix, p-tuning-v2) on encoder-decoders (ptune's paper-faithful encoder
+and cross-attention prefixes have no place in PEFT, whose seq2seq prefix reaches only the
+decoder's self-attention);
 p-tuning prompts placed inside the input by a template (PEFT only prepends; a task says so with
 `soft_positions = True`); classification heads (linear, verbalizer) and masked/encoder backbones,
 which ptune only runs with them (PEFT would not reproduce the head); a prefix whose shapes PEFT
@@ -66,6 +72,8 @@ TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 # mode), so this only records how training began; `labels` (class-label embeddings, the rest
 # sampled from the vocabulary) has no PEFT name and is recorded as SAMPLE_VOCAB.
 PROMPT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT", "labels": "SAMPLE_VOCAB"}
+PTUNING_V2 = "p-tuning-v2"
+PREFIXES = ("prefix", PTUNING_V2)  # key/value prefixes: adapter tensor `prefix`, PEFT's PREFIX_TUNING
 NO_EQUIVALENT = {
     "fine-tune": "it trains the backbone's own weights, and PEFT's prompt-learning adapters add tensors instead; "
                  "load the run's adapter into the backbone with transformers",
@@ -104,10 +112,11 @@ def refuse_config(method: str, model: str, kind: str, head: str | None) -> None:
     """Raise the one-line refusal for combinations PEFT has no equivalent of (no model needed)."""
     if method in NO_EQUIVALENT:
         raise PtuneError(f"ptune export: method={method} has no PEFT equivalent: {NO_EQUIVALENT[method]}")
-    if method not in ("prompt", "prefix", "p-tuning"):
-        raise PtuneError(f"ptune export: method={method} has no PEFT export; exportable: prompt, prefix, p-tuning")
-    if method == "prefix" and kind == "seq2seq":
-        raise PtuneError(f"ptune export: method=prefix on model={model} has encoder, decoder and cross-attention "
+    if method not in ("prompt", "prefix", "p-tuning", PTUNING_V2):
+        raise PtuneError(f"ptune export: method={method} has no PEFT export; exportable: prompt, prefix, p-tuning, "
+                         f"p-tuning-v2")
+    if method in PREFIXES and kind == "seq2seq":
+        raise PtuneError(f"ptune export: method={method} on model={model} has encoder, decoder and cross-attention "
                          f"prefixes, and PEFT's seq2seq prefix tuning holds only the decoder self-attention one; "
                          f"no PEFT export")
     if head not in (None, "lm"):
@@ -123,7 +132,7 @@ def to_peft(method, backbone, init_text: str | None = None) -> tuple[dict, dict[
     """(adapter_config.json dict, {"prompt_embeddings": tensor}) for a loaded method on its backbone."""
     d, name = backbone.dims, method.name
     tensors = method.adapter_tensors()
-    own = "prefix" if name == "prefix" else "prompt"
+    own = "prefix" if name in PREFIXES else "prompt"
     extra = sorted(set(tensors) - {own})
     if extra:
         raise PtuneError(f"ptune export: the adapter holds {', '.join(extra)} besides the {name} tensor (a trained "
@@ -156,7 +165,7 @@ def to_peft(method, backbone, init_text: str | None = None) -> tuple[dict, dict[
         config.update(peft_type="PREFIX_TUNING", token_dim=kv_dim, num_attention_heads=kv_heads,
                       encoder_hidden_size=kv_dim, init_weights=None, prefix_projection=False)
     rows = tensors[own].detach().float().cpu().contiguous()  # prompt: (p, hidden); prefix: (p, L*2*kv*hd)
-    want = (method.p, 2 * d.n_layers * config["token_dim"]) if name == "prefix" else (method.p, config["token_dim"])
+    want = (method.p, 2 * d.n_layers * config["token_dim"]) if name in PREFIXES else (method.p, config["token_dim"])
     if tuple(rows.shape) != want:  # PEFT's nn.Embedding is built from the config; the tensor must fill it
         raise PtuneError(f"ptune export: the adapter's {own} has shape {tuple(rows.shape)}, PEFT's config for "
                          f"model={backbone.name} needs {want}; no PEFT export")

@@ -39,9 +39,16 @@ CASES = {  # name: (ptune overrides, the PEFT config class and the keys that mus
                       dict(encoder_reparameterization_type="LSTM", encoder_hidden_size=16)),  # units per direction
     "p-tuning-mlp": (["method=p-tuning", "method.encoder=mlp"], "PromptEncoderConfig",
                      dict(encoder_reparameterization_type="MLP", encoder_hidden_size=64)),
+    # P-tuning v2 with the LM head: prefix-tuning's computation, no MLP by default (prefix dropout 0.1 in training)
+    "p-tuning-v2": (["method=p-tuning-v2"], "PrefixTuningConfig", dict(prefix_projection=False)),
+    "p-tuning-v2-projection": (["method=p-tuning-v2", "method.projection=true"], "PrefixTuningConfig",
+                               dict(prefix_projection=False)),  # trained through the MLP, exported collapsed
 }
+PREFIX_CASES = ("prefix", "p-tuning-v2", "p-tuning-v2-projection")  # key/value prefixes: PEFT's PREFIX_TUNING
+MLP_CASES = ("prefix", "p-tuning-v2-projection")
 RUNS = [("tiny-gpt2", "prompt"), ("tiny-llama", "prompt"), ("tiny-gpt2", "prefix"), ("tiny-llama", "prefix"),
         ("tiny-gpt2", "p-tuning-mlp"), ("tiny-llama", "p-tuning-lstm"),
+        ("tiny-gpt2", "p-tuning-v2"), ("tiny-llama", "p-tuning-v2-projection"),
         ("tiny-t5", "prompt"), ("tiny-bart", "p-tuning-lstm")]  # encoder prompts: PEFT's SEQ_2_SEQ_LM
 
 
@@ -89,8 +96,11 @@ def test_export_loads_in_peft_with_ptune_logits(outputs, model, case, capsys):
     [own] = load_file(run / "adapter/adapter_model.safetensors").values()  # prompt, or the collapsed prefix
     exported = load_file(out / "adapter_model.safetensors")["prompt_embeddings"]
     assert torch.equal(exported, own)
-    if case == "prefix":  # trained through the MLP; the export is its output, not the MLP
-        assert any(".mlp." in k for k in load_file(run / "checkpoints/step-1/trainable.safetensors"))
+    checkpointed = load_file(run / "checkpoints/step-1/trainable.safetensors")
+    if case in MLP_CASES:  # trained through the MLP; the export is its output, not the MLP
+        assert any(".mlp." in k for k in checkpointed)
+    elif case == "p-tuning-v2":  # trained the prefix itself
+        assert [k for k in checkpointed if k.startswith("prefixes.")] == ["prefixes.decoder.prefix"]
     written = json.loads((out / "adapter_config.json").read_text())
     assert {k: written[k] for k in expected} == expected
 
@@ -117,7 +127,7 @@ def test_export_loads_in_peft_with_ptune_logits(outputs, model, case, capsys):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         kw = {}
         if side == "left":  # PEFT counts pads in positions; only a prefix can be told not to (PEFT adds p)
-            if case != "prefix":
+            if case not in PREFIX_CASES:
                 continue
             kw = {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         with torch.no_grad():
@@ -172,6 +182,10 @@ def refused(capsys, tmp_path, run, *extra, out=None):
     (["method=prefix", "model=tiny-t5"], None, "encoder, decoder and cross-attention prefixes"),
     (["method=prefix", "model=tiny-bart"], None, "encoder, decoder and cross-attention prefixes"),
     (["method=prefix", "model=tiny-bert"], None, "model=tiny-bert is a masked model"),
+    (["method=p-tuning-v2", "model=tiny-t5"], None, "method=p-tuning-v2 on model=tiny-t5 has encoder, decoder and cross"),
+    (["method=p-tuning-v2", "model=tiny-bart"], None, "encoder, decoder and cross-attention prefixes"),
+    (["method=p-tuning-v2", "model=tiny-gpt2"], "linear", "task.head=linear is a classification head"),
+    (["method=p-tuning-v2", "model=tiny-bert"], "linear", "task.head=linear is a classification head"),
     (["method=prompt", "model=tiny-bert"], "linear", "task.head=linear is a classification head"),
     (["method=p-tuning", "model=tiny-gpt2"], "verbalizer", "task.head=verbalizer is a classification head"),
 ])
