@@ -225,3 +225,21 @@ def test_input_validation():
         e2e.rouge_l(["a"], [[]])
     with pytest.raises(ValueError):
         e2e.cider([], [])
+
+
+# -- the same scores as shipped `evaluate` modules (what the E2E task calls) ----------------------------
+@pytest.mark.parametrize("name", ["bleu", "nist", "rouge_l", "cider"])
+def test_fixed_case_through_the_evaluate_modules(name):
+    from ptune import metrics
+
+    assert metrics.compute(name, HYPS, REFS) == {name: pytest.approx(EXPECTED[name], abs=1e-9)}
+
+
+def test_meteor_module_reports_unavailable_not_a_number(monkeypatch):
+    from ptune import metrics
+
+    monkeypatch.setattr(e2e.shutil, "which", lambda name: None)  # the module calls ptune.metrics.e2e
+    monkeypatch.setattr(e2e, "_meteor_jar", lambda: "/nonexistent/meteor-1.5.jar")
+    got = metrics.scores(["bleu", "meteor"], HYPS, REFS)
+    assert got["meteor"] == {"unavailable": "METEOR 1.5 needs a Java runtime; `java` is not on PATH"}
+    assert got["bleu"] == pytest.approx(EXPECTED["bleu"], abs=1e-9)
