@@ -27,6 +27,7 @@ commands:
   train     train a method: ptune train [-m] [method=prefix] [model=...] [task=...] [trainer.max_steps=...]
             resume a run:   ptune train resume=outputs/YYYY-MM-DD/HH-MM-SS
   eval      evaluate a finished run: ptune eval run=<run dir> [split=dev|test] [adapter=adapter|adapter_best]
+            [task.decoding=beam task.num_beams=5 task.max_eval_samples=null ...]  (how to evaluate)
   predict   predict for a file: ptune predict run=<run dir> input=<file.jsonl|csv> [output=<file.jsonl>]
   export    write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it):
             ptune export run=<run dir> out=<new dir> [format=peft] [adapter=adapter|adapter_best]
@@ -217,14 +218,21 @@ def _kv(argv: list[str], allowed: dict[str, str | None], command: str) -> dict:
 
 
 def cmd_eval(argv: list[str]) -> int:
+    import yaml
+
     from ptune.train import evaluate_run
 
-    a = _kv(argv, {"run": None, "split": "dev", "adapter": "adapter", "batch_size": None}, "eval")
+    # task.<key>=<value> (e.g. task.decoding=beam task.max_eval_samples=null) changes how the run is evaluated
+    task_kv = {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in argv if a.startswith("task."))}
+    a = _kv([a for a in argv if not a.startswith("task.")],
+            {"run": None, "split": "dev", "adapter": "adapter", "batch_size": None}, "eval")
     if not a["run"]:
         raise PtuneError("ptune eval needs run=<run dir>")
     if a["adapter"] not in ("adapter", "adapter_best"):
         raise PtuneError(f"adapter={a['adapter']!r}: choose adapter (final) or adapter_best")
-    out = evaluate_run(a["run"], a["split"], a["adapter"], int(a["batch_size"]) if a["batch_size"] else None)
+    out = evaluate_run(a["run"], a["split"], a["adapter"], int(a["batch_size"]) if a["batch_size"] else None,
+                       task_kv)
+    print(f"{out['split']}: {out['examples']} examples")
     for k, v in out["metrics"].items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
     return 0

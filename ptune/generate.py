@@ -24,6 +24,9 @@ from __future__ import annotations
 import weakref
 
 from ptune.data import Example, collate
+from ptune.errors import PtuneError
+
+DECODINGS = ("greedy", "beam")
 
 # tokenizer -> its newline ids: decoding the whole vocabulary takes ~0.2 s, once per evaluation otherwise
 _NEWLINE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -74,15 +77,58 @@ def encode_sources(tokenizer, texts: list[str], max_len: int, kind: str = "causa
     return [before + s[-room:] + after for s in ids]
 
 
+def target_examples(tokenizer, sources: list[list[int]], targets: list[str], max_target_len: int,
+                    kind: str) -> list[Example]:
+    """Training examples of a generation task from encoded sources (`encode_sources`) and target texts.
+
+    causal: source + " " + target + eos in one sequence, loss on the target part.
+    seq2seq: the source feeds the encoder; the labels are the target as the tokenizer encodes a
+    sentence, ending in eos (T5 `t </s>`, BART `<s> t </s>` as in HF's seq2seq fine-tuning
+    scripts; eos is appended where the tokenizer adds none, as for the tiny models' borrowed
+    tokenizer). Targets are cut to max_target_len tokens before the special tokens.
+    """
+    if kind == "seq2seq":
+        before, after = special_wrap(tokenizer)
+        if tokenizer.eos_token_id not in after:
+            after = after + [tokenizer.eos_token_id]
+        tgt = tokenizer(targets, add_special_tokens=False).input_ids
+        return [Example(input_ids=s, labels=before + t[:max_target_len] + after, layout="seq2seq")
+                for s, t in zip(sources, tgt)]
+    tgt = tokenizer([" " + t for t in targets], add_special_tokens=False).input_ids
+    out = []
+    for s, t in zip(sources, tgt):
+        t = t[:max_target_len] + [tokenizer.eos_token_id]
+        out.append(Example(input_ids=s + t, labels=[-100] * len(s) + t))
+    return out
+
+
+def beams(decoding: str, num_beams: int) -> int:
+    """generate()'s num_beams for a task's `decoding` (greedy: 1; beam: `num_beams`, at least 2)."""
+    if decoding not in DECODINGS:
+        raise PtuneError(f"task.decoding={decoding!r} is invalid: choose one of {', '.join(DECODINGS)}")
+    if decoding == "greedy":
+        return 1
+    if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 2:
+        raise PtuneError(f"task.num_beams={num_beams!r} is invalid with task.decoding=beam: must be an integer >= 2 "
+                         f"(one beam is greedy search: task.decoding=greedy)")
+    return num_beams
+
+
 def generate_texts(method, sources: list[str], batch_size: int = 16, num_beams: int = 1,
                    max_new_tokens: int = 64, max_source_len: int = 256) -> list[str]:
+    """One line of generated text per source text (encoded by `encode_sources`)."""
+    encoded = encode_sources(method.backbone.tokenizer, sources, max_source_len, method.backbone.kind)
+    return generate_from_ids(method, encoded, batch_size, num_beams, max_new_tokens)
+
+
+def generate_from_ids(method, encoded: list[list[int]], batch_size: int = 16, num_beams: int = 1,
+                      max_new_tokens: int = 64) -> list[str]:
+    """One line of generated text per encoded source (ids as `encode_sources` gives them)."""
     tok = method.backbone.tokenizer
-    kind = method.backbone.kind
-    encoded = encode_sources(tok, sources, max_source_len, kind)
-    side = "right" if kind == "seq2seq" else "left"
-    order = sorted(range(len(sources)), key=lambda i: len(encoded[i]))
+    side = "right" if method.backbone.kind == "seq2seq" else "left"
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     stop = [tok.eos_token_id] + _newline_ids(tok)
-    out: list[str] = [""] * len(sources)
+    out: list[str] = [""] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = collate([Example(encoded[i], encoded[i]) for i in idx], tok.pad_token_id, padding_side=side)

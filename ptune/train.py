@@ -232,12 +232,22 @@ def _head_config(method, task) -> dict:
                      "dropout": head.dropout, "tensors": "head.weight (n_classes, hidden), head.bias (n_classes,)"}}
 
 
-def evaluate_run(run: str, split: str = "dev", which: str = "adapter", batch_size: int | None = None) -> dict:
+def evaluate_run(run: str, split: str = "dev", which: str = "adapter", batch_size: int | None = None,
+                 task_overrides: dict | None = None) -> dict:
+    """Score a finished run on `split`. task_overrides ({"task.decoding": "beam", ...}) change how it
+    is evaluated (decoding, how many examples), on top of the run's saved config."""
     run_dir, cfg = load_run(run)
+    for key, value in (task_overrides or {}).items():
+        if not key.startswith("task.") or OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
+            raise PtuneError(f"ptune eval: {key} is not a task key of this run; its task keys are: "
+                             f"{', '.join('task.' + k for k in cfg.task if k != 'name')}")
+        OmegaConf.update(cfg, key, value, merge=True)
     setup_logging(None)
     _, method, task = _load_for_inference(run_dir, cfg, which)
     scores, records = task.evaluate(method, split, batch_size or cfg.trainer.eval_batch_size)
-    out = {"run": str(run_dir), "split": split, "adapter": which, "metrics": scores}
+    out = {"run": str(run_dir), "split": split, "adapter": which, "examples": len(records), "metrics": scores}
+    if task_overrides:
+        out["overrides"] = dict(task_overrides)
     ckpt.write_json(out, run_dir / f"eval_{split}.json")
     from ptune.trainer import _write_predictions
 

@@ -6,7 +6,10 @@ The table-to-text task of the prefix-tuning paper. A meaning representation such
 continue with the reference text and an end-of-sequence token. The loss covers only the target.
 
 Evaluation groups references by MR (547 dev MRs, 630 test MRs, several references each) and scores
-one generated sentence per MR with the official challenge metrics (ptune.metrics.e2e).
+one generated sentence per MR with the official challenge metrics (the `evaluate` modules of
+ptune.metrics, computed by ptune.metrics.e2e). Decoding is `task.decoding`: greedy, or beam search
+with `task.num_beams` beams (the paper: beam 5); generation stops at a newline, so every output is
+one line. `ptune eval run=<dir> split=test` scores the test set's MRs.
 Data: `<task.data_dir>/e2e/{train,dev,test}.csv` (columns mr, ref), else hub `GEM/e2e_nlg`.
 """
 
@@ -17,7 +20,7 @@ import re
 
 from ptune.data import Example, subsample
 from ptune.errors import PtuneError
-from ptune.generate import encode_sources, generate_texts, special_wrap
+from ptune.generate import beams, encode_sources, generate_texts, target_examples
 from ptune.tasks.base import Task
 
 _HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
@@ -33,8 +36,8 @@ class E2E(Task):
     name = "e2e"
     metric_for_best = "bleu"
 
-    def __init__(self, source_template: str = "Table: {mr}\nText:", num_beams: int = 1, max_new_tokens: int = 64,
-                 max_source_len: int = 128, max_target_len: int = 64, metrics=None, **kw):
+    def __init__(self, source_template: str = "Table: {mr}\nText:", decoding: str | None = None, num_beams: int = 5,
+                 max_new_tokens: int = 64, max_source_len: int = 128, max_target_len: int = 64, metrics=None, **kw):
         super().__init__(**kw)
         from ptune.metrics.e2e import METRICS
 
@@ -42,7 +45,9 @@ class E2E(Task):
         if set(self.metrics) - set(METRICS):
             raise PtuneError(f"task.metrics={list(self.metrics)} has unknown names; choose from {', '.join(METRICS)}")
         self.source_template = source_template
-        self.num_beams, self.max_new_tokens = num_beams, max_new_tokens
+        if decoding is None:  # a run saved before task.decoding existed: num_beams alone chose (1 = greedy)
+            decoding = "beam" if isinstance(num_beams, int) and num_beams > 1 else "greedy"
+        self.num_beams, self.max_new_tokens = beams(decoding, num_beams), max_new_tokens
         self.max_source_len, self.max_target_len = max_source_len, max_target_len
 
     def rows(self, split: str) -> list[tuple[str, str]]:
@@ -64,29 +69,15 @@ class E2E(Task):
 
     def train_examples(self, tokenizer, kind: str = "causal") -> list[Example]:
         """causal: source + " " + reference + eos in one sequence, loss on the reference part.
-        seq2seq: the source (in the tokenizer's own special tokens, see generate.encode_sources)
-        feeds the encoder; the labels are the reference as the tokenizer encodes a sentence, ending
-        in eos (T5 `ref </s>`, BART `<s> ref </s>` as in HF's seq2seq fine-tuning scripts; eos is
-        appended where the tokenizer adds none, as for the tiny models' borrowed tokenizer)."""
+        seq2seq: the source (in the tokenizer's own special tokens) feeds the encoder, the reference
+        is the decoder's target (generate.target_examples)."""
         if kind not in ("causal", "seq2seq"):
             raise PtuneError(f"task e2e generates text; model.kind={kind} cannot: use a causal or seq2seq model "
                              f"(e.g. model=smollm2-135m or model=t5)")
         rows = self.rows("train")
         rows = [rows[i] for i in subsample(len(rows), self.max_train_samples, self.subsample_seed)]
         src = encode_sources(tokenizer, [self.source(mr) for mr, _ in rows], self.max_source_len, kind)
-        if kind == "seq2seq":
-            before, after = special_wrap(tokenizer)
-            if tokenizer.eos_token_id not in after:
-                after = after + [tokenizer.eos_token_id]
-            tgt = tokenizer([ref for _, ref in rows], add_special_tokens=False).input_ids
-            return [Example(input_ids=s, labels=before + t[: self.max_target_len] + after, layout="seq2seq")
-                    for s, t in zip(src, tgt)]
-        tgt = tokenizer([" " + ref for _, ref in rows], add_special_tokens=False).input_ids
-        out = []
-        for s, t in zip(src, tgt):
-            t = t[: self.max_target_len] + [tokenizer.eos_token_id]
-            out.append(Example(input_ids=s + t, labels=[-100] * len(s) + t))
-        return out
+        return target_examples(tokenizer, src, [ref for _, ref in rows], self.max_target_len, kind)
 
     def references(self, split: str) -> tuple[list[str], list[list[str]]]:
         """MRs in order of first appearance and their reference lists (subsampled by MR)."""
@@ -106,11 +97,11 @@ class E2E(Task):
                               max_source_len=self.max_source_len)
 
     def evaluate(self, method, split, batch_size):
-        from ptune.metrics.e2e import e2e_scores
+        from ptune import metrics
 
         mrs, refs = self.references(split)
         hyps = generate_texts(method, [self.source(m) for m in mrs], batch_size=batch_size, num_beams=self.num_beams,
                               max_new_tokens=self.max_new_tokens, max_source_len=self.max_source_len)
-        scores = e2e_scores(hyps, refs, self.metrics)
+        scores = metrics.scores(self.metrics, hyps, refs)  # an unavailable one: {"unavailable": reason}
         records = [{"mr": m, "prediction": h, "references": r} for m, h, r in zip(mrs, hyps, refs)]
         return scores, records
