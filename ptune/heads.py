@@ -12,6 +12,9 @@ are the model's code, not a copy; equal to `model(labels=...).loss` x token coun
 `linear` (classification, `class_loss`): one vector per example (`pool`) -> dropout -> a trained
 Linear(hidden, n_classes) (`LinearHead`, attached by train.build as `method.head`), as in
 P-tuning v2's sequence classifiers and BertForSequenceClassification.
+
+`verbalizer` (classification by label words at a template's {mask}, PET/LM-BFF): ptune/verbalizer.py;
+`loss` dispatches its "slot" batches there.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ def loss(method: Method, batch: dict) -> tuple[torch.Tensor, int]:
         return seq2seq_loss(method, **tensors)
     if layout == "class":
         return class_loss(method, **tensors)
+    if layout == "slot":  # verbalizer / vocabulary heads at a template's {mask}
+        from ptune.verbalizer import slot_loss
+
+        return slot_loss(method, batch)
     raise NotImplementedError(f"no loss for batch layout {layout!r} yet")
 
 

@@ -68,6 +68,11 @@ def _attach_head(method, task, backbone, seed: int) -> None:
     if head == "lm" and backbone.kind in ("masked", "encoder"):
         raise PtuneError(f"task={task.name} generates text, which model={backbone.name} ({backbone.kind}, no "
                          f"left-to-right decoder) cannot; use a causal or seq2seq model")
+    if hasattr(task, "bind"):  # templates checked against this backbone and method (ptune.templates)
+        task.bind(backbone, method)
+    if head in ("verbalizer", "vocab"):  # the LM's own word scores at the template's {mask} (ptune.verbalizer)
+        method.attach_head(task.slot_head(backbone))
+        return
     if head != "linear":
         return
     if method.name == "hard-prompt":
@@ -227,6 +232,8 @@ def _head_config(method, task) -> dict:
     head = getattr(method, "head", None)
     if head is None:
         return {}
+    if hasattr(head, "config"):  # verbalizer / vocabulary heads: no tensors, their words
+        return {"head": head.config()}
     n_classes, hidden = head.weight.shape
     return {"head": {"kind": "linear", "labels": task.label_words(), "hidden": hidden, "n_classes": n_classes,
                      "dropout": head.dropout, "tensors": "head.weight (n_classes, hidden), head.bias (n_classes,)"}}

@@ -108,7 +108,7 @@ class FineTune(HardPrompt):
         model, kind = backbone.model, backbone.kind
         self.trainable, self.k, self.blocks = trainable, k, None
         # A masked or encoder model is fine-tuned here for classification: its output is the task's
-        # linear head, attached after construction; an MLM head would need a verbalizer (not yet).
+        # linear head, attached after construction, or its MLM head under a verbalizer (attach_head).
         self._needs_task_head = kind in ("masked", "encoder")
         first = {id(p): n for n, p in model.named_parameters()}  # each tensor once, by its first name
         head = model.get_output_embeddings()
@@ -133,6 +133,11 @@ class FineTune(HardPrompt):
             body = [p for m in [*blocks[-k:], *after] for p in m.parameters()]
         self._body = list(dict.fromkeys(first[id(p)] for p in body))
         self._lm_head = [] if self._needs_task_head else [first[i] for i in head_order]
+        # Under a verbalizer head (attach_head) a masked LM's output is its MLM head again: the output
+        # embedding and every tensor outside base_model (BERT's cls.predictions.transform and bias).
+        base = {id(p) for p in model.base_model.parameters()}
+        self._word_head = list(dict.fromkeys([first[i] for i in head_order]
+                                             + [n for n, p in model.named_parameters() if id(p) not in base]))
         self._sync_requires_grad()
 
     def _check_backbone(self, backbone) -> None:
@@ -145,8 +150,11 @@ class FineTune(HardPrompt):
         return dict(self.named_parameters())
 
     def attach_head(self, head: nn.Module) -> None:
-        """A task head replaces the LM head as "the head": the LM head stops training."""
+        """A task head replaces the LM head as "the head": the LM head stops training. A verbalizer
+        head (no tensors, `reads_lm_head`) reads the LM head's word scores: the LM head stays the head."""
         super().attach_head(head)
+        if getattr(head, "reads_lm_head", False) and self._needs_task_head:
+            self._needs_task_head, self._lm_head = False, self._word_head
         self._sync_requires_grad()
 
     def _backbone_names(self) -> list[str]:
@@ -173,7 +181,7 @@ class FineTune(HardPrompt):
         own = self._task_head()
         if self._needs_task_head and not own:
             raise PtuneError(f"method=fine-tune on a {self.backbone.kind} model trains a classifier through a linear "
-                             f"head; use a classification task with task.head=linear")
+                             f"head or its MLM head; use a classification task with task.head=linear or task.head=verbalizer")
         params = dict(self.backbone.model.named_parameters())
         clash = sorted(set(own) & set(params))
         if clash:

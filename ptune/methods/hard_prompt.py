@@ -6,9 +6,10 @@ code. `ptune train method=hard-prompt` skips the optimizer and only evaluates. P
 equivalent (it always adds tensors).
 
 Backbones: causal LMs continue the template; encoder-decoders (T5, BART) read it with the
-encoder and generate with the decoder. A masked model (BERT) has nothing to generate, and under a
-linear head a hard prompt leaves only the random head to train: a hard prompt on BERT needs a
-verbalizer (label words read at [MASK]), which ptune does not have yet, so it is refused.
+encoder and generate with the decoder. Under `task.head=verbalizer` (ptune/verbalizer.py) the
+template and its label words are the zero-shot classifier of every backbone with an LM head,
+BERT's MLM head included; a masked model with an lm head (nothing to generate) or a linear head
+(only the random head would train) is refused by train._attach_head.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ class HardPrompt(Method):
         self._check_backbone(backbone)
 
     def _check_backbone(self, backbone) -> None:
-        if backbone.kind not in ("causal", "seq2seq"):
-            raise PtuneError(f"method=hard-prompt on {backbone.kind} models needs a verbalizer head, which is not "
-                             f"available yet; use a causal or seq2seq model, or another method")
+        # masked (BERT) only through a verbalizer head (train._attach_head refuses lm and linear);
+        # an encoder without an LM head (MiniLM) has no way to answer without training.
+        if backbone.kind not in ("causal", "seq2seq", "masked"):
+            raise PtuneError(f"method=hard-prompt on {backbone.kind} models (no LM head) has nothing to predict with; "
+                             f"use a model with an LM head and task.head=verbalizer, or another method")
 
     def model_inputs(self, input_ids, attention_mask):
         # Encoder-decoders take these for the encoder (the seq2seq head adds the decoder's inputs).

@@ -1,12 +1,20 @@
 """Task registry. Keys are the file names in conf/task/ (a test keeps them in sync)."""
 
 from ptune.tasks.base import Task
+from ptune.tasks.custom import Custom
 from ptune.tasks.e2e import E2E
+from ptune.tasks.lama import LAMA
 from ptune.tasks.sst2 import SST2
+from ptune.tasks.superglue import CB, RTE, BoolQ
 from ptune.tasks.xsum import XSum
 
 TASKS: dict[str, type[Task]] = {
+    "boolq": BoolQ,
+    "cb": CB,
+    "custom": Custom,  # a function: the classification or generation variant by task.type
     "e2e": E2E,
+    "lama": LAMA,
+    "rte": RTE,
     "sst2": SST2,
     "xsum": XSum,
 }

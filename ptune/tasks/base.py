@@ -30,6 +30,18 @@ class Task:
                              f"to a folder holding {'/'.join(parts)}, or unset it to load from the hub")
         return path
 
+    def hub_split(self, path: str, config: str | None, split: str, local: str):
+        """A split of a hub dataset through `datasets`, or one PtuneError line naming the local
+        alternative (`local`: what task.data_dir must hold) when it cannot be had (offline, ...)."""
+        import datasets
+
+        try:
+            return datasets.load_dataset(path, config, split=split)
+        except Exception as e:  # ConnectionError offline, DatasetNotFoundError, ...: all mean "not from the hub"
+            name = f"{path}/{config}" if config else path
+            raise PtuneError(f"task {self.name}: the hub's {name} ({split}) cannot be loaded ({type(e).__name__}); set "
+                             f"task.data_dir (or PTUNE_DATA_DIR) to a folder with {local}") from None
+
     def train_examples(self, tokenizer, kind: str = "causal") -> list[Example]:
         """Tokenized training examples. kind is the backbone's (`Backbone.kind`): it decides the
         layout of generation examples (causal: source + target in one sequence; seq2seq: source

@@ -1,133 +1,218 @@
-"""What every classification task shares: a template, label names, a linear head, accuracy.
+"""What every classification task shares: a template, label names, a head, and its metrics.
 
 A task subclass says where its rows come from (`rows(split)`: dicts of text fields and an integer
-`label`), its `labels` (names, in class-index order) and the fields its template may use. This
-base turns rows into "class" examples (ptune.data.Example: labels = [class index]) and scores a
-method through `ptune.heads.class_logits`.
+`label`), its `labels` (names, in class-index order), the fields its template may use, and its
+default template and verbalizer. This base turns rows into examples through the template
+language (ptune.templates) and scores a method through the head (`task.head`):
 
-Input text: `task.template` is a Python format string over the row's fields ("{sentence}"). It
-is tokenized with the tokenizer's own special tokens, so each backbone sees its pretraining
-format ([CLS] x [SEP] for BERT, x </s> for T5, <s> x </s> for BART, nothing added for GPT-2 and
-SmolLM2), truncated to `task.max_len` tokens (P-tuning v2 uses 128).
+- `linear`: `ptune.heads.LinearHead` on the pooled hidden state, as P-tuning v2 (Liu et al. 2022)
+  and BERT do. One difference from both: they pass [CLS] through BERT's pretrained pooler (dense +
+  tanh, trained for next-sentence prediction) before the classifier; ptune loads masked backbones
+  as masked LMs, which carry no pooler, so the linear head reads [CLS] itself. Default template:
+  the fields alone (`default_template["linear"]`); a {mask} in it is written as the tokenizer's
+  mask token (left out where there is none); {soft} slots are left out (p-tuning then prepends).
+- `verbalizer`: label words scored at the template's {mask} by the LM itself
+  (ptune.verbalizer.VerbalizerHead: PET / LM-BFF / Lester / zero-shot with method=hard-prompt).
+  `task.verbalizer` maps each label to a word or a list of words; {soft} slots go to p-tuning.
+- `lm` (generation) is for generation tasks; a classification task refuses it with the fix.
 
-Heads (`task.head`):
-- `linear` (default): `ptune.heads.LinearHead` on the pooled hidden state, as P-tuning v2
-  (Liu et al. 2022) and BERT do. One difference from both: they pass [CLS] through BERT's
-  pretrained pooler (dense + tanh, trained for next-sentence prediction) before the classifier;
-  ptune loads masked backbones as masked LMs, which carry no pooler, so the linear head reads
-  [CLS] itself.
-- `lm` and `verbalizer` (predicting a label word) are not implemented for classification yet:
-  they raise one PtuneError line.
+Input text is tokenized with the tokenizer's own special tokens ([CLS] x [SEP] for BERT, x </s>
+for T5, <s> x </s> for BART, nothing for GPT-2 and SmolLM2), at most `task.max_len` tokens (P-tuning
+v2 uses 128); only the fields are cut (ptune.templates).
 """
 
 from __future__ import annotations
-
-import string
 
 import torch
 
 from ptune.data import Example, collate, subsample
 from ptune.errors import PtuneError
-from ptune.heads import class_logits
 from ptune.tasks.base import Task
+from ptune.templates import Template
 
 HEADS = ("linear", "lm", "verbalizer")
 
 
+# -- metrics: ptune's shipped `evaluate` modules (ptune/metrics), hand-checked in tests/test_tasks.py --
 def accuracy(predictions: list[int], labels: list[int]) -> float:
-    """Fraction of predictions equal to their label."""
-    if len(predictions) != len(labels):
-        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
-    if not labels:
-        raise ValueError("accuracy of no examples")
-    return sum(int(p == y) for p, y in zip(predictions, labels)) / len(labels)
+    """Fraction of predictions equal to their label (ValueError on no labels or a length mismatch)."""
+    from ptune import metrics
+
+    return metrics.compute("accuracy", predictions, labels)["accuracy"]
 
 
-def template_fields(template: str) -> list[str]:
-    """Names of the {fields} in a format string, in order (PtuneError if it is not one)."""
-    try:
-        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as e:
-        raise PtuneError(f"task.template={template!r} is not a valid format string ({e}); "
-                         f"write fields as {{name}} and a literal brace as {{{{ or }}}}") from None
+def macro_f1(predictions: list[int], labels: list[int]) -> float:
+    """Unweighted mean over the classes that occur (in labels or predictions) of F1 = 2PR / (P + R),
+    as scikit-learn's f1_score(average="macro"), which SuperGLUE's CB scorer uses."""
+    from ptune import metrics
+
+    return metrics.compute("macro_f1", predictions, labels)["macro_f1"]
+
+
+def verbalizer_words(verbalizer, labels, key: str = "task.verbalizer") -> list[list[str]]:
+    """Per label (in class order) its words, from {label: word or [words]}; PtuneError on a gap."""
+    if not isinstance(verbalizer, dict) or not verbalizer:
+        raise PtuneError(f"{key}={verbalizer!r} must map every label to a word or a list of words, e.g. "
+                         f"{key}={{{labels[0]}: ..., {labels[-1]}: ...}}")
+    verbalizer = {str(k): v for k, v in verbalizer.items()}
+    extra = [k for k in verbalizer if k not in labels]
+    if extra:
+        raise PtuneError(f"{key} names the label {extra[0]!r}, which is not one of the task's labels "
+                         f"({', '.join(labels)})")
+    out = []
+    for label in labels:
+        if label not in verbalizer:
+            raise PtuneError(f"{key} has no word for the label {label!r}; add {key}.{label}=<word>")
+        words = verbalizer[label]
+        words = [words] if isinstance(words, str) else list(words or [])
+        if not words or not all(isinstance(w, str) and w.strip() for w in words):
+            raise PtuneError(f"{key}.{label}={verbalizer[label]!r}: give a non-empty word or a list of non-empty words")
+        out.append([w.strip() for w in words])
+    return out
 
 
 class ClassificationTask(Task):
     metric_for_best = "accuracy"
     labels: tuple[str, ...] = ()  # class names, index = class id
     fields: tuple[str, ...] = ()  # the row fields a template may use
+    default_template: dict[str, str] = {}  # per head
+    default_verbalizer: dict | None = None
+    metrics: tuple[str, ...] = ("accuracy",)
 
-    def __init__(self, template: str = "", head: str = "linear", head_dropout: float = 0.1, max_len: int = 128, **kw):
+    def __init__(self, template: str | None = None, head: str = "linear", verbalizer: dict | None = None,
+                 head_dropout: float = 0.1, max_len: int = 128, **kw):
         super().__init__(**kw)
         if head not in HEADS:
-            raise PtuneError(f"task.head={head!r} is not one of {', '.join(HEADS)}; use task.head=linear")
-        if head != "linear":
-            raise PtuneError(f"task.head={head} is not implemented for task {self.name} yet; use task.head=linear "
-                             f"(a trained linear classifier on the pooled hidden state)")
+            raise PtuneError(f"task.head={head!r} is not one of {', '.join(HEADS)}; use task.head=linear or verbalizer")
+        if head == "lm":
+            raise PtuneError(f"task.head=lm generates text; task {self.name} classifies: use task.head=verbalizer (the "
+                             f"LM scores the label words) or task.head=linear (a trained classifier)")
         if not (isinstance(head_dropout, (int, float)) and 0 <= head_dropout < 1):
             raise PtuneError(f"task.head_dropout={head_dropout!r} is invalid: must be a number in [0, 1)")
         if not (isinstance(max_len, int) and max_len >= 2):
             raise PtuneError(f"task.max_len={max_len!r} is invalid: must be an integer >= 2")
-        self.template, self.head, self.head_dropout, self.max_len = template, head, float(head_dropout), max_len
-        self.template_fields = template_fields(template)  # checked here, not mid-run
-        unknown = [f for f in self.template_fields if f not in self.fields]
-        if unknown or not self.template_fields:
-            what = f"names the field {unknown[0]!r}, which task {self.name} rows lack" if unknown else "names no field"
-            raise PtuneError(f"task.template={template!r} {what}; use {', '.join('{' + f + '}' for f in self.fields)}")
+        self.head, self.head_dropout, self.max_len = head, float(head_dropout), max_len
+        self._template_given = template is not None
+        self.template = Template(template or self.default_template.get(head, "{" + "} {".join(self.fields) + "}"))
+        self.template.check_fields(self.fields, self.name)
+        self.verbalizer = None
+        if head == "verbalizer":
+            self.template.require_mask("task.head=verbalizer")
+            self.verbalizer = verbalizer_words(verbalizer if verbalizer is not None else self.default_verbalizer,
+                                               list(self.labels))
+        self.keep_soft = False  # set by bind(): only p-tuning places prompts at {soft} slots
+        self._mask_id: int | None = None
+        self.template_fields = self.template.fields
 
     def rows(self, split: str) -> list[dict]:
         """Rows of a split in file order: the text fields and `label` (an int class index)."""
         raise NotImplementedError
 
-    def label_words(self) -> list[str]:
-        """The class names in class-index order (prompt init=labels embeds them)."""
-        return list(self.labels)
+    def label_words(self) -> list:
+        """Per class, its verbalizer words (or its name under a linear head): prompt init=labels embeds them."""
+        return [ws if len(ws) > 1 else ws[0] for ws in self.verbalizer] if self.verbalizer else list(self.labels)
+
+    # -- the head ------------------------------------------------------------------------------
+    def bind(self, backbone, method) -> None:
+        """Check the template against the backbone and method (called by train.build) and decide
+        how rows are written: soft slots for p-tuning, the mask id for this backbone."""
+        from ptune import verbalizer
+
+        causal_default = self.default_template.get(f"{self.head}:{backbone.kind}")
+        if causal_default and not self._template_given:  # e.g. NLI: a causal model cannot read past {mask}
+            self.template = Template(causal_default)
+            self.template_fields = self.template.fields
+        self.keep_soft = verbalizer.takes_soft_mask(method) and self.head == "verbalizer" and self.template.n_soft > 0
+        if self.keep_soft and self.template.n_soft != method.p:
+            raise PtuneError(f"task.template={self.template.source!r} has {self.template.n_soft} {{soft}} positions "
+                             f"and method.num_virtual_tokens={method.p}; set method.num_virtual_tokens="
+                             f"{self.template.n_soft}")
+        tok = backbone.tokenizer
+        if self.head == "verbalizer":
+            verbalizer.check_backbone(backbone)
+            verbalizer.check_template(self.template, backbone)
+            # the mask slot: [MASK] for masked LMs; any id for the others (the head rebuilds those rows)
+            self._mask_id = tok.mask_token_id if tok.mask_token_id is not None else tok.pad_token_id
+        else:
+            self._mask_id = tok.mask_token_id  # a linear head reads the mask token where there is one
+
+    @property
+    def soft_positions(self) -> bool:  # read by ptune export: prompts inside the input
+        return self.keep_soft
+
+    def slot_head(self, backbone):
+        from ptune.verbalizer import VerbalizerHead, word_pieces
+
+        words = [[word_pieces(backbone.tokenizer, w, self.template.mask_space, f"task.verbalizer.{label}")
+                  for w in ws] for label, ws in zip(self.labels, self.verbalizer)]
+        return VerbalizerHead(backbone, words, list(self.labels))
 
     # -- encoding ------------------------------------------------------------------------------
     def text(self, row: dict) -> str:
-        return self.template.format(**{f: row[f] for f in self.template_fields})
+        return self.template.render(row)
+
+    def examples(self, tokenizer, rows: list[dict]) -> list[Example]:
+        layout = "slot" if self.head == "verbalizer" else "class"
+        out = []
+        for r in rows:
+            enc = self.template.encode(tokenizer, r, self.max_len, keep_soft=self.keep_soft, mask_id=self._mask_id)
+            out.append(Example(enc.ids, [r.get("label", 0)], layout, soft=enc.soft if self.keep_soft else None,
+                               mask_pos=enc.mask_pos))
+        return out
 
     def encode(self, tokenizer, rows: list[dict]) -> list[list[int]]:
-        """Token ids of each row's text, with the tokenizer's special tokens, at most max_len long."""
-        return tokenizer([self.text(r) for r in rows], truncation=True, max_length=self.max_len).input_ids
+        """Token ids of each row, with the tokenizer's special tokens, at most max_len long."""
+        return [e.input_ids for e in self.examples(tokenizer, rows)]
 
     def train_examples(self, tokenizer, kind: str | None = None) -> list[Example]:
-        """Examples of layout "class" whatever the backbone kind: the head's pooling adapts to it."""
+        """Examples of layout "class" (linear) or "slot" (verbalizer) whatever the backbone kind."""
         rows = self.rows("train")
         rows = [rows[i] for i in subsample(len(rows), self.max_train_samples, self.subsample_seed)]
-        return [Example(ids, [r["label"]], "class") for ids, r in zip(self.encode(tokenizer, rows), rows)]
+        return self.examples(tokenizer, rows)
 
     # -- inference -----------------------------------------------------------------------------
     def classify(self, method, rows: list[dict], batch_size: int) -> list[int]:
         """Predicted class index per row. Rows are batched by length (less padding), results in input order."""
+        from ptune.heads import class_logits
+        from ptune.verbalizer import slot_scores
+
         tok = method.backbone.tokenizer
-        encoded = self.encode(tok, rows)
-        order = sorted(range(len(rows)), key=lambda i: len(encoded[i]))
+        examples = self.examples(tok, rows)
+        order = sorted(range(len(rows)), key=lambda i: len(examples[i].input_ids))
         device = next(method.backbone.model.parameters()).device
         out = [0] * len(rows)
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch = collate([Example(encoded[i], [0], "class") for i in idx], tok.pad_token_id)
-                logits = class_logits(method, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                for i, pred in zip(idx, logits.argmax(-1).tolist()):
+                batch = collate([examples[i] for i in idx], tok.pad_token_id)
+                if self.head == "verbalizer":
+                    scores = slot_scores(method, batch)
+                else:
+                    scores = class_logits(method, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                for i, pred in zip(idx, scores.argmax(-1).tolist()):
                     out[i] = pred
         return out
 
+    def scores(self, preds: list[int], gold: list[int]) -> dict:
+        out = {"accuracy": accuracy(preds, gold)}
+        if "macro_f1" in self.metrics:
+            out["macro_f1"] = macro_f1(preds, gold)
+        return out
+
     def evaluate(self, method, split: str, batch_size: int) -> tuple[dict, list[dict]]:
-        """({"accuracy": ...}, one record per example: text, label and prediction as names)."""
+        """(metrics, one record per example: text, label and prediction as names)."""
         rows = self.rows(split)
         rows = [rows[i] for i in subsample(len(rows), self.max_eval_samples, self.subsample_seed)]
         preds = self.classify(method, rows, batch_size)
         gold = [r["label"] for r in rows]
         records = [{"text": self.text(r), "label": self.labels[y], "prediction": self.labels[p]}
                    for r, y, p in zip(rows, gold, preds)]
-        return {"accuracy": accuracy(preds, gold)}, records
+        return self.scores(preds, gold), records
 
     def predict(self, method, rows: list[dict], batch_size: int) -> list[str]:
         """A label name per input row; rows need the fields the template names."""
-        missing = [f for f in self.template_fields if any(f not in r for r in rows)]
+        missing = [f for f in self.template.fields if any(f not in r for r in rows)]
         if missing:
             raise PtuneError(f"task {self.name}: every input row needs a {missing[0]!r} field (task.template="
-                             f"{self.template!r})")
-        return [self.labels[p] for p in self.classify(method, rows, batch_size)]
+                             f"{self.template.source!r})")
+        return [self.labels[p] for p in self.classify(method, [{**r, "label": 0} for r in rows], batch_size)]

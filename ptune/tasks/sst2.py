@@ -23,18 +23,16 @@ class SST2(ClassificationTask):
     name = "sst2"
     labels = ("negative", "positive")
     fields = ("sentence",)
-
-    def __init__(self, template: str = "{sentence}", **kw):
-        super().__init__(template=template, **kw)
+    # LM-BFF's manual SST-2 prompt (Gao et al. 2021, Table 1): "<S1> It was [MASK] ." great/terrible
+    default_template = {"linear": "{sentence}", "verbalizer": "{sentence} It was {mask} ."}
+    default_verbalizer = {"negative": "terrible", "positive": "great"}
 
     def rows(self, split: str) -> list[dict]:
         if split not in _HUB_SPLITS:
             raise PtuneError(f"task sst2 has no labelled split {split!r} (GLUE hides the test labels); use split=dev")
         path = self.local_file("sst2", f"{split}.tsv")
         if path is None:
-            import datasets
-
-            ds = datasets.load_dataset("glue", "sst2", split=_HUB_SPLITS[split])
+            ds = self.hub_split("glue", "sst2", _HUB_SPLITS[split], "sst2/{train,dev}.tsv")
             return [{"sentence": r["sentence"].strip(), "label": int(r["label"])} for r in ds]
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)

@@ -1,0 +1,195 @@
+"""The template language: how an example's fields, an answer slot and continuous prompts become one
+row of token ids.
+
+    "{sentence} It was {mask} ."            SST-2 cloze (LM-BFF / PET style)
+    "{premise} ? {mask} , {hypothesis}"     NLI cloze (PET's RTE/CB pattern)
+    "{soft:3} {sub} {soft:3} {mask} ."      P-tuning's LAMA template: 3 + 3 continuous prompts
+
+Slots:
+- `{name}`: the example's field `name` (an identifier), filled with its text;
+- `{mask}`: the answer slot; a verbalizer head scores its label words there (at most one per template);
+- `{soft}` / `{soft:N}`: 1 / N continuous prompt positions. p-tuning puts its prompt vectors there
+  (through its `soft_mask`); methods that place their own prompts (prompt, prefix, ...) get rows
+  without them (`keep_soft=False`);
+- everything else is literal text ("anchor" words); `{{` and `}}` are literal braces.
+
+Tokenization. Each part is tokenized on its own, without special tokens, with the whitespace that
+precedes it in the template (so a byte-level BPE sees " It" and " great" as it would in running
+text); the tokenizer's own special tokens go around the row ([CLS] x [SEP], x </s>, <s> x </s>,
+nothing for GPT-2/SmolLM2: `generate.special_wrap`). The mask's preceding whitespace is kept as
+`Template.mask_space`: label words are tokenized with it.
+
+Truncation: only field text is cut, never the template's words, soft positions or the mask. When
+the row exceeds `max_len`, the longest field loses its last token, repeatedly (PET's rule), so a
+long premise shrinks before a short hypothesis does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ptune.errors import PtuneError
+
+_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SOFT = re.compile(r"soft(?::(\d+))?")
+
+
+@dataclass(frozen=True)
+class Part:
+    kind: str  # text | field | mask | soft
+    value: str = ""  # the literal text (text) or the field name (field)
+    n: int = 0  # soft positions (soft)
+    space: str = ""  # whitespace before the part in the template (fields, mask)
+
+
+@dataclass
+class Encoded:
+    """One row: ids (seq,), soft (seq,) True at continuous-prompt positions, mask_pos (None without {mask})."""
+
+    ids: list[int]
+    soft: list[bool]
+    mask_pos: int | None
+
+
+class Template:
+    def __init__(self, source: str, key: str = "task.template"):
+        if not isinstance(source, str) or not source.strip():
+            raise PtuneError(f"{key}={source!r} is empty; write a template such as '{{text}} It was {{mask}} .'")
+        self.source, self.key = source, key
+        self.parts = self._parse(source)
+        self.fields = [p.value for p in self.parts if p.kind == "field"]
+        masks = [p for p in self.parts if p.kind == "mask"]
+        if len(masks) > 1:
+            raise PtuneError(f"{key}={source!r} has {len(masks)} {{mask}} slots; a template has at most one answer slot")
+        self.has_mask = bool(masks)
+        self.mask_space = masks[0].space if masks else ""
+        self.n_soft = sum(p.n for p in self.parts if p.kind == "soft")
+
+    def _parse(self, source: str) -> list[Part]:
+        raw: list[Part] = []
+        last = 0
+        for m in _TOKEN.finditer(source):
+            raw.append(Part("text", source[last:m.start()]))
+            last = m.end()
+            tok = m.group(0)
+            if tok in ("{{", "}}"):
+                raw.append(Part("text", tok[0]))
+                continue
+            if m.group(1) is None:
+                raise PtuneError(f"{self.key}={source!r} has an unmatched {tok!r}; write slots as {{name}} and a "
+                                 f"literal brace as {{{{ or }}}}")
+            name = m.group(1).strip()
+            soft = _SOFT.fullmatch(name)
+            if name == "mask":
+                raw.append(Part("mask"))
+            elif soft:
+                n = int(soft.group(1)) if soft.group(1) is not None else 1
+                if n < 1:
+                    raise PtuneError(f"{self.key}={source!r}: {{{name}}} has no positions; use {{soft:N}} with N >= 1")
+                raw.append(Part("soft", n=n))
+            elif _FIELD.fullmatch(name):
+                raw.append(Part("field", name))
+            else:
+                raise PtuneError(f"{self.key}={source!r}: {{{m.group(1)}}} is not a slot; use {{field}}, {{mask}}, "
+                                 f"{{soft}} or {{soft:N}}")
+        raw.append(Part("text", source[last:]))
+        # merge adjacent text, then move each text's trailing whitespace onto the slot after it
+        merged: list[Part] = []
+        for p in raw:
+            if p.kind == "text" and merged and merged[-1].kind == "text":
+                merged[-1] = Part("text", merged[-1].value + p.value)
+            else:
+                merged.append(p)
+        parts: list[Part] = []
+        space = ""
+        for p in merged:
+            if p.kind == "text":
+                text = space + p.value
+                stripped = text.rstrip()
+                space = text[len(stripped):]
+                if stripped:
+                    parts.append(Part("text", stripped))
+            elif p.kind == "soft":
+                parts.append(p)
+                space = ""  # no token carries the whitespace before a soft slot
+            else:
+                parts.append(Part(p.kind, p.value, space=space))
+                space = ""
+        return parts
+
+    # -- checks --------------------------------------------------------------------------------
+    def check_fields(self, available, task: str) -> None:
+        """PtuneError unless every {field} is one of `available` and there is at least one."""
+        available = list(available)
+        unknown = [f for f in self.fields if f not in available]
+        if unknown or not self.fields:
+            what = (f"names the field {unknown[0]!r}, which task {task} rows lack" if unknown
+                    else "names no field of the example")
+            raise PtuneError(f"{self.key}={self.source!r} {what}; use {', '.join('{' + f + '}' for f in available)}")
+
+    def require_mask(self, why: str) -> None:
+        if not self.has_mask:
+            raise PtuneError(f"{self.key}={self.source!r} has no {{mask}}, which {why} needs; add the answer slot, "
+                             f"e.g. '{self.source} It was {{mask}} .'")
+
+    # -- rows ----------------------------------------------------------------------------------
+    def render(self, row: dict, mask: str = "[MASK]", soft: str = "[P]") -> str:
+        """The row as text (for prediction records), slots shown as `mask` and `soft`."""
+        out = []
+        for p in self.parts:
+            if p.kind == "text":
+                out.append(p.value)
+            elif p.kind == "field":
+                out.append(p.space + str(row[p.value]))
+            elif p.kind == "mask":
+                out.append(p.space + mask)
+            else:
+                out.append(" " + soft * p.n)
+        return "".join(out).strip()
+
+    def encode(self, tokenizer, row: dict, max_len: int, keep_soft: bool = True, mask_id: int | None = None,
+               special: tuple[list[int], list[int]] | None = None) -> Encoded:
+        """Token ids of `row` in this template, at most max_len long (fields truncated, see module doc).
+
+        mask_id: the id written at the mask slot (BERT's [MASK]; any placeholder for heads that
+        build their own inputs around mask_pos); None leaves the slot out (mask_pos None). Soft positions hold id 0, never read by p-tuning;
+        with keep_soft=False they are left out. special: (before, after) ids, default special_wrap.
+        """
+        from ptune.generate import special_wrap
+
+        before, after = special if special is not None else special_wrap(tokenizer)
+        pieces: list[tuple[Part, list[int]]] = []
+        for p in self.parts:
+            if p.kind == "text":
+                pieces.append((p, tokenizer(p.value, add_special_tokens=False).input_ids))
+            elif p.kind == "field":
+                pieces.append((p, tokenizer(p.space + str(row[p.value]), add_special_tokens=False).input_ids))
+            elif p.kind == "mask":
+                if mask_id is not None:  # without one (a linear head, no mask token) the slot is left out
+                    pieces.append((p, [mask_id]))
+            elif keep_soft:
+                pieces.append((p, [0] * p.n))
+        fixed = len(before) + len(after) + sum(len(ids) for p, ids in pieces if p.kind != "field")
+        lengths = [len(ids) for p, ids in pieces if p.kind == "field"]
+        budget = max_len - fixed
+        if budget < len(lengths):  # every field keeps at least one token
+            raise PtuneError(f"task.max_len={max_len} leaves no room for the inputs: {self.key}={self.source!r} takes "
+                             f"{fixed} tokens of its own (words, special tokens, soft slots, mask); raise task.max_len")
+        while sum(lengths) > budget:
+            longest = max(range(len(lengths)), key=lambda i: lengths[i])
+            lengths[longest] -= 1
+        ids, soft, mask_pos, k = list(before), [False] * len(before), None, 0
+        for p, piece in pieces:
+            if p.kind == "field":
+                piece = piece[:lengths[k]]
+                k += 1
+            if p.kind == "mask":
+                mask_pos = len(ids)
+            ids += piece
+            soft += [p.kind == "soft"] * len(piece)
+        ids += after
+        soft += [False] * len(after)
+        return Encoded(ids, soft, mask_pos)
+

@@ -1,0 +1,111 @@
+"""The verbalizer head (ptune/verbalizer.py): label words scored by all their pieces on every backbone
+kind (checked by hand against the plain model), and methods x heads composing on tiny models."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptune.cli import compose
+from ptune.data import collate
+from ptune.heads import loss as head_loss
+from ptune.train import build
+from ptune.verbalizer import VerbalizerHead
+
+ROWS = [{"sentence": "a gorgeous , witty , seductive movie .", "label": 1}, {"sentence": "dull", "label": 0}]
+
+
+def setup(*overrides):
+    return build(compose(["task=sst2", "task.head=verbalizer", "task.max_train_samples=8", *overrides]))
+
+
+def pieces(tok, word):
+    return tuple(tok(" " + word, add_special_tokens=False).input_ids)
+
+
+@torch.no_grad()
+def by_hand(backbone, task, row, word) -> float:
+    """log P(word | row) from full forwards of the plain model, piece by piece (teacher-forced)."""
+    model, tok, kind = backbone.model, backbone.tokenizer, backbone.kind
+    enc = task.template.encode(tok, row, task.max_len, mask_id=task._mask_id)
+    ids, pos, w = enc.ids, enc.mask_pos, pieces(tok, word)
+    total = 0.0
+    for j in range(len(w)):
+        if kind == "causal":
+            x = torch.tensor([ids[:pos] + list(w[:j])])
+            logits = model(input_ids=x).logits[0, -1]
+        elif kind == "masked":
+            x = torch.tensor([ids[:pos] + list(w[:j]) + [tok.mask_token_id] * (len(w) - j) + ids[pos + 1:]])
+            logits = model(input_ids=x).logits[0, pos + j]
+        else:  # seq2seq: the tiny models' tokenizer has no mask token, so the slot is left out
+            x = torch.tensor([ids[:pos] + ids[pos + 1:]])
+            dec = torch.tensor([[model.config.decoder_start_token_id, *w[:j]]])
+            logits = model(input_ids=x, decoder_input_ids=dec).logits[0, -1]
+        total += F.log_softmax(logits.float(), -1)[w[j]].item()
+    return total
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-bert", "tiny-t5"])
+def test_multi_token_words_are_scored_by_all_their_pieces(model):
+    backbone, method, task = setup(f"model={model}", "method=hard-prompt")
+    tok = backbone.tokenizer
+    words = [["terrible"], ["great", "zyxqwv"]]  # class 1: a common word and a made-up one of several pieces
+    assert len(pieces(tok, "zyxqwv")) >= 3
+    method.head = VerbalizerHead(backbone, [[pieces(tok, w) for w in ws] for ws in words], list(task.labels))
+    batch = collate(task.examples(tok, ROWS), tok.pad_token_id)  # two lengths: one row padded
+    with torch.no_grad():
+        scores = method.head.scores(method, batch)  # (2, 2)
+    for r, row in enumerate(ROWS):
+        neg = by_hand(backbone, task, row, "terrible")
+        pos = torch.logsumexp(torch.tensor([by_hand(backbone, task, row, "great"),
+                                            by_hand(backbone, task, row, "zyxqwv")]), 0).item()
+        assert scores[r].tolist() == pytest.approx([neg, pos], abs=1e-4)
+    # the test can fail: scoring the made-up word by its first piece only gives another class score
+    w = pieces(tok, "zyxqwv")
+    method.head = VerbalizerHead(backbone, [[pieces(tok, "terrible")], [pieces(tok, "great"), w[:1]]], list(task.labels))
+    with torch.no_grad():
+        truncated = method.head.scores(method, batch)
+    assert abs(truncated[0, 1].item() - scores[0, 1].item()) > 1e-3
+
+
+@pytest.mark.parametrize("name, overrides, expect", [
+    ("PET: fine-tune + verbalizer (BERT, MLM head trains)", ["model=tiny-bert", "method=fine-tune",
+                                                             "trainer.lr=1e-3"], "cls.predictions.transform"),
+    ("Lester: prompt + verbalizer (causal)", ["model=tiny-llama", "method=prompt", "method.num_virtual_tokens=3"], "prompt"),
+    ("Lester: prompt + verbalizer (T5 decoder)", ["model=tiny-t5", "method=prompt", "method.num_virtual_tokens=3"], "prompt"),
+    ("p-tuning + {soft} template (BERT)", ["model=tiny-bert", "method=p-tuning", "method.num_virtual_tokens=4",
+                                           "task.template='{soft:2} {sentence} {soft:2} It was {mask} .'"], "embedding"),
+    ("p-tuning + {soft} template (causal)", ["model=tiny-gpt2", "method=p-tuning", "method.num_virtual_tokens=4",
+                                             "task.template='{soft:2} {sentence} {soft:2} It was {mask}'"], "embedding"),
+    ("prefix + verbalizer (BART)", ["model=tiny-bart", "method=prefix", "method.num_virtual_tokens=3"], "prefixes"),
+])
+def test_methods_compose_with_the_verbalizer_and_learn(data_dir, name, overrides, expect):
+    backbone, method, task = setup(*overrides)
+    tok = backbone.tokenizer
+    trained = method.trainable_tensors()
+    assert any(expect in k for k in trained), sorted(trained)[:5]
+    examples = task.train_examples(tok, backbone.kind)
+    batch = collate(examples, tok.pad_token_id)
+    if "{soft" in " ".join(overrides):
+        assert task.keep_soft and batch["soft_mask"].sum(-1).tolist() == [4] * len(examples)
+    else:
+        assert "soft_mask" not in batch
+    opt = torch.optim.AdamW(trained.values(), lr=1e-3 if "trainer.lr=1e-3" in overrides else 1e-2)
+    backbone.model.eval()  # no dropout: the loss must fall step by step on these 8 sentences
+    losses = []
+    for _ in range(6):
+        loss, n = head_loss(method, batch)
+        (loss / n).backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.values())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item() / n)
+    assert losses[-1] < losses[0], losses
+    if "{soft" in " ".join(overrides):
+        assert method.n_prepended == 0  # the prompts went to the template's slots, none prepended
+
+
+def test_hard_prompt_with_a_verbalizer_is_zero_shot_on_bert(data_dir):
+    backbone, method, task = setup("model=tiny-bert", "method=hard-prompt", "task.max_eval_samples=8")
+    assert method.trainable_tensors() == {}
+    scores, records = task.evaluate(method, "dev", 4)
+    assert set(scores) == {"accuracy"} and len(records) == 8 and "[MASK]" in records[0]["text"]
