@@ -90,6 +90,14 @@ def test_tiny_train_then_eval_writes_rouge(in_tmp, data_dir, capsys, model, meth
     # ptune eval on the finished run reproduces its summary
     assert main(["eval", f"run={run}"]) == 0
     assert json.loads((run / "eval_dev.json").read_text())["metrics"] == summary["eval"]
+    if model == "tiny-llama":  # ptune predict on a file of articles
+        (in_tmp / "docs.jsonl").write_text(json.dumps({"document": "The council approved a new park."}) + "\n")
+        assert main(["predict", f"run={run}", "input=docs.jsonl"]) == 0
+        [row] = [json.loads(line) for line in (run / "predictions/docs.jsonl").read_text().splitlines()]
+        assert isinstance(row["prediction"], str) and "\n" not in row["prediction"]
+        (in_tmp / "bad.jsonl").write_text(json.dumps({"text": "no document field"}) + "\n")
+        assert main(["predict", f"run={run}", "input=bad.jsonl"]) == 2
+        assert "needs a 'document' field" in capsys.readouterr().err
     if model == "tiny-t5":  # beam search and the held-out test articles
         capsys.readouterr()
         assert main(["eval", f"run={run}", "split=test", "task.decoding=beam", "task.num_beams=2"]) == 0
