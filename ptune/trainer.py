@@ -149,7 +149,7 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
             if _is_better(scores.get(key), state.best, key, task.greater_is_better):
                 state.best = {"step": state.step, "metrics": scores}
                 on_adapter(run_dir / "adapter_best")
-            _write_predictions(run_dir, args.eval_split, records)
+            _write_predictions(run_dir, args.eval_split, records, state.step)
             log.info("step %d eval: %s", state.step, _fmt(scores))
         accelerator.wait_for_everyone()
 
@@ -276,14 +276,17 @@ class _StopOnSignal:
         self._old = {}
 
 
-def _write_predictions(run_dir: Path, split: str, records: list[dict]) -> None:
+def _write_predictions(run_dir: Path, split: str, records: list[dict], step: int | None = None) -> None:
+    """predictions/<split>.jsonl (the latest) and, during training, predictions/<split>-step<N>.jsonl."""
     import json
 
     out = run_dir / "predictions"
     out.mkdir(exist_ok=True)
-    tmp = out / f".{split}.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(out / f"{split}.jsonl")
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    for name in [f"{split}.jsonl"] + ([f"{split}-step{step}.jsonl"] if step is not None else []):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
 
 
 def _fmt(scores: dict) -> str:

@@ -38,6 +38,9 @@ def test_greedy_and_beam_both_decode_one_line(run, capsys):
     assert set(beam["metrics"]) == set(greedy) == {"bleu", "nist", "rouge_l", "cider"}
     preds = [json.loads(line) for line in (run / "predictions/dev.jsonl").read_text().splitlines()]
     assert len(preds) == 6 and all(isinstance(p["prediction"], str) and "\n" not in p["prediction"] for p in preds)
+    # training kept each evaluation's predictions by step; the last one is the greedy run's own
+    last = [json.loads(line) for line in (run / "predictions/dev-step3.jsonl").read_text().splitlines()]
+    assert [p["mr"] for p in last] == [p["mr"] for p in preds] and all("references" in p for p in last)
     # greedy again reproduces the run's own last evaluation
     assert main(["eval", f"run={run}"]) == 0
     assert json.loads((run / "eval_dev.json").read_text())["metrics"] == greedy
