@@ -71,6 +71,12 @@ def test_train_then_eval_reproduces_the_summary(in_tmp, data_dir, task, override
     assert summary["task"] == task and set(summary["eval"]) == metrics
     assert main(["eval", f"run={run}"]) == 0
     assert json.loads((run / "eval_dev.json").read_text())["metrics"] == summary["eval"]
+    if task == "sst2":  # predict on new rows through the same template and words
+        rows = in_tmp / "rows.jsonl"
+        rows.write_text(json.dumps({"sentence": "a triumph"}) + "\n" + json.dumps({"sentence": "a mess"}) + "\n")
+        assert main(["predict", f"run={run}", f"input={rows}", f"output={in_tmp / 'p.jsonl'}"]) == 0
+        preds = [json.loads(line)["prediction"] for line in (in_tmp / "p.jsonl").read_text().splitlines()]
+        assert len(preds) == 2 and set(preds) <= {"negative", "positive"}
 
 
 def test_lama_manual_and_learned_templates(in_tmp, data_dir):
@@ -89,6 +95,12 @@ def test_lama_manual_and_learned_templates(in_tmp, data_dir):
                  "task.template='{soft:3} {sub} {soft:3} {mask} .'", "output_dir=outputs2"]) == 0
     [run2] = [p for p in (in_tmp / "outputs2").glob("*/*") if (p / "summary.json").exists()]
     assert json.loads((run2 / "summary.json").read_text())["eval"]["n_facts"] == 8
+    # a causal model reads the next token after "X was born in" / "The capital of X is"
+    assert main(["train", "task=lama", "task.relations=[P19,P36]", "model=tiny-llama", "method=hard-prompt",
+                 *FAST, "output_dir=outputs3"]) == 0
+    [run3] = [p for p in (in_tmp / "outputs3").glob("*/*") if (p / "summary.json").exists()]
+    ev = json.loads((run3 / "summary.json").read_text())["eval"]
+    assert ev["n_relations_skipped"] == 0 and ev["n_dropped"] > 0 and "p@1/P19" in ev
 
 
 def test_lama_drops_multi_token_objects_and_says_how_many(data_dir):
@@ -106,6 +118,10 @@ def test_lama_drops_multi_token_objects_and_says_how_many(data_dir):
     kept, objects, dropped, _ = task._usable(tok, facts)
     assert len(kept) + dropped == 200 and 0 < dropped < 200
     assert all(tok(" " + r["obj"], add_special_tokens=False).input_ids == [o] for r, o in zip(kept, objects))
+    # relations.jsonl's one template with the subject after the object (P1923) cannot be read left to right
+    odd = {"sub": "Brazil", "obj": "Paris", "relation": "P1923", "template": "[Y] participated in the [X] ."}
+    kept, _, dropped, skipped = task._usable(tok, [*facts[:3], odd])
+    assert (len(kept), skipped) == (3 - dropped, 1)
 
 
 @pytest.mark.parametrize("name", ["sst2", "cb", "lama"])
@@ -147,8 +163,10 @@ def test_custom_generation_jsonl(in_tmp):
     assert main(["train", "task=custom", "task.type=generation", f"task.train_file={path}", f"task.eval_file={path}",
                  "task.text_column=question", "task.label_column=answer", "task.max_new_tokens=4",
                  "model=tiny-gpt2", "method=prompt", "method.num_virtual_tokens=3", *FAST]) == 0
-    _, summary = summary_of(in_tmp)
+    run, summary = summary_of(in_tmp)
     assert set(summary["eval"]) == {"exact_match", "rouge_l"}
+    assert main(["eval", f"run={run}"]) == 0
+    assert json.loads((run / "eval_dev.json").read_text())["metrics"] == summary["eval"]
 
 
 # -- bad input: one line each --------------------------------------------------------------------------
