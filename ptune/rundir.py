@@ -15,19 +15,27 @@ import time
 from pathlib import Path
 
 from ptune.checkpoint import write_json
+from ptune.errors import PtuneError
 
 
 def claim(parent: Path, name: str) -> Path:
-    """Create parent/name (or name-1, name-2, ...) atomically and return it."""
-    parent.mkdir(parents=True, exist_ok=True)
-    for k in range(10_000):
-        path = parent / (name if k == 0 else f"{name}-{k}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"could not create a run directory under {parent}")
+    """Create parent/name (or name-1, name-2, ...) atomically and return it.
+
+    An output folder that cannot be created or written (permissions, a file in the way, a
+    read-only or full disk) is one PtuneError line; nothing existing is touched."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for k in range(10_000):
+            path = parent / (name if k == 0 else f"{name}-{k}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise PtuneError(f"cannot create a run directory under {parent} ({e.strerror or e}); set output_dir= "
+                         f"to a folder you can write") from None
+    raise PtuneError(f"could not create a run directory under {parent}: 10,000 names taken; set output_dir=")
 
 
 def new_run_dir(root: str | Path = "outputs") -> Path:

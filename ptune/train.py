@@ -17,7 +17,7 @@ from ptune import checkpoint as ckpt
 from ptune import methods, models, rundir, tasks
 from ptune.config import check, method_kwargs, task_kwargs
 from ptune.errors import PtuneError
-from ptune.trainer import TrainArgs, fit, peak_memory_mb
+from ptune.trainer import TrainArgs, check_step_size, fit, peak_memory_mb
 
 log = logging.getLogger("ptune")
 
@@ -49,7 +49,8 @@ def build(cfg: DictConfig):
     """(backbone, method, task) from a composed config."""
     backbone = models.load(cfg.model.name, cfg.model.kind, cfg.model.source, cfg.model.get("name_or_path"),
                            OmegaConf.to_container(cfg.model.get("tiny")) if cfg.model.get("tiny") else None,
-                           cfg.model.get("tokenizer"), seed=cfg.model.get("init_seed", 0))
+                           cfg.model.get("tokenizer"), seed=cfg.model.get("init_seed", 0),
+                           trust_remote_code=cfg.model.get("trust_remote_code", False))
     task = tasks.build(cfg.task.name, **task_kwargs(cfg))
     kwargs = method_kwargs(cfg)
     if kwargs.get("init") == "labels":  # prompt tuning's class-label init embeds the task's label words
@@ -114,6 +115,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     backbone.model.to(accelerator.device)
     method.to(accelerator.device)
     examples = task.train_examples(backbone.tokenizer, backbone.kind)
+    check_context(method, examples)
+    check_step_size(len(examples), cfg.trainer.batch_size, cfg.trainer.grad_accum, accelerator.num_processes)
+    if hasattr(task, "rows"):  # a bad evaluation file fails now, not at the first evaluation
+        task.rows(cfg.trainer.eval_split)
 
     run_dir = _claim_run_dir(accelerator, cfg, run_dir)
     main = accelerator.is_main_process
@@ -151,6 +156,20 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
         log.info("done: %s", run_dir)
     accelerator.wait_for_everyone()
     return {"run_dir": str(run_dir), "summary": summary}
+
+
+def check_context(method, examples) -> None:
+    """The virtual tokens plus the longest training input must fit the model's position table
+    (GPT-2 n_positions, BERT/BART/Llama max_position_embeddings; T5's relative positions: no limit)."""
+    config = method.backbone.model.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    p = getattr(method, "p", 0)  # prompt, prefix, p-tuning, p-tuning-v2
+    longest = max((len(e.input_ids) for e in examples), default=0)
+    if limit and p + longest > limit:
+        what = f"method.num_virtual_tokens={p} plus the longest training input ({longest} tokens) is {p + longest} " \
+               f"positions" if p else f"the longest training input is {longest} tokens"
+        raise PtuneError(f"{what}, more than model {method.backbone.name}'s {limit}; lower "
+                         f"{'method.num_virtual_tokens or ' if p else ''}the task's maximum input length")
 
 
 def total_params(method) -> int:

@@ -96,6 +96,16 @@ def _is_better(value, best: dict | None, key: str, greater: bool) -> bool:
     return value > best["metrics"][key] if greater else value < best["metrics"][key]
 
 
+def check_step_size(n_examples: int, batch_size: int, grad_accum: int, world: int) -> int:
+    """Examples per optimizer step; PtuneError if the data cannot fill one (train() asks before it
+    claims a run directory)."""
+    step_size = batch_size * grad_accum * world
+    if n_examples < step_size:
+        raise PtuneError(f"{n_examples} training examples are fewer than one step needs ({step_size} = "
+                         f"batch_size x grad_accum x processes); lower trainer.batch_size or add data")
+    return step_size
+
+
 def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, resume_from: Path | None = None,
         on_adapter=None) -> TrainState:
     """Train `method` on `examples`; evaluate and checkpoint into run_dir. Returns the final state.
@@ -113,10 +123,7 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
     # fp16 autocast needs loss scaling (bf16 and fp32 do not); its state is part of the checkpoint.
     scaler = torch.amp.GradScaler(device.type) if accelerator.mixed_precision == "fp16" else None
 
-    step_size = args.batch_size * args.grad_accum * world
-    if len(examples) < step_size:
-        raise PtuneError(f"{len(examples)} training examples are fewer than one step needs ({step_size} = "
-                         f"batch_size x grad_accum x processes); lower trainer.batch_size or add data")
+    step_size = check_step_size(len(examples), args.batch_size, args.grad_accum, world)
     steps_per_epoch = len(examples) // step_size
     lengths = [len(e.input_ids) for e in examples]
     n_labels = [e.n_loss_terms() for e in examples]
@@ -154,6 +161,9 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
         accelerator.wait_for_everyone()
 
     def save() -> None:
+        # never checkpoint a NaN; every process holds the same tensors, so all stop together
+        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+            _stop_non_finite("a trainable tensor became NaN/inf", state.step, run_dir)
         if main:
             opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer, names)
             ckpt.save_checkpoint(run_dir / "checkpoints", state.step, params, opt_tensors, ckpt.rng_state(),
@@ -167,8 +177,8 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
         return state
 
     stop = _StopOnSignal()
+    bar = tqdm(total=args.max_steps, initial=state.step, disable=not main, desc="train", mininterval=1.0, dynamic_ncols=True)
     try:
-        bar = tqdm(total=args.max_steps, initial=state.step, disable=not main, desc="train", mininterval=1.0, dynamic_ncols=True)
         plan, plan_epoch = None, -1
         t_log, tok_log = time.perf_counter(), 0
         wall_start = time.perf_counter() - state.wall_time_s
@@ -203,9 +213,7 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
                 loss_total, tokens = stats[0], int(stats[1])
             loss = float(loss_total) / denom
             if not math.isfinite(loss):
-                last = ckpt.latest_good(run_dir / "checkpoints")
-                raise PtuneError(f"training loss became {loss} at step {state.step + 1}; stopped. Lower trainer.lr or use "
-                                 f"trainer.precision=fp32; the last good checkpoint is {last or 'none (no checkpoint yet)'}")
+                _stop_non_finite(f"training loss became {loss}", state.step + 1, run_dir)
             if scaler is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.max_grad_norm) if args.max_grad_norm > 0 else None
@@ -248,9 +256,18 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
                                  f"ptune train resume={run_dir}")
         bar.close()
     finally:
+        bar.close()  # also on an error, so its line ends before the error's
         stop.restore()
     state.wall_time_s = time.perf_counter() - wall_start
     return state
+
+
+def _stop_non_finite(what: str, step: int, run_dir: Path):
+    """Stop before anything non-finite is saved; the checkpoints already written stay as they are."""
+    last = ckpt.latest_good(run_dir / "checkpoints")
+    raise PtuneError(f"{what} at step {step}; stopped. The last good checkpoint is "
+                     f"{last or 'none (no checkpoint yet)'}; lower trainer.lr (or use trainer.precision=fp32) and "
+                     f"continue with: ptune train resume={run_dir} trainer.lr=<lower>")
 
 
 class _StopOnSignal:

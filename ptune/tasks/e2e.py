@@ -15,13 +15,13 @@ Data: `<task.data_dir>/e2e/{train,dev,test}.csv` (columns mr, ref), else hub `GE
 
 from __future__ import annotations
 
-import csv
 import re
 
 from ptune.data import Example, subsample
 from ptune.errors import PtuneError
 from ptune.generate import beams, encode_sources, generate_texts, target_examples
 from ptune.tasks.base import Task
+from ptune.tasks.files import read_table
 
 _HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 
@@ -54,11 +54,7 @@ class E2E(Task):
         """(mr, ref) pairs of a split, in file order."""
         path = self.local_file("e2e", f"{split}.csv")
         if path is not None:
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if not reader.fieldnames or not {"mr", "ref"} <= set(reader.fieldnames):
-                    raise PtuneError(f"{path}: expected a CSV with columns mr,ref, found {reader.fieldnames}")
-                return [(r["mr"], r["ref"]) for r in reader]
+            return [(r["mr"], r["ref"]) for r in read_table(path, ("mr", "ref"), ",")]
         import datasets
 
         ds = datasets.load_dataset("GEM/e2e_nlg", split=_HUB_SPLITS[split])

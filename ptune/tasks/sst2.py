@@ -15,6 +15,7 @@ import csv
 
 from ptune.errors import PtuneError
 from ptune.tasks.classification import ClassificationTask
+from ptune.tasks.files import read_table
 
 _HUB_SPLITS = {"train": "train", "dev": "validation"}
 
@@ -34,14 +35,6 @@ class SST2(ClassificationTask):
         if path is None:
             ds = self.hub_split("glue", "sst2", _HUB_SPLITS[split], "sst2/{train,dev}.tsv")
             return [{"sentence": r["sentence"].strip(), "label": int(r["label"])} for r in ds]
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            if header != ["sentence", "label"]:
-                raise PtuneError(f"{path}: expected a TSV with the header sentence<TAB>label, found {header}")
-            rows = []
-            for n, fields in enumerate(reader, start=2):
-                if len(fields) != 2 or fields[1] not in ("0", "1"):
-                    raise PtuneError(f"{path}, line {n}: expected a sentence, a tab and a label 0 or 1")
-                rows.append({"sentence": fields[0].strip(), "label": int(fields[1])})
-        return rows
+        rows = read_table(path, ("sentence", "label"), "\t", csv.QUOTE_NONE, exact_header=True,
+                          allowed={"label": ("0", "1")})  # 0 negative, 1 positive
+        return [{"sentence": r["sentence"].strip(), "label": int(r["label"])} for r in rows]
