@@ -102,7 +102,6 @@ class ClassificationTask(Task):
                                                list(self.labels))
         self.keep_soft = False  # set by bind(): only p-tuning places prompts at {soft} slots
         self._mask_id: int | None = None
-        self.template_fields = self.template.fields
 
     def rows(self, split: str) -> list[dict]:
         """Rows of a split in file order: the text fields and `label` (an int class index)."""
@@ -121,7 +120,6 @@ class ClassificationTask(Task):
         causal_default = self.default_template.get(f"{self.head}:{backbone.kind}")
         if causal_default and not self._template_given:  # e.g. NLI: a causal model cannot read past {mask}
             self.template = Template(causal_default)
-            self.template_fields = self.template.fields
         self.keep_soft = verbalizer.takes_soft_mask(method) and self.head == "verbalizer" and self.template.n_soft > 0
         if self.keep_soft and self.template.n_soft != method.p:
             raise PtuneError(f"task.template={self.template.source!r} has {self.template.n_soft} {{soft}} positions "

@@ -31,6 +31,25 @@ TYPES = ("classification", "generation")
 FORMATS = (".csv", ".tsv", ".jsonl")
 
 
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) per non-blank line of a JSON-lines file; one PtuneError line for a line
+    that is not a JSON object or a file without any."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PtuneError(f"{path}, line {n}: not valid JSON ({e.msg}); one JSON object per line") from None
+        if not isinstance(raw, dict):
+            raise PtuneError(f"{path}, line {n}: not a JSON object; one object per line")
+        out.append((n, raw))
+    if not out:
+        raise PtuneError(f"{path} holds no rows")
+    return out
+
+
 def read_records(path: str | None, columns: list[str], key: str) -> list[dict]:
     """Rows of a .csv / .tsv / .jsonl file with the given columns, all non-empty text."""
     if not path:
@@ -46,15 +65,7 @@ def read_records(path: str | None, columns: list[str], key: str) -> list[dict]:
 
         return read_table(p, tuple(columns), "\t" if suffix == ".tsv" else ",")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PtuneError(f"{p}, line {n}: not valid JSON ({e.msg}); one JSON object per line") from None
-        if not isinstance(raw, dict):
-            raise PtuneError(f"{p}, line {n}: not a JSON object; one object per line")
+    for n, raw in read_jsonl(p):
         missing = [c for c in columns if c not in raw]
         if missing:
             raise PtuneError(f"{p}, line {n}: no {missing[0]!r} field; set task.text_column(s) / task.label_column "
@@ -64,8 +75,6 @@ def read_records(path: str | None, columns: list[str], key: str) -> list[dict]:
         if empty:
             raise PtuneError(f"{p}, line {n}: empty {empty!r}; every row needs text in {', '.join(columns)}")
         rows.append(row)
-    if not rows:
-        raise PtuneError(f"{p} holds no rows")
     return rows
 
 

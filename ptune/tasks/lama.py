@@ -27,7 +27,6 @@ task.relations=[P19] for that).
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
@@ -35,6 +34,7 @@ import torch
 from ptune.data import Example, collate, subsample
 from ptune.errors import PtuneError
 from ptune.tasks.base import Task
+from ptune.tasks.custom import read_jsonl
 from ptune.templates import Template
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,10 @@ class LAMA(Task):
     def _relation_table(self) -> dict[str, str]:
         path = self.local_file("lama", "relations.jsonl")
         table = {}
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                    table[r["relation"]] = r["template"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise PtuneError(f"{path}, line {n}: expected a JSON object with relation and template") from None
+        for n, r in read_jsonl(path):
+            if not isinstance(r.get("relation"), str) or not isinstance(r.get("template"), str):
+                raise PtuneError(f"{path}, line {n}: expected a JSON object with relation and template")
+            table[r["relation"]] = r["template"]
         return table
 
     def facts(self, split: str) -> list[dict]:
@@ -103,15 +100,10 @@ class LAMA(Task):
                 if self.relations:  # asked for by name: say so
                     raise PtuneError(f"task lama: relation {rel} has no {split} split ({path} does not exist)")
                 continue
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                    rows.append({"sub": r["sub_label"], "obj": r["obj_label"], "relation": rel,
-                                 "template": table[rel]})
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise PtuneError(f"{path}, line {n}: expected a JSON object with sub_label and obj_label") from None
+            for n, r in read_jsonl(path):
+                if not isinstance(r.get("sub_label"), str) or not isinstance(r.get("obj_label"), str):
+                    raise PtuneError(f"{path}, line {n}: expected a JSON object with sub_label and obj_label")
+                rows.append({"sub": r["sub_label"], "obj": r["obj_label"], "relation": rel, "template": table[rel]})
         if not rows:
             raise PtuneError(f"task lama: no facts for split {split} of relations {chosen}")
         return rows

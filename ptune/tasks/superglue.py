@@ -19,10 +19,9 @@ above, `label` a name such as "entailment", a class index, or for BoolQ true/fal
 
 from __future__ import annotations
 
-import json
-
 from ptune.errors import PtuneError
 from ptune.tasks.classification import ClassificationTask
+from ptune.tasks.custom import read_jsonl
 
 _FILES = {"train": "train.jsonl", "dev": "val.jsonl"}
 _HUB_SPLITS = {"train": "train", "dev": "validation"}
@@ -38,21 +37,7 @@ class SuperGlueTask(ClassificationTask):
         if path is None:
             ds = self.hub_split("super_glue", self.name, _HUB_SPLITS[split], f"superglue/{self.name}/{{train,val}}.jsonl")
             return [self._row(dict(r), f"super_glue/{self.name} {split}", n) for n, r in enumerate(ds)]
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PtuneError(f"{path}, line {n}: not a JSON object ({e.msg}); one example per line") from None
-                if not isinstance(raw, dict):
-                    raise PtuneError(f"{path}, line {n}: not a JSON object; one example per line")
-                rows.append(self._row(raw, str(path), n))
-        if not rows:
-            raise PtuneError(f"{path} holds no examples")
-        return rows
+        return [self._row(raw, str(path), n) for n, raw in read_jsonl(path)]
 
     def _row(self, raw: dict, where: str, n: int) -> dict:
         missing = [f for f in (*self.fields, "label") if f not in raw]
