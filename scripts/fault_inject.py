@@ -209,6 +209,7 @@ def main() -> int:
                 break
             phase = PHASES[kills % len(PHASES)]
             marker = work / f"marker-{rounds}-{kills}.json"
+            stale = set((cwd / "outputs").glob("*/*/checkpoints/.step-*"))  # left by earlier kills
             proc = ptune(args_next, cwd, phase, rng.randint(*occurrence[phase]), marker)
             what = kill_at_phase(proc, phase, marker, rng, low, high)
             if what is None:  # the run ended before the chosen moment
@@ -220,7 +221,7 @@ def main() -> int:
             per_phase[phase] += 1
             dirs = run_dirs(cwd)
             run = dirs[-1] if dirs else None
-            cut = bool(run and list((run / "checkpoints").glob(".step-*")))
+            cut = bool(run and set((run / "checkpoints").glob(".step-*")) - stale)  # by this kill
             where = f"step {last_step(run):3d}" if run else "start-up, before the run had a config"
             print(f"kill {kills:2d} (round {rounds}, {phase}): {where}, {what}"
                   f"{'; a checkpoint write was cut' if cut else ''}", flush=True)

@@ -172,6 +172,31 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(ws, monkeypatch, ca
     assert_same_run(ref, run)
 
 
+def test_a_non_finite_tensor_is_never_checkpointed(ws, monkeypatch, capsys):
+    """A finite loss but an update that leaves an inf tensor: the step-4 checkpoint is refused,
+    step-2 stays the last one."""
+    root, ref, stopped = ws
+    real_step, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def step_then_overflow(self, *a, **kw):
+        out = real_step(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    before = set(runs(root))
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_overflow)
+    capsys.readouterr()
+    assert main(JOB) == 2
+    [run] = set(runs(root)) - before
+    line = last_error(capsys)
+    assert line.startswith("error: a trainable tensor became NaN/inf at step 4; stopped. The last good checkpoint is "
+                           f"{run.relative_to(root) / 'checkpoints' / 'step-2'};"), line
+    assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == ["step-2"]
+
+
 def test_a_huge_learning_rate_stops_before_a_non_finite_checkpoint(ws, capsys):
     root, ref, stopped = ws
     before = set(runs(root))
