@@ -243,3 +243,13 @@ def test_meteor_module_reports_unavailable_not_a_number(monkeypatch):
     got = metrics.scores(["bleu", "meteor"], HYPS, REFS)
     assert got["meteor"] == {"unavailable": "METEOR 1.5 needs a Java runtime; `java` is not on PATH"}
     assert got["bleu"] == pytest.approx(EXPECTED["bleu"], abs=1e-9)
+
+
+@pytest.mark.slow  # starts the METEOR JVM (~8 s)
+def test_fixed_case_meteor_through_the_evaluate_module():
+    from ptune import metrics
+
+    got = metrics.compute("meteor", HYPS, REFS)["meteor"]
+    if isinstance(got, dict):
+        pytest.skip(got["unavailable"])
+    assert got == pytest.approx(EXPECTED["meteor"], abs=1e-9)
