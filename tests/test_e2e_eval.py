@@ -75,3 +75,8 @@ def test_bad_eval_overrides_are_one_line(run, capsys, args, words):
     assert main(["eval", f"run={run}", *args]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and words in errors[0]
+
+
+def test_offline_without_data_dir_is_one_line():
+    with pytest.raises(PtuneError, match=r"the hub's GEM/e2e_nlg \(test\) cannot be loaded .* e2e/\{train,dev,test\}.csv"):
+        tasks.build("e2e", data_dir=None).rows("test")

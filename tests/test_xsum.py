@@ -26,6 +26,8 @@ def test_local_splits_cut_the_test_file_by_position(data_dir):
         tasks.build("xsum", data_dir=str(data_dir), local_dev_size=600, local_test_size=400).rows("dev")
     with pytest.raises(PtuneError, match="no split 'validation'"):
         task.rows("validation")
+    with pytest.raises(PtuneError, match="the hub's EdinburghNLP/xsum .* cannot be loaded"):  # offline, no data_dir
+        tasks.build("xsum", data_dir=None).rows("train")
 
 
 def test_documents_keep_their_start_and_the_template_cue(tok, data_dir):

@@ -55,9 +55,7 @@ class E2E(Task):
         path = self.local_file("e2e", f"{split}.csv")
         if path is not None:
             return [(r["mr"], r["ref"]) for r in read_table(path, ("mr", "ref"), ",")]
-        import datasets
-
-        ds = datasets.load_dataset("GEM/e2e_nlg", split=_HUB_SPLITS[split])
+        ds = self.hub_split("GEM/e2e_nlg", None, _HUB_SPLITS[split], "e2e/{train,dev,test}.csv")
         return [(r["meaning_representation"], r["target"]) for r in ds]
 
     def source(self, mr: str) -> str:

@@ -63,9 +63,7 @@ class XSum(Task):
             raise PtuneError(f"task xsum has no split {split!r}; choose one of {', '.join(SPLITS)}")
         path = self.local_file("xsum", "test.jsonl")
         if path is None:
-            import datasets
-
-            ds = datasets.load_dataset("EdinburghNLP/xsum", split=_HUB_SPLITS[split])
+            ds = self.hub_split("EdinburghNLP/xsum", None, _HUB_SPLITS[split], "xsum/test.jsonl")
             return [{"document": r["document"], "summary": r["summary"], "id": r["id"]} for r in ds]
         rows = _read_jsonl(path)
         n_dev, n_test = self.local_sizes["dev"], self.local_sizes["test"]
