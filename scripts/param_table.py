@@ -211,12 +211,16 @@ def meta_backbone(name: str, config) -> Backbone:
     return Backbone(model=model, tokenizer=None, dims=dims_of(model.config, kind), kind=kind, name=name)
 
 
+def cases(ps=(10, 100)) -> list[tuple[str, str, dict, int | None]]:
+    """The table's rows: (label, method, kwargs, p), p None for fine-tuning."""
+    return [(label, name, kw, p) for p in ps for label, name, kw in VARIANTS] + \
+        [(label, "fine-tune", kw, None) for label, kw in FINE_TUNE]
+
+
 def rows(backbones: dict, ps=(10, 100)) -> list[tuple[str, int | None, dict]]:
     """[(row label, p or None, {model: (trainable, stored)})], each number checked formula == method."""
     out = []
-    cases = [(label, name, kw, p) for p in ps for label, name, kw in VARIANTS]
-    cases += [(label, "fine-tune", kw, None) for label, kw in FINE_TUNE]
-    for label, name, kw, p in cases:
+    for label, name, kw, p in cases(ps):
         cells = {}
         for model, bb in backbones.items():
             want = formula(name, bb.model.config, p or 10, **kw)
@@ -226,6 +230,12 @@ def rows(backbones: dict, ps=(10, 100)) -> list[tuple[str, int | None, dict]]:
             cells[model] = got
         out.append((label, p, cells))
     return out
+
+
+def formula_rows(configs: dict, ps=(10, 100)) -> list[tuple[str, int | None, dict]]:
+    """The same table from the formulas alone (no model built): what tests compare docs/methods.md with."""
+    return [(label, p, {model: formula(name, config, p or 10, **kw) for model, config in configs.items()})
+            for label, name, kw, p in cases(ps)]
 
 
 def markdown(table: list[tuple[str, int | None, dict]]) -> str:

@@ -168,6 +168,13 @@ def test_formula_equals_the_methods(backbones, name):
     assert not any(p.requires_grad for p in bb.model.parameters())
 
 
+def test_the_docs_table_is_the_scripts():
+    """docs/methods.md carries the tables scripts/param_table.py prints (from the same formulas, on the
+    real models' configs), so a change of a method's counts cannot leave the page behind."""
+    table = param_table.markdown(param_table.formula_rows(param_table.real_configs()))
+    assert table.strip() in (ROOT / "docs" / "methods.md").read_text(), "rerun scripts/param_table.py into docs/methods.md"
+
+
 # -- proofs 1, 2, 4, 5 on BERT with the linear head -------------------------------------------------
 P = 4
 CLASS_CELLS = {"prompt": {}, "prefix": {}, "p-tuning": {}, "p-tuning-v2, projection": dict(projection=True)}
