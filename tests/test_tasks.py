@@ -207,7 +207,8 @@ def test_bad_custom_files_are_one_line(in_tmp, capsys):
     unseen = write_csv(in_tmp / "unseen.csv", [*REVIEWS, ("free dessert", "extras")])
     cases = [
         ([f"task.train_file={in_tmp / 'missing.csv'}", f"task.eval_file={good}"], "no such file"),
-        ([f"task.train_file={good}", f"task.eval_file={good}", "task.label_column=topic"], "topic"),
+        ([f"task.train_file={good}", f"task.eval_file={good}", "task.label_column=topic"],
+         "no column 'topic' (it has review, category); set task.text_column"),
         ([f"task.train_file={bad_json}", f"task.eval_file={good}"], "line 2: not valid JSON"),
         ([f"task.train_file={tabbed}", f"task.eval_file={good}"], "tab-separated"),
         ([f"task.train_file={empty}", f"task.eval_file={good}"], "empty 'review'"),

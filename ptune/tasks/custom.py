@@ -50,6 +50,19 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return out
 
 
+def _check_header(path: Path, columns: list[str], delimiter: str) -> None:
+    """Name the config key to set when a column is missing (read_table reports the rest: a wrong
+    delimiter shows as a one-column header, and is left to it)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f, delimiter=delimiter), [])
+    missing = [c for c in columns if c not in header]
+    if len(header) > 1 and missing:
+        raise PtuneError(f"{path}: no column {missing[0]!r} (it has {', '.join(header)}); set task.text_column / "
+                         f"task.text_columns and task.label_column to the file's column names")
+
+
 def read_records(path: str | None, columns: list[str], key: str) -> list[dict]:
     """Rows of a .csv / .tsv / .jsonl file with the given columns, all non-empty text."""
     if not path:
@@ -63,7 +76,9 @@ def read_records(path: str | None, columns: list[str], key: str) -> list[dict]:
     if suffix in (".csv", ".tsv"):
         from ptune.tasks.files import read_table
 
-        return read_table(p, tuple(columns), "\t" if suffix == ".tsv" else ",")
+        delimiter = "\t" if suffix == ".tsv" else ","
+        _check_header(p, columns, delimiter)
+        return read_table(p, tuple(columns), delimiter)
     rows = []
     for n, raw in read_jsonl(p):
         missing = [c for c in columns if c not in raw]
