@@ -108,3 +108,14 @@ def test_tiny_train_then_eval_writes_rouge(in_tmp, data_dir, capsys, model, meth
         assert set(out["metrics"]) == {"rouge1", "rouge2", "rougeL"}
         test_ids = {r["id"] for r in tasks.build("xsum", data_dir=str(data_dir)).rows("test")}
         assert {json.loads(line)["id"] for line in (run / "predictions/test.jsonl").read_text().splitlines()} <= test_ids
+
+
+def test_a_bad_local_file_is_one_line(tmp_path):
+    (tmp_path / "xsum").mkdir()
+    path = tmp_path / "xsum" / "test.jsonl"
+    path.write_text(json.dumps({"document": "An article.", "summary": "A summary.", "id": 1}) + "\n{not json\n")
+    with pytest.raises(PtuneError, match=r"line 2: not valid JSON"):
+        tasks.build("xsum", data_dir=str(tmp_path)).rows("train")
+    path.write_text(json.dumps({"document": "An article.", "summary": ""}) + "\n")
+    with pytest.raises(PtuneError, match=r"line 1: needs non-empty text fields document and summary"):
+        tasks.build("xsum", data_dir=str(tmp_path)).rows("train")

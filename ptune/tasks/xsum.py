@@ -20,8 +20,6 @@ Without data_dir: hub `EdinburghNLP/xsum` and its real train/validation/test spl
 
 from __future__ import annotations
 
-import json
-
 from ptune.data import Example, subsample
 from ptune.errors import PtuneError
 from ptune.generate import beams, encode_sources, generate_from_ids, target_examples
@@ -121,20 +119,12 @@ class XSum(Task):
 
 
 def _read_jsonl(path) -> list[dict]:
+    """{document, summary, id} per line of an XSum JSON-lines file (custom.read_jsonl checks the JSON)."""
+    from ptune.tasks.custom import read_jsonl
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PtuneError(f"{path}, line {n}: not valid JSON ({e.msg}); expected one object per line "
-                                 f"with document, summary and id") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
-                                                    for k in ("document", "summary")):
-                raise PtuneError(f"{path}, line {n}: needs non-empty text fields document and summary")
-            rows.append({"document": row["document"], "summary": row["summary"], "id": str(row.get("id", n))})
-    if not rows:
-        raise PtuneError(f"{path} holds no articles; expected JSONL lines with document, summary and id")
+    for n, row in read_jsonl(path):
+        if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("document", "summary")):
+            raise PtuneError(f"{path}, line {n}: needs non-empty text fields document and summary")
+        rows.append({"document": row["document"], "summary": row["summary"], "id": str(row.get("id", n))})
     return rows
