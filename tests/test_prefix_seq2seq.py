@@ -96,7 +96,7 @@ def test_cross_prefix_equals_prepended_encoder_states(backbone):
         # the model's own cross-attention projections of E', read back from a cache it fills
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         model(encoder_outputs=BaseModelOutput(last_hidden_state=extra), decoder_input_ids=batch["labels"][:, :1],
-              past_key_values=cache, use_cache=True)
+              use_cache=True, **{kv.cache_kwarg(model): cache})
         cross = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
         m.prefixes["cross"].set_directly(kv.from_layers(cross), trainable=False)
         dec = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
@@ -105,7 +105,7 @@ def test_cross_prefix_equals_prepended_encoder_states(backbone):
         # reference: no cross prefix, E' prepended to the encoder states
         encoder = inputs["encoder_outputs"].last_hidden_state
         inputs["encoder_outputs"] = BaseModelOutput(last_hidden_state=torch.cat([extra, encoder], 1))
-        inputs["past_key_values"] = kv.encoder_decoder_cache(m._layers("decoder", 1), None)
+        inputs[kv.cache_kwarg(model)] = kv.encoder_decoder_cache(m._layers("decoder", 1), None)
         ref = model(**inputs, decoder_input_ids=dec).logits
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
@@ -197,7 +197,7 @@ def test_words_init_takes_the_models_own_keys_and_values(backbone, monkeypatch):
     model = backbone.model
     with torch.no_grad():
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        model(input_ids=ids, decoder_input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, decoder_input_ids=ids, use_cache=True, **{kv.cache_kwarg(model): cache})
     for name, part in (("decoder", cache.self_attention_cache), ("cross", cache.cross_attention_cache)):
         expected = kv.from_layers([(layer.keys, layer.values) for layer in part.layers])
         torch.testing.assert_close(m.adapter_tensors()[f"{name}_prefix"], expected)
@@ -253,6 +253,6 @@ def test_decoder_prefix_matches_peft(name):
     ids, dec = torch.tensor([ex.input_ids]), bb.model.prepare_decoder_input_ids_from_labels(labels=torch.tensor([ex.labels]))
     with torch.no_grad():
         cache = kv.encoder_decoder_cache([layers[2 * j % n] for j in range(n)], None)
-        ours = bb.model(input_ids=ids, decoder_input_ids=dec, past_key_values=cache, use_cache=False).logits
+        ours = bb.model(input_ids=ids, decoder_input_ids=dec, use_cache=False, **{kv.cache_kwarg(bb.model): cache}).logits
         theirs = pm(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits
     assert (ours - theirs).abs().max().item() <= 1e-5

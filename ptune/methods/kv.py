@@ -43,6 +43,7 @@ real tokens is unchanged (it depends on differences only).
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 
@@ -165,6 +166,14 @@ def from_layers(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor
     """Inverse of to_layers for batch 1: per layer (1, kv_heads, p, head_dim) pairs -> flat (p, width)."""
     kv = torch.stack([t[0] for pair in layers for t in pair])  # (2L, kv_heads, p, head_dim)
     return kv.permute(2, 0, 1, 3).reshape(kv.shape[2], -1).float()
+
+
+def cache_kwarg(model) -> str:
+    """The keyword that hands this model a cache: `cache` where the installed transformers has it
+    (5.24 deprecates `past_key_values` for forward and generate, to be removed in 5.40 and 6.0),
+    `past_key_values` in the 5.x releases before it. Read off the base model: heads such as
+    BertForMaskedLM name neither and pass the keyword on to it."""
+    return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
 
 
 def dynamic_cache(layers, config=None) -> DynamicCache:

@@ -78,6 +78,7 @@ class Prefix(Method):
             if projection and not (isinstance(value, int) and value >= 1) and not (key == "embed_dim" and value is None):
                 raise PtuneError(f"method.{key}={value!r} is invalid: must be an integer >= 1")
         self.stacks = kv.stacks_of(backbone)
+        self._cache = kv.cache_kwarg(backbone.model)  # the keyword that carries the prefix cache
         self.p, self.projection, self.init, self.dropout = num_virtual_tokens, projection, init, dropout
         self.mid_dim, self.embed_dim = mid_dim, embed_dim or self.dims.hidden
         self.prefixes = nn.ModuleDict(
@@ -118,8 +119,9 @@ class Prefix(Method):
         if self.backbone.kind == "seq2seq":
             return self._seq2seq_inputs(input_ids, attention_mask, input_ids.shape[0])
         name = self.stacks[0].name
-        inputs = dict(input_ids=input_ids, attention_mask=self._mask(attention_mask), use_cache=False,
-                      past_key_values=kv.dynamic_cache(self._layers(name, input_ids.shape[0]), self.backbone.model.config))
+        cache = kv.dynamic_cache(self._layers(name, input_ids.shape[0]), self.backbone.model.config)
+        inputs = {"input_ids": input_ids, "attention_mask": self._mask(attention_mask), "use_cache": False,
+                  self._cache: cache}
         pos = self._position_ids(attention_mask, self.p)
         if pos is not None:
             inputs["position_ids"] = pos
@@ -136,8 +138,8 @@ class Prefix(Method):
             input_ids=input_ids, attention_mask=attention_mask, **{kv.PREFIX_KWARG: encoder_prefix})
         cache = kv.encoder_decoder_cache(self._layers("decoder", cache_rows), self._layers("cross", cache_rows))
         # the extended mask is the decoder's cross-attention mask: [p prefix columns; encoder]
-        return dict(encoder_outputs=encoder_outputs, attention_mask=self._mask(attention_mask),
-                    past_key_values=cache, use_cache=False)
+        return {"encoder_outputs": encoder_outputs, "attention_mask": self._mask(attention_mask), self._cache: cache,
+                "use_cache": False}
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, **gen_kwargs):
@@ -156,7 +158,7 @@ class Prefix(Method):
         placeholder = input_ids.new_full((input_ids.shape[0], self.p), self.backbone.tokenizer.pad_token_id)
         cache = kv.dynamic_cache(self._layers("decoder", rows), self.backbone.model.config)
         out = self.backbone.model.generate(input_ids=torch.cat([placeholder, input_ids], dim=1),
-                                           attention_mask=self._mask(attention_mask), past_key_values=cache,
+                                           attention_mask=self._mask(attention_mask), **{self._cache: cache},
                                            **gen_kwargs)
         return out[:, self.p + input_ids.shape[1]:]
 
@@ -202,14 +204,14 @@ def word_activations(backbone, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     try:
         if backbone.kind != "seq2seq":  # decoder-only and BERT fill a cache they are handed
             cache = kv.dynamic_cache(None, model.config)
-            model.base_model(input_ids=ids, attention_mask=ones, past_key_values=cache, use_cache=True)
+            model.base_model(input_ids=ids, attention_mask=ones, use_cache=True, **{kv.cache_kwarg(model): cache})
             name = kv.stacks_of(backbone)[0].name
             return {name: kv.from_layers([(layer.keys, layer.values) for layer in cache.layers])}
         record: dict = {}
         encoder_outputs = model.get_encoder()(input_ids=ids, attention_mask=ones, **{kv.RECORD_KWARG: record})
         cache = kv.encoder_decoder_cache(None, None)
-        model(encoder_outputs=encoder_outputs, attention_mask=ones, decoder_input_ids=ids, past_key_values=cache,
-              use_cache=True)
+        model(encoder_outputs=encoder_outputs, attention_mask=ones, decoder_input_ids=ids, use_cache=True,
+              **{kv.cache_kwarg(model): cache})
         return {"encoder": kv.from_layers([record[i] for i in sorted(record)]),
                 "decoder": kv.from_layers([(l.keys, l.values) for l in cache.self_attention_cache.layers]),
                 "cross": kv.from_layers([(l.keys, l.values) for l in cache.cross_attention_cache.layers])}
