@@ -10,9 +10,10 @@ kv_heads * head_dim wide). Stacks by backbone kind:
                             decoder   self-attention of every decoder layer
                             cross     decoder cross-attention of every decoder layer
 
-How a prefix reaches the frozen model (transformers 5.23, nothing patched):
-- decoder-only and BERT self-attention: a `DynamicCache` holding the prefix, passed as
-  past_key_values. BERT's encoder hands its cache to every layer (BertSelfAttention appends to it
+How a prefix reaches the frozen model (transformers 5.x, nothing patched; the cache goes in under
+the keyword the installed version names, `cache` or `past_key_values`: `cache_kwarg`):
+- decoder-only and BERT self-attention: a `DynamicCache` holding the prefix, passed as the
+  model's cache. BERT's encoder hands its cache to every layer (BertSelfAttention appends to it
   whether or not the model is a decoder), and its mask builder reads a 2D mask of p + seq columns;
 - decoder self- and cross-attention: an `EncoderDecoderCache` whose self cache holds the decoder
   prefix and whose cross cache holds the cross prefix. EncoderDecoderCache marks every layer whose
