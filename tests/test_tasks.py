@@ -90,6 +90,11 @@ def test_lama_manual_and_learned_templates(in_tmp, data_dir):
     assert any(r["text"].endswith("was born in [MASK] .") for r in records)
     assert main(["eval", f"run={run}"]) == 0
     assert json.loads((run / "eval_dev.json").read_text())["metrics"] == ev
+    rows = in_tmp / "facts.jsonl"  # new facts: a subject and the relation's LAMA template per row
+    rows.write_text(json.dumps({"sub": "Dante", "template": "[X] was born in [Y] ."}) + "\n")
+    assert main(["predict", f"run={run}", f"input={rows}", f"output={in_tmp / 'p.jsonl'}"]) == 0
+    [pred] = [json.loads(line) for line in (in_tmp / "p.jsonl").read_text().splitlines()]
+    assert pred["sub"] == "Dante" and isinstance(pred["prediction"], str) and pred["prediction"]
     # P-tuning's learned template: 3 + 3 prompt vectors around the subject
     assert main(["train", *lama, "method=p-tuning", "method.num_virtual_tokens=6", "method.encoder=mlp",
                  "task.template='{soft:3} {sub} {soft:3} {mask} .'", "output_dir=outputs2"]) == 0
