@@ -18,6 +18,9 @@ TINY = ["task.max_train_samples=64", "task.max_eval_samples=6", "task.max_new_to
         "trainer.eval_batch_size=8",
         "task.metrics=[bleu,nist,rouge_l,cider]"]  # METEOR starts a JVM (8 s): tested in test_metrics_e2e
 
+# metrics.jsonl fields that measure time: they differ between two identical runs
+TIMING = {"tokens_per_s", "eval_time_s", "step_s"}
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TIMING, TINY
 from ptune import checkpoint, rundir
 from ptune.cli import main
 
 SUMMARY_KEYS = {"method", "model", "task", "steps", "trainable_params", "total_params", "wall_time_s",
                 "train_tokens_per_s", "peak_memory_mb", "final_train_loss", "eval", "best"}
-TIMING = {"tokens_per_s", "eval_time_s"}
 
 
 def run_dirs(root: Path) -> list[Path]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY
+from conftest import TIMING, TINY
 from ptune import checkpoint, methods
 from ptune.cli import main
 from ptune.data import collate
@@ -292,7 +292,7 @@ def test_resumed_equals_uninterrupted(in_tmp, data_dir, monkeypatch):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
     def metrics(run):
-        return [{k: v for k, v in json.loads(line).items() if k not in {"tokens_per_s", "eval_time_s"}}
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert metrics(full) == metrics(broken)
