@@ -109,3 +109,27 @@ def test_hard_prompt_with_a_verbalizer_is_zero_shot_on_bert(data_dir):
     assert method.trainable_tensors() == {}
     scores, records = task.evaluate(method, "dev", 4)
     assert set(scores) == {"accuracy"} and len(records) == 8 and "[MASK]" in records[0]["text"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=tiny-bert", "method=prompt", "method.num_virtual_tokens=3"],  # prompts before [CLS]
+    ["model=tiny-bert", "method=p-tuning-v2", "method.num_virtual_tokens=3"],
+    ["model=tiny-llama", "method=p-tuning", "method.num_virtual_tokens=2",
+     "task.template='{soft} {sentence} {soft} It was {mask}'"],
+    ["model=tiny-t5", "method=prompt", "method.num_virtual_tokens=3"],
+    ["model=tiny-bart", "method=prefix", "method.num_virtual_tokens=3"],
+])
+def test_scores_of_a_row_do_not_depend_on_its_batch(overrides):
+    backbone, method, task = setup(*overrides)
+    with torch.no_grad():
+        for p in method.parameters():  # away from the init, so that every prompt position matters
+            p.add_(torch.randn_like(p) * 0.1)
+    tok = backbone.tokenizer
+    rows = [*ROWS, {"sentence": "an utterly forgettable , overlong and joyless film", "label": 0}]
+    examples = task.examples(tok, rows)
+    with torch.no_grad():
+        together = method.head.scores(method, collate(examples, tok.pad_token_id))  # (3, 2), two rows padded
+        for i, e in enumerate(examples):
+            alone = method.head.scores(method, collate([e], tok.pad_token_id))[0]
+            torch.testing.assert_close(together[i], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(together[0], together[1])  # the rows differ: the comparison means something
