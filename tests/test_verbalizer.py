@@ -133,3 +133,25 @@ def test_scores_of_a_row_do_not_depend_on_its_batch(overrides):
             alone = method.head.scores(method, collate([e], tok.pad_token_id))[0]
             torch.testing.assert_close(together[i], alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(together[0], together[1])  # the rows differ: the comparison means something
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-bert", "tiny-t5"])
+def test_lama_scores_the_whole_vocabulary_at_the_mask(data_dir, model):
+    """VocabHead (task=lama): log-probs over every token at the mask, as the plain model gives them."""
+    backbone, method, task = build(compose(["task=lama", "task.relations=[P19]", f"model={model}", "method=hard-prompt"]))
+    tok, lm = backbone.tokenizer, backbone.model
+    row = {"sub": "Dante", "obj": "Florence", "relation": "P19", "template": "[X] was born in [Y] ."}
+    [example] = task._examples(tok, [row], [0])
+    with torch.no_grad():
+        scores = method.head.scores(method, collate([example], tok.pad_token_id))[0]  # (vocab,)
+        ids, pos = example.input_ids, example.mask_pos
+        if backbone.kind == "causal":
+            logits = lm(input_ids=torch.tensor([ids[:pos]])).logits[0, -1]
+        elif backbone.kind == "masked":
+            assert ids[pos] == tok.mask_token_id
+            logits = lm(input_ids=torch.tensor([ids])).logits[0, pos]
+        else:
+            logits = lm(input_ids=torch.tensor([ids[:pos] + ids[pos + 1:]]),
+                        decoder_input_ids=torch.tensor([[lm.config.decoder_start_token_id]])).logits[0, 0]
+    assert scores.shape == logits.shape == (lm.config.vocab_size,)  # the whole vocabulary competes
+    torch.testing.assert_close(scores, F.log_softmax(logits.float(), -1), atol=1e-4, rtol=1e-4)
