@@ -9,9 +9,10 @@ token after the template. One head covers all three, per backbone kind:
 - causal (GPT-2, Llama): the next-token distribution after the template's text up to {mask}
   (text after {mask} cannot be seen by a left-to-right model: it is dropped, and a template that
   puts a *field* after {mask} is refused for causal models, see `check_template`);
-- seq2seq (T5, BART): the encoder reads the template (the {mask} slot holds the tokenizer's mask
-  token where it has one, BART's <mask>; else it is left out, as in Lester et al.'s T5 inputs), the
-  decoder scores the label word from its start token.
+- seq2seq (T5, BART): the encoder reads the template with the tokenizer's mask token at {mask}
+  (BART's <mask>), else T5's sentinel <extra_id_0> (its span-corruption format), else nothing (as
+  Lester et al.'s T5 inputs); the decoder scores the label word after its start token, the tokens
+  ptune's seq2seq targets open with (BART's <s>) and the sentinel, if any ("<extra_id_0> word").
 An encoder without an LM head (MiniLM) cannot score words: refused (use the linear head).
 
 Multi-token label words are scored by all their pieces, teacher-forced: log P(w) = sum_j log
@@ -112,6 +113,22 @@ class SlotHead(nn.Module):
             raise PtuneError(f"model {backbone.name} sets no decoder_start_token_id, which the verbalizer's decoder "
                              f"scoring starts from; set it in the model's config")
         self.start_id = start
+        # seq2seq: what the encoder reads at {mask} and what the decoder reads before the word.
+        # Encoder: the tokenizer's mask token (BART's <mask>), else T5's first sentinel <extra_id_0>
+        # (span corruption), else nothing. Decoder: its start token, then the tokens ptune's seq2seq
+        # targets open with (BART `<s>`, as in tasks' training labels: generate.special_wrap), then
+        # the sentinel where the encoder got one (T5's targets read "<extra_id_0> word ...").
+        self.enc_slot, self.dec_prefix = [], [start]
+        if self.kind == "seq2seq":
+            from ptune.generate import special_wrap
+
+            sentinel = None
+            if self.mask_id is None:
+                sid = tok.convert_tokens_to_ids("<extra_id_0>")
+                sentinel = sid if isinstance(sid, int) and sid != tok.unk_token_id else None
+            slot = self.mask_id if self.mask_id is not None else sentinel
+            self.enc_slot = [slot] if slot is not None else []
+            self.dec_prefix = [start, *special_wrap(tok)[0], *([sentinel] if sentinel is not None else [])]
 
     # -- queries: (input row, soft row, decoder row, [(position, token, candidate)]) --------------
     def _queries(self, ids: list[int], soft: list[bool], pos: int, cands: list[tuple[int, ...]]) -> dict:
@@ -135,11 +152,11 @@ class SlotHead(nn.Module):
                     srow = soft[:pos] + [False] * k + soft[pos + 1:]
                     add(tuple(row), row, srow, None, (pos + j, cand[j], c))
             else:
-                enc = ids[:pos] + ([self.mask_id] if self.mask_id is not None else []) + ids[pos + 1:]
-                senc = soft[:pos] + ([False] if self.mask_id is not None else []) + soft[pos + 1:]
-                dec = [self.start_id] + list(cand[:-1])
+                enc = ids[:pos] + self.enc_slot + ids[pos + 1:]
+                senc = soft[:pos] + [False] * len(self.enc_slot) + soft[pos + 1:]
+                dec = self.dec_prefix + list(cand[:-1])
                 for j in range(k):
-                    add(tuple(dec), enc, senc, dec, (j, cand[j], c))
+                    add(tuple(dec), enc, senc, dec, (len(self.dec_prefix) - 1 + j, cand[j], c))
         return out
 
     def _forward(self, method, rows, softs, decs) -> torch.Tensor:

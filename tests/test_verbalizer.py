@@ -155,3 +155,25 @@ def test_lama_scores_the_whole_vocabulary_at_the_mask(data_dir, model):
                         decoder_input_ids=torch.tensor([[lm.config.decoder_start_token_id]])).logits[0, 0]
     assert scores.shape == logits.shape == (lm.config.vocab_size,)  # the whole vocabulary competes
     torch.testing.assert_close(scores, F.log_softmax(logits.float(), -1), atol=1e-4, rtol=1e-4)
+
+
+def test_seq2seq_reads_a_sentinel_at_the_mask_and_before_the_word():
+    """T5's span-corruption format: encoder "x It was <extra_id_0> .", decoder "<extra_id_0> word".
+    (The tiny models' tokenizer has no sentinel: one id stands in for it here.)"""
+    backbone, method, task = setup("model=tiny-t5", "method=hard-prompt")
+    model, tok = backbone.model, backbone.tokenizer
+    assert method.head.enc_slot == [] and method.head.dec_prefix == [model.config.decoder_start_token_id]
+    sentinel = 1234
+    method.head.enc_slot, method.head.dec_prefix = [sentinel], [model.config.decoder_start_token_id, sentinel]
+    batch = collate(task.examples(tok, ROWS[:1]), tok.pad_token_id)
+    with torch.no_grad():
+        scores = method.head.scores(method, batch)[0]
+        enc = task.template.encode(tok, ROWS[0], task.max_len, mask_id=task._mask_id)
+        x = torch.tensor([enc.ids[:enc.mask_pos] + [sentinel] + enc.ids[enc.mask_pos + 1:]])
+        expected = []
+        for word in ("terrible", "great"):
+            w = pieces(tok, word)
+            dec = torch.tensor([[model.config.decoder_start_token_id, sentinel, *w[:-1]]])
+            logp = F.log_softmax(model(input_ids=x, decoder_input_ids=dec).logits[0].float(), -1)
+            expected.append(sum(logp[1 + j, w[j]].item() for j in range(len(w))))
+    assert scores.tolist() == pytest.approx(expected, abs=1e-4)
