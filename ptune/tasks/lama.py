@@ -14,7 +14,8 @@ byte-level BPE) is not exactly one token is dropped, and evaluation reports how 
 minimises the cross-entropy of the object token over the vocabulary.
 
 Metrics: `p@1/<relation>` per relation and `p@1`, their unweighted mean (LAMA's and the P-tuning
-paper's macro average over relations). A causal model cannot read a subject placed after the
+paper's macro average over relations; a relation none of whose facts has a single-token object is
+left out of the mean). A causal model cannot read a subject placed after the
 mask ("[Y] is the capital of [X]"): such manual templates are skipped for causal models and
 counted in `n_relations_skipped`.
 
