@@ -244,10 +244,15 @@ def _job_main(spec_json: str) -> None:
 def run_job(spec: dict, in_process: bool = False) -> dict:
     """One job's result dict, or {"error": "..."}; in a fresh subprocess unless in_process (--quick)."""
     if in_process:  # quick mode: no interpreter start-up per job; peak RSS is then the process's so far
+        import logging
+
+        logging.disable(logging.INFO)
         try:
             result = JOBS[spec["tool"]](spec)
         except Exception as e:  # noqa: BLE001 - a failed job is a row, not a lost bench
             return {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            logging.disable(logging.NOTSET)  # the caller's logging as it was (tests read log lines)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return result
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -298,9 +303,6 @@ def main(argv=None) -> int:
         base["steps"] = a.steps
     if a.quick:  # one round, jobs in this process (peak RSS is then cumulative, not per job)
         a.rounds = min(a.rounds, 1)
-        import logging
-
-        logging.disable(logging.INFO)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         shared = ROOT.parent / "shared" / "data"
         if "PTUNE_DATA_DIR" not in os.environ and shared.is_dir():
