@@ -24,8 +24,10 @@ The floor: forward-only tokens/s of the same backbone on the same batches (no au
 machine's measured matmul GFLOP/s (2048 x 2048, fp32 and bf16). Each row's roofline fraction is
 its FLOP rate over the matmul peak of its precision, with FLOPs per token 4*N for a frozen
 backbone (forward 2N + backward through activations 2N) and 6*N for fine-tuning (+ weight
-gradients), N = the backbone's parameters (the tied LM head counted once); prompt tokens that
-lengthen the sequence (prompt, p-tuning) are counted as tokens too.
+gradients), N = the backbone's parameters without the input embedding table (Kaplan et al.'s
+non-embedding count: a lookup is no matmul; a tied LM head, used as a matmul only where labels
+are, is thereby left out too, so the fraction is of useful work); prompt tokens that lengthen the
+sequence (prompt, p-tuning) are counted as tokens too.
 
 Writes bench/<date>.md and bench/<date>.json (or --out PREFIX).
 """
@@ -198,6 +200,7 @@ def job_floor(spec: dict) -> dict:
     model = backbone.model.eval()
     examples = task.train_examples(backbone.tokenizer, backbone.kind)[: spec["batch_size"] * spec["steps"]]
     n_params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied matrix once
+    n_embedding = model.get_input_embeddings().weight.numel()
     bs, tokens, t = spec["batch_size"], 0, 0.0
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=spec["precision"] == "bf16"):
         for i in range(0, len(examples), bs):
@@ -206,7 +209,7 @@ def job_floor(spec: dict) -> dict:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             t += time.perf_counter() - t0
             tokens += int(batch["attention_mask"].sum())
-    return dict(forward_tokens_per_s=tokens / t, backbone_params=n_params,
+    return dict(forward_tokens_per_s=tokens / t, backbone_params=n_params, embedding_params=n_embedding,
                 mean_tokens_per_example=tokens / len(examples))
 
 
@@ -281,7 +284,7 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def roofline(row: dict, floor: dict, method: str, peak_gflops: float) -> float:
-    n = floor["backbone_params"]
+    n = floor["backbone_params"] - floor["embedding_params"]  # non-embedding parameters
     per_token = (6 if method == "fine-tune" else 4) * n
     stretch = 1 + row["extra_tokens_per_example"] / floor["mean_tokens_per_example"]
     return row["tokens_per_s"] * stretch * per_token / (peak_gflops * 1e9)
@@ -297,7 +300,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="A B pairs per method and precision")
     ap.add_argument("--loss-window", type=int, default=10)
     ap.add_argument("--out", help="output prefix (default bench/<date>)")
+    ap.add_argument("--render", metavar="JSON", help="rewrite the .md (and rooflines) of an existing report; runs nothing")
     a = ap.parse_args(argv)
+    if a.render:
+        report = json.loads(Path(a.render).read_text())
+        for row in report["rows"]:
+            for tool in ("ptune", "peft"):
+                floor = report["floor"][row["precision"]]
+                if "error" not in row[tool] and "error" not in floor:
+                    row[tool]["roofline"] = roofline(row[tool], floor, row["method"], report["matmul_gflops"][row["precision"]])
+        _write(Path(a.render).with_suffix(""), report)
+        return 0
     base = dict(CONFIGS["tiny" if a.quick else a.config])
     if a.steps:
         base["steps"] = a.steps
@@ -380,9 +393,10 @@ def markdown(report: dict) -> str:
         if "error" in floor:
             lines.append(f"Floor ({prec}): error {floor['error']}")
         else:
-            lines.append(f"Floor ({prec}): forward-only {floor['forward_tokens_per_s']:.0f} tokens/s, backbone "
-                         f"{floor['backbone_params'] / 1e6:.1f} M parameters, {floor['mean_tokens_per_example']:.1f} "
-                         f"tokens per example.")
+            lines.append(f"Floor ({prec}): forward-only {floor['forward_tokens_per_s']:.0f} tokens/s (full logits at "
+                         f"every position), backbone {floor['backbone_params'] / 1e6:.1f} M parameters of which "
+                         f"{floor['embedding_params'] / 1e6:.1f} M the input embedding, "
+                         f"{floor['mean_tokens_per_example']:.1f} tokens per example.")
     lines += ["", "| method | prec | tool | trainable | tokens/s | s/step (median) | peak RSS MB | loss | BLEU | roofline |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
