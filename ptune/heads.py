@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptune.errors import PtuneError
-from ptune.methods.base import Method, real_tokens_first
+from ptune.methods.base import Method
 
 
 def loss(method: Method, batch: dict) -> tuple[torch.Tensor, int]:
@@ -141,10 +141,8 @@ def pool(method: Method, input_ids, attention_mask) -> torch.Tensor:
     """
     model = method.backbone.model
     if method.backbone.kind == "seq2seq":
-        # The decoder reads the encoder only through cross-attention, which ignores the order of
-        # the encoder's positions; real tokens first gives BART's absolute positions the numbering
-        # an unpadded row has, whatever the method (see real_tokens_first).
-        attention_mask, input_ids = real_tokens_first(attention_mask, input_ids)
+        # Every method's model_inputs puts an encoder row's real tokens first (real_tokens_first),
+        # so a left-padded row pools as it does alone; nothing to reorder here.
         start = model.config.decoder_start_token_id
         if start is None:
             raise PtuneError(f"model {method.backbone.name} sets no decoder_start_token_id, which the linear head's "

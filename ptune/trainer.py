@@ -30,7 +30,7 @@ from ptune import checkpoint as ckpt
 from ptune.data import collate, epoch_plan, micro_batches
 from ptune.errors import PtuneError
 from ptune import heads
-from ptune.rundir import MetricsLog
+from ptune.rundir import MetricsLog, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +251,8 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
             if state.step % args.save_every == 0 or state.step == args.max_steps or stop.signal:
                 save()
             if stop.signal:
-                bar.close()
                 raise PtuneError(f"stopped by {stop.signal} at step {state.step}; a checkpoint was saved. Continue with: "
                                  f"ptune train resume={run_dir}")
-        bar.close()
     finally:
         bar.close()  # also on an error, so its line ends before the error's
         stop.restore()
@@ -301,9 +299,7 @@ def _write_predictions(run_dir: Path, split: str, records: list[dict], step: int
     out.mkdir(exist_ok=True)
     text = "".join(json.dumps(r) + "\n" for r in records)
     for name in [f"{split}.jsonl"] + ([f"{split}-step{step}.jsonl"] if step is not None else []):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+        write_text_atomic(out / name, text)
 
 
 def _fmt(scores: dict) -> str:
