@@ -45,12 +45,18 @@ def setup_logging(run_dir: Path | None, main: bool = True) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def build(cfg: DictConfig):
-    """(backbone, method, task) from a composed config."""
-    backbone = models.load(cfg.model.name, cfg.model.kind, cfg.model.source, cfg.model.get("name_or_path"),
-                           OmegaConf.to_container(cfg.model.get("tiny")) if cfg.model.get("tiny") else None,
-                           cfg.model.get("tokenizer"), seed=cfg.model.get("init_seed", 0),
-                           trust_remote_code=cfg.model.get("trust_remote_code", False))
+def build_backbone(cfg: DictConfig):
+    """The frozen backbone of a composed config (`model` group)."""
+    return models.load(cfg.model.name, cfg.model.kind, cfg.model.source, cfg.model.get("name_or_path"),
+                       OmegaConf.to_container(cfg.model.get("tiny")) if cfg.model.get("tiny") else None,
+                       cfg.model.get("tokenizer"), seed=cfg.model.get("init_seed", 0),
+                       trust_remote_code=cfg.model.get("trust_remote_code", False))
+
+
+def build(cfg: DictConfig, backbone=None):
+    """(backbone, method, task) from a composed config. A given backbone (built from the same
+    `model` config) is used instead of loading one: several runs then share it (ptune.multi)."""
+    backbone = backbone if backbone is not None else build_backbone(cfg)
     task = tasks.build(cfg.task.name, **task_kwargs(cfg))
     kwargs = method_kwargs(cfg)
     if kwargs.get("init") == "labels":  # prompt tuning's class-label init embeds the task's label words
@@ -203,8 +209,8 @@ def load_run(run: str | Path) -> tuple[Path, DictConfig]:
     return run_dir, OmegaConf.load(run_dir / "config.yaml")
 
 
-def _load_for_inference(run_dir: Path, cfg: DictConfig, which: str = "adapter"):
-    backbone, method, task = build(cfg)
+def _load_for_inference(run_dir: Path, cfg: DictConfig, which: str = "adapter", backbone=None):
+    backbone, method, task = build(cfg, backbone)
     adapter = run_dir / which
     if not (adapter / "adapter_model.safetensors").exists():
         raise PtuneError(f"{adapter} has no adapter_model.safetensors; the run has not finished (resume it first)")

@@ -1,0 +1,238 @@
+"""One forward pass for rows that belong to different adapters on one frozen backbone.
+
+Every row r of a batch names an adapter a(r) (an index into a list of loaded prompt-style methods
+that share one `Backbone`). What each kind of adapter puts in front of the row's tokens:
+
+    prompt, p-tuning     p_a soft embeddings before the tokens (input side)
+    prefix, p-tuning-v2  p_a keys/values per layer in front of the attention (cache side)
+    hard-prompt          nothing (its words are in the task's template)
+
+The batch holds one slot block per side, as wide as the longest adapter of that side:
+
+    cache slots (Pk)              input slots (Pp)            tokens (S, left- or right-padded)
+    [ 0 0 0 | k_b k_b k_b k_b ]   [ 0 0 | P_a P_a P_a ]       [ pad pad x1 x2 x3 ]
+
+A row's own prompt or prefix sits at the right end of its block; every slot it does not use is
+masked (attention_mask 0), and so is the other side's block. Positions are the ones the row gets
+alone (`Method._position_ids` and Prompt.model_inputs): prompt slots 0..p_a-1, real tokens
+numbered from the row's own p_a (prompt or prefix length), skipping pads; masked slots get
+position 1, never read. Prefix keys/values carry no position (they are stored as the attention
+reads them, as in kv.py). So each row attends to exactly the keys it attends to alone, with the
+same positions, and its outputs equal the single-adapter ones up to float summation order
+(tests/test_multi.py: logits within 1e-5, generated text equal). Fully masked queries (the
+masked slots of a causal row) are the slots nobody reads; sdpa returns zeros for them (torch's
+safe softmax) and eager attention a finite average, so they never reach a real row.
+
+Backbones: causal (GPT-2, Llama) and masked/encoder (BERT, MiniLM). Encoder-decoders take their
+prefixes through the encoder's attention function and the decoder cache (kv.py); mixing those is
+not built: `check_kind` refuses, and `ptune.multi.Pool` runs seq2seq adapters one at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ptune.errors import PtuneError
+from ptune.methods import kv
+
+MIXED_KINDS = ("causal", "masked", "encoder")
+PROMPT_METHODS = ("prompt", "p-tuning")  # soft embeddings on the input side
+PREFIX_METHODS = ("prefix", "p-tuning-v2")  # keys/values on the cache side
+PLAIN_METHODS = ("hard-prompt",)  # nothing of their own
+
+
+def check_kind(backbone) -> None:
+    if backbone.kind not in MIXED_KINDS:
+        raise PtuneError(f"mixed-adapter batches support causal and encoder models; model={backbone.name} is "
+                         f"{backbone.kind} (its adapters run one at a time)")
+
+
+def side_of(method) -> str:
+    """'prompt', 'prefix' or 'plain': where the method's tensors enter the backbone."""
+    if method.name in PROMPT_METHODS:
+        return "prompt"
+    if method.name in PREFIX_METHODS:
+        return "prefix"
+    if method.name in PLAIN_METHODS:
+        return "plain"
+    raise PtuneError(f"method={method.name} cannot share a frozen backbone with other adapters (fine-tune changes its "
+                     f"weights); serve prompt, p-tuning, prefix, p-tuning-v2 or hard-prompt runs")
+
+
+@torch.no_grad()
+def prompt_tensor(method) -> torch.Tensor:
+    """(p, hidden) float32: the soft prompt a prompt or p-tuning method prepends."""
+    return method.prompt_embeddings() if method.name == "p-tuning" else method.prompt
+
+
+@dataclass
+class Mixed:
+    """Backbone kwargs for a mixed batch and where its tokens start.
+
+    inputs: inputs_embeds (batch, Pp + S, hidden), attention_mask (batch, Pk + Pp + S),
+    position_ids (batch, Pp + S) where the model takes them, the prefix cache when Pk > 0.
+    n_slots: Pp, the input slots before the tokens (hidden states [:, n_slots:] are the tokens').
+    token_positions: (batch, S), the position of every token (what a next token continues from).
+    """
+
+    inputs: dict
+    n_slots: int
+    token_positions: torch.Tensor
+
+
+@torch.no_grad()
+def mixed_inputs(methods: list, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 adapter_ids: torch.Tensor) -> Mixed:
+    """Build the mixed batch. methods: loaded methods on one backbone; input_ids, attention_mask:
+    (batch, S); adapter_ids: (batch,) long, row r belongs to methods[adapter_ids[r]]."""
+    backbone = methods[0].backbone
+    model = backbone.model
+    device = input_ids.device
+    batch = input_ids.shape[0]
+    sides = [side_of(m) for m in methods]
+    used = sorted(set(adapter_ids.tolist()))
+    p_of = torch.tensor([getattr(m, "p", 0) if s != "plain" else 0 for m, s in zip(methods, sides)], device=device)
+    n_before = p_of[adapter_ids]  # (batch,): each row's own prompt or prefix length
+    pp = max([int(p_of[a]) for a in used if sides[a] == "prompt"], default=0)
+    pk = max([int(p_of[a]) for a in used if sides[a] == "prefix"], default=0)
+
+    embeds = model.get_input_embeddings()(input_ids)  # (batch, S, hidden)
+    slots = embeds.new_zeros(batch, pp, embeds.shape[-1])  # (batch, Pp, hidden)
+    slot_mask = attention_mask.new_zeros(batch, pp)
+    slot_pos = torch.ones(batch, pp, dtype=torch.long, device=device)
+    cache_mask = attention_mask.new_zeros(batch, pk)
+    layers = None
+    if pk:
+        stack = kv.stacks_of(backbone)[0]
+        layers = [(embeds.new_zeros(batch, stack.kv_heads, pk, stack.head_dim),
+                   embeds.new_zeros(batch, stack.kv_heads, pk, stack.head_dim)) for _ in range(stack.n_layers)]
+    for a in used:
+        rows = (adapter_ids == a).nonzero().squeeze(1)  # (n_a,)
+        p = int(p_of[a])
+        if not p:
+            continue
+        if sides[a] == "prompt":
+            slots[rows, pp - p:] = prompt_tensor(methods[a]).to(embeds.dtype)
+            slot_mask[rows, pp - p:] = 1
+            slot_pos[rows, pp - p:] = torch.arange(p, device=device)
+        else:
+            flat = methods[a].prefixes[stack.name].flat()  # (p, width)
+            for (keys, values), (k, v) in zip(layers, kv.to_layers(flat, stack, 1, embeds.dtype)):
+                keys[rows, :, pk - p:] = k[0]  # (kv_heads, p, head_dim) into every row of adapter a
+                values[rows, :, pk - p:] = v[0]
+            cache_mask[rows, pk - p:] = 1
+
+    token_pos = (attention_mask.long().cumsum(-1) - 1 + n_before.unsqueeze(1)).masked_fill(attention_mask == 0, 1)
+    inputs = {"inputs_embeds": torch.cat([slots, embeds], dim=1),
+              "attention_mask": torch.cat([cache_mask, slot_mask, attention_mask], dim=1), "use_cache": False}
+    if methods[0]._takes_position_ids:
+        inputs["position_ids"] = torch.cat([slot_pos, token_pos], dim=1)
+    if layers is not None:
+        inputs[kv.cache_kwarg(model)] = kv.dynamic_cache(layers, model.config)
+    return Mixed(inputs, pp, token_pos)
+
+
+@torch.no_grad()
+def token_states(methods, input_ids, attention_mask, adapter_ids) -> torch.Tensor:
+    """The backbone's last hidden states at the token positions, (batch, S, hidden)."""
+    mixed = mixed_inputs(methods, input_ids, attention_mask, adapter_ids)
+    return methods[0].backbone.model.base_model(**mixed.inputs).last_hidden_state[:, mixed.n_slots:]
+
+
+@torch.no_grad()
+def token_logits(methods, input_ids, attention_mask, adapter_ids) -> torch.Tensor:
+    """The LM's own logits at the token positions, (batch, S, vocab) (a masked LM's MLM head)."""
+    mixed = mixed_inputs(methods, input_ids, attention_mask, adapter_ids)
+    return methods[0].backbone.model(**mixed.inputs).logits[:, mixed.n_slots:]
+
+
+# -- heads ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def pooled(methods, input_ids, attention_mask, adapter_ids) -> torch.Tensor:
+    """(batch, hidden): what `heads.pool` reads per row (causal: last real token; encoder: [CLS])."""
+    hidden = token_states(methods, input_ids, attention_mask, adapter_ids)
+    if methods[0].backbone.kind == "causal":
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        index = (positions * attention_mask).argmax(-1)
+    else:
+        index = attention_mask.argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+@torch.no_grad()
+def slot_log_probs(methods, queries: list[tuple[int, list[int], int, list]]) -> list[torch.Tensor]:
+    """Log-probabilities of verbalizer targets, all queries in one forward.
+
+    queries: (adapter index, token row, pad id, targets) with targets [(position, token, candidate)]
+    as `SlotHead._queries` builds them (causal or masked kinds). Returns per query a (n_targets,)
+    tensor of log P(token at position). Rows are right-padded, as SlotHead._forward pads them.
+    """
+    device = next(methods[0].backbone.model.parameters()).device
+    width = max(len(q[1]) for q in queries)
+    ids = torch.full((len(queries), width), queries[0][2], dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (_, row, _, _) in enumerate(queries):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    adapters = torch.tensor([q[0] for q in queries], device=device)
+    ids, mask = ids.to(device), mask.to(device)
+    qi = torch.tensor([n for n, q in enumerate(queries) for _ in q[3]], device=device)
+    pi = torch.tensor([t[0] for q in queries for t in q[3]], device=device)
+    tok = torch.tensor([t[1] for q in queries for t in q[3]], device=device)
+    if methods[0].backbone.kind == "causal":  # project only the read positions, as SlotHead does
+        states = token_states(methods, ids, mask, adapters)
+        selected = methods[0].backbone.model.get_output_embeddings()(states[qi, pi])  # (n_targets, vocab)
+    else:
+        selected = token_logits(methods, ids, mask, adapters)[qi, pi]
+    picked = F.log_softmax(selected.float(), dim=-1)[torch.arange(len(tok), device=device), tok]
+    return list(picked.split([len(q[3]) for q in queries]))
+
+
+# -- greedy generation ---------------------------------------------------------------------------
+@torch.no_grad()
+def greedy(methods, input_ids, attention_mask, adapter_ids, max_new_tokens: list[int],
+           stop_ids: list[int], pad_id: int) -> list[list[int]]:
+    """Greedy decoding of a mixed batch on a causal backbone; new token ids per row, each ending at
+    (and including) its first stop id or after its own max_new_tokens.
+
+    input_ids, attention_mask: (batch, S), LEFT-padded so that every row's next token follows its
+    last column. The first forward fills a cache behind the prefix slots; each step then feeds one
+    token per row at its own next position (the last token's + 1), as transformers' generate() does
+    for a row alone (its position ids come from the attention mask; `Prompt.generate` passes them).
+    """
+    from transformers import DynamicCache
+
+    backbone = methods[0].backbone
+    model = backbone.model
+    if backbone.kind != "causal":
+        raise PtuneError(f"model {backbone.name} ({backbone.kind}) does not generate; use a causal model")
+    mixed = mixed_inputs(methods, input_ids, attention_mask, adapter_ids)
+    inputs = dict(mixed.inputs, use_cache=True)
+    key = kv.cache_kwarg(model)
+    inputs.setdefault(key, DynamicCache(config=model.config))
+    cache, mask = inputs[key], inputs["attention_mask"]
+    position = mixed.token_positions[:, -1:]  # (batch, 1)
+    hidden = model.base_model(**inputs).last_hidden_state[:, -1]  # (batch, hidden)
+    batch = input_ids.shape[0]
+    limits = torch.tensor(max_new_tokens, device=input_ids.device)
+    stops = torch.tensor(stop_ids, device=input_ids.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    for step in range(max(max_new_tokens)):
+        token = model.get_output_embeddings()(hidden).argmax(-1)  # (batch,)
+        for r in (~done).nonzero().squeeze(1).tolist():
+            out[r].append(int(token[r]))
+        done |= torch.isin(token, stops) | (limits <= step + 1)
+        if bool(done.all()):
+            break
+        token = token.masked_fill(done, pad_id).unsqueeze(1)  # finished rows keep feeding pads (not read)
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        position = position + 1
+        step_inputs = {"input_ids": token, "attention_mask": mask, "use_cache": True, key: cache}
+        if "position_ids" in inputs:
+            step_inputs["position_ids"] = position
+        hidden = model.base_model(**step_inputs).last_hidden_state[:, -1]
+    return out

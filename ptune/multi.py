@@ -1,0 +1,325 @@
+"""Several adapters on one frozen backbone: load K runs, answer rows of different tasks together.
+
+    pool = Pool.load({"sst2": "outputs/a", "e2e": "outputs/b"})   # or Pool.load(["outputs/a", ...])
+    pool.predict([{"adapter": "sst2", "sentence": "great"}, {"adapter": "e2e", "mr": "name[X]"}])
+        -> ["positive", "X is a ..."]                               # one answer per row, in order
+
+`Pool.load` reads every run's config.yaml, checks that all use the same backbone (the whole
+`model` config) and a method that leaves it untouched (prompt, p-tuning, prefix, p-tuning-v2,
+hard-prompt), builds the backbone ONCE and each run's method, task and head on it (methods keep
+the backbone outside their module tree, `method._backbone`, so K methods share one copy), and
+loads each adapter. Rows then go through `ptune.mixed`: one forward per batch whatever the mix of
+adapters, each row with its own prompt or prefix, with the outputs it gets alone.
+
+What a row's adapter answers with (its task's head, as `ptune predict` with that run alone):
+- classification, linear head: the label of its own head's logits over the pooled state;
+- classification, verbalizer head: the label whose words score best at the template's {mask};
+- generation (e2e, xsum, custom generation; causal models): greedy decoding, one line of text,
+  up to the task's max_new_tokens, all generation rows of a batch decoded together.
+
+The pieces under `predict` are public for callers that need scores, not labels (prompt
+ensembles, the serving benchmark): `encode` (rows -> token rows with their adapter index),
+`class_scores` (per row its own head's (n_classes,) scores), `generate` (per row its text), and
+`alone(name)` -> (method, task) to run one adapter by itself (`task.predict(method, rows, b)`).
+
+Not supported: seq2seq backbones (T5, BART) are served adapter by adapter (rows grouped by
+adapter, one forward per group; `class_scores` and `generate` refuse them); p-tuning with {soft}
+slots inside its template; beam search (greedy only); LAMA's vocabulary head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ptune import mixed
+from ptune.errors import PtuneError
+
+GENERATION_TASKS = ("e2e", "xsum", "custom")
+ADAPTER_FIELD = "adapter"
+
+
+@dataclass
+class Adapter:
+    """One loaded run: its method (on the pool's backbone), task and what it answers with."""
+
+    name: str
+    method: object
+    task: object
+    run_dir: Path | None = None
+
+    @property
+    def head(self) -> str:
+        """'linear', 'verbalizer' or 'lm' (generation)."""
+        return getattr(self.task, "head", "lm")
+
+    def info(self) -> dict:
+        """JSON-able description (GET /adapters)."""
+        out = {"name": self.name, "method": self.method.name, "task": self.task.name, "head": self.head,
+               "prompt_length": getattr(self.method, "p", 0), "run": str(self.run_dir) if self.run_dir else None}
+        if self.head != "lm":
+            out["labels"] = list(self.task.labels)
+            out["fields"] = list(self.task.template.fields)
+        else:
+            out["fields"] = _generation_fields(self.task)
+        return out
+
+
+def parse_runs(spec: str) -> dict[str, str]:
+    """`a,b` or `sst2:outputs/a,e2e:outputs/b` -> {alias: run dir}; the default alias is the dir's name."""
+    out: dict[str, str] = {}
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        alias, sep, path = item.partition(":")
+        if not sep:
+            alias, path = Path(item).name, item
+        if not alias or not path:
+            raise PtuneError(f"run={spec!r}: write run=<dir>[,<dir>...] or run=<name>:<dir>[,<name>:<dir>...]")
+        if alias in out:
+            raise PtuneError(f"run={spec!r} names the adapter {alias!r} twice; give each run its own name: "
+                             f"run={alias}:<dir>,other:<dir>")
+        out[alias] = path
+    if not out:
+        raise PtuneError("run= is empty; give at least one run directory")
+    return out
+
+
+class Pool:
+    """Adapters by name on one shared Backbone (see the module docstring)."""
+
+    def __init__(self, backbone, adapters: dict[str, Adapter]):
+        self.backbone = backbone
+        self.adapters = dict(adapters)
+        self.names = list(self.adapters)
+        self._methods = [a.method for a in self.adapters.values()]
+        for a in self.adapters.values():
+            if a.method.backbone is not backbone:
+                raise PtuneError(f"adapter {a.name!r} is built on another backbone object; build every method on "
+                                 f"the pool's one backbone")
+            mixed.side_of(a.method)
+            _check_task(a)
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, runs, which: str = "adapter") -> Pool:
+        """runs: {name: run dir} or [run dir, ...] (named by the directory's name)."""
+        from ptune.train import _load_for_inference, build_backbone, load_run, setup_logging
+
+        if not isinstance(runs, dict):
+            runs = {Path(r).name: r for r in runs}
+        if not runs:
+            raise PtuneError("no runs to load; give at least one run directory")
+        setup_logging(None)
+        configs = {name: load_run(path) for name, path in runs.items()}
+        first = next(iter(configs))
+        model = OmegaConf.to_container(configs[first][1].model, resolve=True)
+        for name, (run_dir, cfg) in configs.items():
+            other = OmegaConf.to_container(cfg.model, resolve=True)
+            if other != model:
+                key = next(k for k in sorted(set(model) | set(other)) if model.get(k) != other.get(k))
+                raise PtuneError(f"runs must share one backbone: {run_dir} has model.{key}={other.get(key)!r}, "
+                                 f"{configs[first][0]} has {model.get(key)!r}")
+            if cfg.method.name not in mixed.PROMPT_METHODS + mixed.PREFIX_METHODS + mixed.PLAIN_METHODS:
+                raise PtuneError(f"{run_dir} is a method={cfg.method.name} run, which changes the backbone's weights; "
+                                 f"several runs share one backbone only with prompt, p-tuning, prefix, p-tuning-v2 "
+                                 f"or hard-prompt")
+        backbone = build_backbone(configs[first][1])
+        adapters = {}
+        for name, (run_dir, cfg) in configs.items():
+            _, method, task = _load_for_inference(run_dir, cfg, which, backbone=backbone)
+            adapters[name] = Adapter(name, method, task, run_dir)
+        return cls(backbone, adapters)
+
+    def info(self) -> list[dict]:
+        return [a.info() for a in self.adapters.values()]
+
+    def alone(self, name: str):
+        """(method, task) of one adapter, to run it by itself: task.predict(method, rows, batch_size)."""
+        return self.adapters[name].method, self.adapters[name].task
+
+    def index(self, name) -> int:
+        if name not in self.adapters:
+            raise PtuneError(f"unknown adapter {name!r}; this pool serves: {', '.join(self.names)}")
+        return self.names.index(name)
+
+    # -- encoding ------------------------------------------------------------------------------
+    def check(self, inputs: list[dict]) -> None:
+        """One PtuneError line for the first row without a known adapter or without its task's fields."""
+        for i, row in enumerate(inputs):
+            if not isinstance(row, dict):
+                raise PtuneError(f"input {i} is not an object of named fields")
+            name = row.get(ADAPTER_FIELD, self.names[0] if len(self.names) == 1 else None)
+            if name is None:
+                raise PtuneError(f"input {i} names no adapter; add \"adapter\": one of {', '.join(self.names)}")
+            a = self.adapters[self.names[self.index(name)]]
+            fields = a.info()["fields"]
+            missing = [f for f in fields if not isinstance(row.get(f), str)]
+            if missing:
+                raise PtuneError(f"input {i} (adapter {name!r}, task {a.task.name}) needs a text field {missing[0]!r}")
+
+    def _adapter_of(self, row: dict) -> Adapter:
+        return self.adapters[row.get(ADAPTER_FIELD, self.names[0])]
+
+    def encode(self, inputs: list[dict]) -> list[dict]:
+        """Per row: {"adapter": index, "ids": token ids, "mask_pos": index of {mask} or None}, as the
+        row's task encodes it alone (template and truncation for classification, the source for generation)."""
+        self.check(inputs)
+        tok = self.backbone.tokenizer
+        out = []
+        for row in inputs:
+            a = self._adapter_of(row)
+            if a.head == "lm":
+                ids, pos = _generation_sources(a.task, tok, self.backbone.kind, row), None
+            else:
+                e = a.task.examples(tok, [{**row, "label": 0}])[0]
+                ids, pos = e.input_ids, e.mask_pos
+            out.append({"adapter": self.index(a.name), "ids": ids, "mask_pos": pos})
+        return out
+
+    # -- one forward for a mixed batch ---------------------------------------------------------
+    def class_scores(self, inputs: list[dict]) -> list[torch.Tensor]:
+        """Per classification row, its own head's scores (n_classes,): linear logits, or the
+        verbalizer's log P(label words | x) (logsumexp over a class's words); all rows in one forward
+        per head kind (linear rows one, verbalizer queries one)."""
+        mixed.check_kind(self.backbone)
+        encoded = self.encode(inputs)
+        out: list = [None] * len(inputs)
+        linear = [i for i, e in enumerate(encoded) if self._head(e) == "linear"]
+        slot = [i for i, e in enumerate(encoded) if self._head(e) == "verbalizer"]
+        gen = [i for i, e in enumerate(encoded) if self._head(e) == "lm"]
+        if gen:
+            raise PtuneError(f"input {gen[0]} belongs to a generation adapter; class_scores takes classification rows")
+        if linear:
+            for i, s in zip(linear, self._linear([encoded[i] for i in linear])):
+                out[i] = s
+        if slot:
+            for i, s in zip(slot, self._verbalizer([encoded[i] for i in slot])):
+                out[i] = s
+        return out
+
+    def _head(self, e: dict) -> str:
+        return self.adapters[self.names[e["adapter"]]].head
+
+    def _batch(self, encoded: list[dict], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask (batch, S) padded on `side`, adapter ids (batch,)."""
+        from ptune.data import Example, collate
+
+        batch = collate([Example(e["ids"], e["ids"]) for e in encoded], self.backbone.tokenizer.pad_token_id,
+                        padding_side=side)
+        device = next(self.backbone.model.parameters()).device
+        adapters = torch.tensor([e["adapter"] for e in encoded], device=device)
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device), adapters
+
+    def _linear(self, encoded: list[dict]) -> list[torch.Tensor]:
+        ids, mask, adapters = self._batch(encoded, "right")
+        pooled = mixed.pooled(self._methods, ids, mask, adapters)  # (batch, hidden)
+        out = []
+        with torch.no_grad():
+            for r, e in enumerate(encoded):
+                head = self._methods[e["adapter"]].head
+                head.eval()  # no dropout at inference
+                out.append(head(pooled[r:r + 1])[0])
+        return out
+
+    def _verbalizer(self, encoded: list[dict]) -> list[torch.Tensor]:
+        queries, owners = [], []  # one forward for every query of every row
+        for r, e in enumerate(encoded):
+            head = self._methods[e["adapter"]].head
+            ids = e["ids"]
+            for q in head._queries(ids, [False] * len(ids), e["mask_pos"], head.cands).values():
+                queries.append((e["adapter"], q[0], head.pad_id, q[3]))
+                owners.append(r)
+        logp = mixed.slot_log_probs(self._methods, queries)
+        out = []
+        for r, e in enumerate(encoded):
+            head = self._methods[e["adapter"]].head
+            word = torch.zeros(len(head.cands))
+            for (_, _, _, targets), lp, owner in zip(queries, logp, owners):
+                if owner == r:
+                    for (_, _, c), v in zip(targets, lp.cpu()):
+                        word[c] += v  # log P(word) = sum of its pieces' log-probs
+            out.append(torch.stack([torch.logsumexp(word[ix], 0) for ix in head.class_cands]))
+        return out
+
+    def generate(self, inputs: list[dict]) -> list[str]:
+        """Per generation row, one line of greedy text (as generate.generate_from_ids decodes it)."""
+        from ptune.generate import _newline_ids
+
+        mixed.check_kind(self.backbone)
+        encoded = self.encode(inputs)
+        for i, e in enumerate(encoded):
+            if self._head(e) != "lm":
+                raise PtuneError(f"input {i} belongs to a classification adapter; generate takes generation rows")
+        tok = self.backbone.tokenizer
+        ids, mask, adapters = self._batch(encoded, "left")
+        limits = [self.adapters[self.names[e["adapter"]]].task.max_new_tokens for e in encoded]
+        new = mixed.greedy(self._methods, ids, mask, adapters, limits, [tok.eos_token_id] + _newline_ids(tok),
+                           tok.pad_token_id)
+        return [tok.decode(n, skip_special_tokens=True).split("\n")[0].strip() for n in new]
+
+    # -- answers -------------------------------------------------------------------------------
+    def predict(self, inputs: list[dict], batch_size: int = 16) -> list[str]:
+        """One answer per row (a label name or a generated line), in order. Rows of any mix of
+        adapters are batched together, batch_size rows per forward (classification and generation
+        rows in separate batches); on a seq2seq backbone, adapter by adapter."""
+        self.check(inputs)
+        out: list = [None] * len(inputs)
+        if self.backbone.kind not in mixed.MIXED_KINDS:
+            for name, a in self.adapters.items():
+                idx = [i for i, r in enumerate(inputs) if r.get(ADAPTER_FIELD, self.names[0]) == name]
+                if idx:
+                    rows = [{k: v for k, v in inputs[i].items() if k != ADAPTER_FIELD} for i in idx]
+                    for i, p in zip(idx, a.task.predict(a.method, rows, batch_size)):
+                        out[i] = p
+            return out
+        gen = [i for i, r in enumerate(inputs) if self._adapter_of(r).head == "lm"]
+        cls_ = [i for i, r in enumerate(inputs) if self._adapter_of(r).head != "lm"]
+        for idx in _chunks(cls_, batch_size):
+            for i, s in zip(idx, self.class_scores([inputs[i] for i in idx])):
+                out[i] = self._adapter_of(inputs[i]).task.labels[int(s.argmax())]
+        for idx in _chunks(gen, batch_size):
+            for i, text in zip(idx, self.generate([inputs[i] for i in idx])):
+                out[i] = text
+        return out
+
+
+def _chunks(idx: list[int], size: int) -> list[list[int]]:
+    return [idx[s:s + size] for s in range(0, len(idx), size)]
+
+
+def _check_task(a: Adapter) -> None:
+    head = a.head
+    if head == "lm" and a.task.name not in GENERATION_TASKS:
+        raise PtuneError(f"adapter {a.name!r}: task {a.task.name} is not served by several-run predict (served: "
+                         f"classification with a linear or verbalizer head, and {', '.join(GENERATION_TASKS)}); "
+                         f"run it alone with ptune predict run=<dir>")
+    if head == "lm" and getattr(a.task, "num_beams", 1) != 1:
+        raise PtuneError(f"adapter {a.name!r} decodes with beam search (task.decoding=beam); several-run predict "
+                         f"decodes greedily: retrain or evaluate it with task.decoding=greedy")
+    if head not in ("lm", "linear", "verbalizer"):
+        raise PtuneError(f"adapter {a.name!r}: task.head={head} is not served by several-run predict; run it alone")
+    if getattr(a.task, "keep_soft", False):
+        raise PtuneError(f"adapter {a.name!r}: p-tuning with {{soft}} slots inside the template is not served by "
+                         f"several-run predict; run it alone with ptune predict run=<dir>")
+
+
+def _generation_fields(task) -> list[str]:
+    if task.name == "e2e":
+        return ["mr"]
+    if task.name == "xsum":
+        return ["document"]
+    return list(getattr(task, "fields", ()))
+
+
+def _generation_sources(task, tokenizer, kind: str, row: dict) -> list[int]:
+    """The token ids a generation task's predict() feeds the model for one row (a little honest
+    duplication of each task's predict, which encodes and generates in one call)."""
+    from ptune.generate import encode_sources
+
+    if task.name == "e2e":
+        return encode_sources(tokenizer, [task.source(row["mr"])], task.max_source_len, kind)[0]
+    if task.name == "xsum":
+        return task.sources(tokenizer, [row["document"]], kind)[0]
+    return encode_sources(tokenizer, [task.template.render(row)], task.max_len, kind)[0]

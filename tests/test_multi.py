@@ -1,0 +1,214 @@
+"""Mixed-adapter batches (ptune.multi, ptune.mixed): every row of a batch that mixes methods,
+prompt lengths and tasks gets what its adapter gives alone. Adapters are built in-process on tiny
+models with random tensors (scaled up so that adapters really differ); run directories are written
+directly (config.yaml + adapter/), as a finished run leaves them, without training."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ptune import checkpoint as ckpt
+from ptune import mixed
+from ptune.cli import compose, main
+from ptune.data import collate
+from ptune.errors import PtuneError
+from ptune.heads import class_logits
+from ptune.multi import Adapter, Pool, parse_runs
+from ptune.train import adapter_tensors, build, build_backbone
+from ptune.verbalizer import slot_scores
+
+# name -> overrides: different methods, prompt lengths (2..6), heads and tasks on one backbone
+CAUSAL = {
+    "lin": ["method=prompt", "method.num_virtual_tokens=3", "task=sst2"],
+    "v2": ["method=p-tuning-v2", "method.num_virtual_tokens=2", "task=sst2"],
+    "pt": ["method=p-tuning", "method.num_virtual_tokens=2", "task=sst2"],
+    "verb_prefix": ["method=prefix", "method.num_virtual_tokens=5", "task=sst2", "task.head=verbalizer"],
+    "verb_prompt": ["method=prompt", "method.num_virtual_tokens=4", "task=sst2", "task.head=verbalizer"],
+    "gen_prompt": ["method=prompt", "method.num_virtual_tokens=4", "task=e2e", "task.max_new_tokens=8"],
+    "gen_prefix": ["method=prefix", "method.num_virtual_tokens=6", "task=e2e", "task.max_new_tokens=6"],
+}
+ENCODER = {
+    "lin": ["method=prompt", "method.num_virtual_tokens=3", "task=sst2"],
+    "v2": ["method=p-tuning-v2", "method.num_virtual_tokens=5", "task=sst2"],
+    "verb_prefix": ["method=prefix", "method.num_virtual_tokens=2", "task=sst2", "task.head=verbalizer"],
+    "verb_prompt": ["method=prompt", "method.num_virtual_tokens=4", "task=sst2", "task.head=verbalizer"],
+}
+SENTENCES = ["a fine movie", "dull , long and the most boring film ever made", "wow", "not good at all, really not"]
+MRS = ["name[The Eagle], food[French], area[riverside]", "name[X]", "name[Blue Spice], eatType[pub]"]
+
+
+def _config(model: str, overrides: list[str]):
+    return compose([f"model={model}", *overrides])
+
+
+def _randomize(method, seed: int) -> None:
+    """Adapter tensors of a trained size: N(0, 1) (a fresh head draws N(0, 0.02), which hides mistakes)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+
+
+def build_pool(model: str, specs: dict) -> Pool:
+    backbone, adapters = None, {}
+    for i, (name, overrides) in enumerate(specs.items()):
+        cfg = _config(model, overrides)
+        backbone = backbone or build_backbone(cfg)
+        _, method, task = build(cfg, backbone)
+        _randomize(method, i)
+        adapters[name] = Adapter(name, method, task)
+    return Pool(backbone, adapters)
+
+
+@pytest.fixture(scope="module")
+def causal(data_dir):
+    return build_pool("tiny-llama", CAUSAL)
+
+
+@pytest.fixture(scope="module")
+def encoder(data_dir):
+    return build_pool("tiny-bert", ENCODER)
+
+
+def alone_scores(pool: Pool, row: dict) -> torch.Tensor:
+    """The row's class scores from its adapter alone, batch of one (the eval/predict path)."""
+    method, task = pool.alone(row["adapter"])
+    tok = pool.backbone.tokenizer
+    batch = collate(task.examples(tok, [{**row, "label": 0}]), tok.pad_token_id)
+    with torch.no_grad():
+        if task.head == "verbalizer":
+            return slot_scores(method, batch)[0]
+        return class_logits(method, batch["input_ids"], batch["attention_mask"])[0]
+
+
+def _class_rows(names):
+    return [{"adapter": names[i % len(names)], "sentence": s} for i, s in enumerate(SENTENCES * 2)]
+
+
+@pytest.mark.parametrize("which", ["causal", "encoder"])
+def test_class_rows_of_a_mixed_batch_equal_each_adapter_alone(which, request):
+    pool = request.getfixturevalue(which)
+    names = [n for n in pool.names if pool.adapters[n].head != "lm"]
+    rows = _class_rows(names)  # every adapter with sentences of several lengths (right padding)
+    mixed_scores = pool.class_scores(rows)
+    for row, got in zip(rows, mixed_scores):
+        torch.testing.assert_close(got, alone_scores(pool, row), atol=1e-5, rtol=0)
+    # the adapters really differ: one sentence through two linear-head adapters scores differently
+    a, b = pool.class_scores([{"adapter": "lin", "sentence": "wow"}, {"adapter": "v2", "sentence": "wow"}])
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_rows_are_the_same_whatever_else_is_in_the_batch(causal):
+    row = {"adapter": "verb_prefix", "sentence": "a fine movie"}
+    alone = causal.class_scores([row])[0]
+    crowd = causal.class_scores([{"adapter": "verb_prompt", "sentence": SENTENCES[1]}, row,
+                                 {"adapter": "verb_prompt", "sentence": "wow"}])[1]
+    torch.testing.assert_close(crowd, alone, atol=1e-5, rtol=0)
+
+
+def test_generation_rows_equal_each_adapter_alone(causal):
+    rows = [{"adapter": name, "mr": mr} for mr in MRS for name in ("gen_prompt", "gen_prefix")]
+    texts = causal.generate(rows)  # left-padded: the MRs differ in length
+    for row, text in zip(rows, texts):
+        method, task = causal.alone(row["adapter"])
+        assert text == task.predict(method, [{"mr": row["mr"]}], 1)[0]
+    # token ids, without stopping early: the mixed greedy loop against transformers' generate()
+    encoded = causal.encode(rows)
+    ids, mask, adapters = causal._batch(encoded, "left")
+    eos = causal.backbone.tokenizer.eos_token_id
+    new = mixed.greedy(causal._methods, ids, mask, adapters, [7] * len(rows), [eos], eos)
+    for e, got in zip(encoded, new):
+        method = causal._methods[e["adapter"]]
+        one = torch.tensor([e["ids"]])
+        ref = method.generate(one, torch.ones_like(one), do_sample=False, max_new_tokens=7, eos_token_id=eos,
+                              pad_token_id=eos)[0].tolist()
+        assert got == ref[:len(got)] and (len(got) == 7 or got[-1] == eos)
+    assert new[0] != new[1]  # one MR, two adapters: different continuations
+
+
+def test_predict_answers_every_row_in_order(causal):
+    rows = [{"adapter": "gen_prefix", "mr": MRS[0]}, {"adapter": "lin", "sentence": "wow"},
+            {"adapter": "verb_prompt", "sentence": SENTENCES[1]}, {"adapter": "gen_prompt", "mr": MRS[1]}]
+    got = causal.predict(rows, batch_size=3)
+    for row, answer in zip(rows, got):
+        method, task = causal.alone(row["adapter"])
+        assert answer == task.predict(method, [{k: v for k, v in row.items() if k != "adapter"}], 4)[0]
+
+
+def test_info_lists_each_adapter(causal):
+    info = {a["name"]: a for a in causal.info()}
+    assert info["verb_prefix"] == {"name": "verb_prefix", "method": "prefix", "task": "sst2", "head": "verbalizer",
+                                   "prompt_length": 5, "run": None, "labels": ["negative", "positive"],
+                                   "fields": ["sentence"]}
+    assert info["gen_prompt"]["fields"] == ["mr"] and "labels" not in info["gen_prompt"]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"adapter": "nope", "sentence": "x"}], "unknown adapter 'nope'; this pool serves: lin, v2"),
+    ([{"sentence": "x"}], "input 0 names no adapter"),
+    ([{"adapter": "lin", "text": "x"}], "input 0 (adapter 'lin', task sst2) needs a text field 'sentence'"),
+    ([{"adapter": "gen_prompt", "mr": 3}], "needs a text field 'mr'"),
+    (["just a string"], "input 0 is not an object"),
+])
+def test_bad_rows_are_one_line_errors(causal, rows, message):
+    with pytest.raises(PtuneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        causal.predict(rows)
+
+
+def test_what_cannot_share_a_backbone_is_refused(causal, encoder):
+    cfg = _config("tiny-llama", ["method=fine-tune", "task=sst2"])
+    _, method, task = build(cfg, causal.backbone)
+    with pytest.raises(PtuneError, match="method=fine-tune cannot share a frozen backbone"):
+        Pool(causal.backbone, {"ft": Adapter("ft", method, task)})
+    lin = causal.adapters["lin"]
+    with pytest.raises(PtuneError, match="built on another backbone"):
+        Pool(encoder.backbone, {"lin": lin})
+    with pytest.raises(PtuneError, match="class_scores takes classification rows"):
+        causal.class_scores([{"adapter": "gen_prompt", "mr": "name[X]"}])
+
+
+def test_parse_runs():
+    assert parse_runs("outputs/a,outputs/b") == {"a": "outputs/a", "b": "outputs/b"}
+    assert parse_runs("sst2:outputs/a, e2e:/x/b") == {"sst2": "outputs/a", "e2e": "/x/b"}
+    with pytest.raises(PtuneError, match="names the adapter 'a' twice"):
+        parse_runs("x/a,y/a")
+    with pytest.raises(PtuneError, match="run= is empty"):
+        parse_runs(",")
+
+
+# -- run directories: Pool.load and `ptune predict run=a,b` ----------------------------------------
+def make_run(directory, model: str, overrides: list[str], seed: int):
+    """A finished run's directory (config.yaml + adapter/) with random adapter tensors."""
+    cfg = _config(model, overrides)
+    _, method, task = build(cfg)
+    _randomize(method, seed)
+    directory.mkdir(parents=True)
+    (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config = {**method.adapter_config(), "base_model": cfg.model.name, "task": cfg.task.name}
+    ckpt.save_adapter(directory / "adapter", adapter_tensors(method), config)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("runs")
+    return {name: make_run(root / name, "tiny-llama", CAUSAL[name], i)
+            for i, name in enumerate(("lin", "verb_prefix", "gen_prefix"))}
+
+
+def test_load_shares_one_backbone_and_matches_single_run_predict(runs):
+    pool = Pool.load({name: str(path) for name, path in runs.items()})
+    assert all(a.method.backbone is pool.backbone for a in pool.adapters.values())
+    rows = [{"adapter": "gen_prefix", "mr": MRS[0]}, {"adapter": "lin", "sentence": "wow"},
+            {"adapter": "verb_prefix", "sentence": SENTENCES[1]}]
+    for row, answer in zip(rows, pool.predict(rows)):
+        other = Pool.load([str(runs[row["adapter"]])])  # that run alone, its own backbone
+        assert answer == other.predict([{k: v for k, v in row.items() if k != "adapter"}])[0]
+
+
+def test_load_refuses_runs_on_different_backbones(runs, tmp_path):
+    other = make_run(tmp_path / "gpt", "tiny-gpt2", CAUSAL["lin"], 0)
+    with pytest.raises(PtuneError, match="runs must share one backbone: .*gpt has model.name='tiny-gpt2'"):
+        Pool.load([str(runs["lin"]), str(other)])
