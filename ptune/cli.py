@@ -30,6 +30,7 @@ commands:
   eval      evaluate a finished run: ptune eval run=<run dir> [split=dev|test] [adapter=adapter|adapter_best]
             [task.decoding=beam task.num_beams=5 task.max_eval_samples=null ...]  (how to evaluate)
   predict   predict for a file: ptune predict run=<run dir> input=<file.jsonl|csv> [output=<file.jsonl>]
+            several runs on one backbone, rows naming their "adapter": run=sst2:<dir>,e2e:<dir>
   export    write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it):
             ptune export run=<run dir> out=<new dir> [format=peft] [adapter=adapter|adapter_best]
 
@@ -240,12 +241,12 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_predict(argv: list[str]) -> int:
-    from ptune.train import predict_run
+    from ptune.multi import predict_file
 
     a = _kv(argv, {"run": None, "input": None, "output": None, "batch_size": None}, "predict")
     if not a["run"] or not a["input"]:
         raise PtuneError("ptune predict needs run=<run dir> and input=<file.jsonl|csv>")
-    out = predict_run(a["run"], a["input"], a["output"], int(a["batch_size"]) if a["batch_size"] else None)
+    out = predict_file(a["run"], a["input"], a["output"], int(a["batch_size"]) if a["batch_size"] else None)
     print(f"predictions: {out}")
     return 0
 

@@ -29,6 +29,7 @@ slots inside its template; beam search (greedy only); LAMA's vocabulary head.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -323,3 +324,25 @@ def _generation_sources(task, tokenizer, kind: str, row: dict) -> list[int]:
     if task.name == "xsum":
         return task.sources(tokenizer, [row["document"]], kind)[0]
     return encode_sources(tokenizer, [task.template.render(row)], task.max_len, kind)[0]
+
+
+def predict_file(spec: str, input_path: str, output: str | None = None, batch_size: int | None = None) -> Path:
+    """`ptune predict run=<spec> input=<file>`: one JSON line per input row, its fields and
+    `prediction`, in order. One run whose rows name no adapter is today's single-run predict
+    (train.predict_run, predictions under the run); otherwise rows go through a Pool, and the
+    output defaults to `<input stem>.predictions.jsonl` beside the input."""
+    from ptune import rundir
+    from ptune.train import load_run, predict_run, read_rows
+
+    runs = parse_runs(spec)
+    rows = read_rows(Path(input_path))
+    if len(runs) == 1 and ":" not in spec and not any(ADAPTER_FIELD in r for r in rows):
+        return predict_run(next(iter(runs.values())), input_path, output, batch_size)
+    pool = Pool.load(runs)
+    first = next(iter(runs.values()))
+    preds = pool.predict(rows, batch_size or load_run(first)[1].trainer.eval_batch_size)
+    path = Path(input_path)
+    out = Path(output) if output else path.with_name(f"{path.stem}.predictions.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rundir.write_text_atomic(out, "".join(json.dumps({**row, "prediction": p}) + "\n" for row, p in zip(rows, preds)))
+    return out

@@ -212,3 +212,19 @@ def test_load_refuses_runs_on_different_backbones(runs, tmp_path):
     other = make_run(tmp_path / "gpt", "tiny-gpt2", CAUSAL["lin"], 0)
     with pytest.raises(PtuneError, match="runs must share one backbone: .*gpt has model.name='tiny-gpt2'"):
         Pool.load([str(runs["lin"]), str(other)])
+
+
+def test_cli_predict_with_several_runs(runs, tmp_path, capsys):
+    rows = [{"adapter": "gen", "mr": MRS[1]}, {"adapter": "sst2", "sentence": "wow", "id": 7}]
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    spec = f"sst2:{runs['lin']},gen:{runs['gen_prefix']}"
+    assert main(["predict", f"run={spec}", f"input={inputs}", f"output={out}"]) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [{k: v for k, v in g.items() if k != "prediction"} for g in got] == rows  # fields kept, in order
+    pool = Pool.load({"sst2": str(runs["lin"]), "gen": str(runs["gen_prefix"])})
+    assert [g["prediction"] for g in got] == pool.predict(rows)
+    inputs.write_text(json.dumps({"adapter": "nope", "sentence": "x"}) + "\n")
+    assert main(["predict", f"run={spec}", f"input={inputs}", f"output={out}"]) == 2
+    assert "error: unknown adapter 'nope'; this pool serves: sst2, gen" in capsys.readouterr().err
