@@ -31,6 +31,8 @@ commands:
             [task.decoding=beam task.num_beams=5 task.max_eval_samples=null ...]  (how to evaluate)
   predict   predict for a file: ptune predict run=<run dir> input=<file.jsonl|csv> [output=<file.jsonl>]
             several runs on one backbone, rows naming their "adapter": run=sst2:<dir>,e2e:<dir>
+  serve     answer JSON over HTTP with one or several runs: ptune serve run=<dir>[,<dir>...] [host=127.0.0.1]
+            [port=8000] [max_batch=64] [max_input_chars=4000] [batch_size=16]  (POST /predict, GET /adapters)
   export    write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it):
             ptune export run=<run dir> out=<new dir> [format=peft] [adapter=adapter|adapter_best]
 
@@ -251,6 +253,23 @@ def cmd_predict(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from ptune.serve import DEFAULTS, serve
+
+    a = _kv(argv, {"run": None, **{k: str(v) for k, v in DEFAULTS.items()}}, "serve")
+    if not a["run"]:
+        raise PtuneError("ptune serve needs run=<run dir>[,<run dir>...] (or name:<dir>,...)")
+    numbers = {}
+    for key, low, high in (("port", 0, 65535), ("max_batch", 1, None), ("max_input_chars", 1, None),
+                           ("batch_size", 1, None)):
+        value = int(a[key]) if a[key].isdigit() else -1
+        if value < low or (high is not None and value > high):
+            raise PtuneError(f"{key}={a[key]!r} is invalid: must be a whole number from {low}"
+                             f"{f' to {high}' if high else ' up'}")
+        numbers[key] = value
+    return serve(a["run"], a["host"], **numbers)
+
+
 def cmd_export(argv: list[str]) -> int:
     from ptune.export import export_run
 
@@ -264,6 +283,8 @@ def cmd_export(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export}
+
+COMMANDS["serve"] = cmd_serve
 
 
 def main(argv: list[str] | None = None) -> int:
