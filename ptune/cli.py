@@ -29,12 +29,15 @@ commands:
             resume a run:   ptune train resume=outputs/YYYY-MM-DD/HH-MM-SS
   eval      evaluate a finished run: ptune eval run=<run dir> [split=dev|test] [adapter=adapter|adapter_best]
             [task.decoding=beam task.num_beams=5 task.max_eval_samples=null ...]  (how to evaluate)
+            another task (domain transfer): ptune eval run=<run dir> task=<task> [task.<key>=...]
+            [label_map=<trained>:<new>,...|<file.json|yaml>]
   predict   predict for a file: ptune predict run=<run dir> input=<file.jsonl|csv> [output=<file.jsonl>]
             several runs on one backbone, rows naming their "adapter": run=sst2:<dir>,e2e:<dir>
   serve     answer JSON over HTTP with one or several runs: ptune serve run=<dir>[,<dir>...] [host=127.0.0.1]
             [port=8000] [max_batch=64] [max_input_chars=4000] [batch_size=16]  (POST /predict, GET /adapters)
   export    write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it):
             ptune export run=<run dir> out=<new dir> [format=peft] [adapter=adapter|adapter_best]
+  report    a sweep's table and plots (report.md + PNGs in the sweep dir): ptune report <sweep dir>
 
 `ptune train --help` lists the config groups, their options and keys.
 Errors are one line; set PTUNE_TRACEBACK=1 to see the traceback."""
@@ -208,7 +211,20 @@ def cmd_train(argv: list[str]) -> int:
         records.append(record)
         rundir.write_sweep_summary(sweep_dir, records)
     print(f"sweep summary: {sweep_dir / 'summary.md'}")
+    _sweep_report(sweep_dir)
     return 1 if failed else 0
+
+
+def _sweep_report(sweep_dir) -> None:
+    """report.md + plots at the end of a sweep; a report that cannot be made costs one line, not the sweep."""
+    from ptune.report import write_report
+
+    try:
+        report, why = write_report(sweep_dir)
+    except Exception as e:  # noqa: BLE001 -- the jobs are done and summarised; the report is extra
+        print(f"sweep report not written: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return
+    print(f"sweep report: {report}" + (f" (plots not drawn: {why})" if why else ""))
 
 
 def _kv(argv: list[str], allowed: dict[str, str | None], command: str) -> dict:
@@ -226,19 +242,50 @@ def cmd_eval(argv: list[str]) -> int:
 
     from ptune.train import evaluate_run
 
-    # task.<key>=<value> (e.g. task.decoding=beam task.max_eval_samples=null) changes how the run is evaluated
-    task_kv = {k: yaml.safe_load(v) for k, _, v in (a.partition("=") for a in argv if a.startswith("task."))}
     a = _kv([a for a in argv if not a.startswith("task.")],
-            {"run": None, "split": "dev", "adapter": "adapter", "batch_size": None}, "eval")
+            {"run": None, "split": "dev", "adapter": "adapter", "batch_size": None, "task": None, "label_map": None},
+            "eval")
     if not a["run"]:
         raise PtuneError("ptune eval needs run=<run dir>")
     if a["adapter"] not in ("adapter", "adapter_best"):
         raise PtuneError(f"adapter={a['adapter']!r}: choose adapter (final) or adapter_best")
-    out = evaluate_run(a["run"], a["split"], a["adapter"], int(a["batch_size"]) if a["batch_size"] else None,
-                       task_kv)
+    if a["task"] or a["label_map"]:  # domain transfer: the run's adapter on another task (ptune/transfer.py)
+        out = _transfer(a, [x for x in argv if x.startswith("task.")])
+    else:
+        # task.<key>=<value> (e.g. task.decoding=beam task.max_eval_samples=null) changes how the run is evaluated
+        task_kv = {k: yaml.safe_load(v) for k, _, v in (x.partition("=") for x in argv if x.startswith("task."))}
+        out = evaluate_run(a["run"], a["split"], a["adapter"], int(a["batch_size"]) if a["batch_size"] else None,
+                           task_kv)
     print(f"{out['split']}: {out['examples']} examples")
     for k, v in out["metrics"].items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    return 0
+
+
+def _transfer(a: dict, task_args: list[str]) -> dict:
+    """`ptune eval run=... task=<other> [task.<key>=...] [label_map=...]`: the task group composed
+    fresh from conf/task/<other>.yaml with the task.* overrides (Hydra's grammar)."""
+    from ptune.transfer import evaluate_transfer
+
+    if not a["task"]:
+        raise PtuneError("label_map= maps the run's labels onto another task's: add task=<task> (ptune eval run=... "
+                         "task=custom task.eval_file=... label_map=...)")
+    task_cfg = compose([f"task={a['task']}", *task_args]).task
+    head_given = any(x.startswith("task.head=") for x in task_args)
+    out = evaluate_transfer(a["run"], task_cfg, a["label_map"], a["split"], a["adapter"],
+                            int(a["batch_size"]) if a["batch_size"] else None, head_given)
+    print(f"{out['trained_task']} -> {out['task']} (label map {out['label_map']})")
+    return out
+
+
+def cmd_report(argv: list[str]) -> int:
+    from ptune.report import write_report
+
+    paths = [a.partition("=")[2] if a.startswith("dir=") else a for a in argv]
+    if len(paths) != 1 or not paths[0] or ("=" in argv[0] and not argv[0].startswith("dir=")):
+        raise PtuneError("ptune report needs one sweep directory: ptune report <sweep dir> (or dir=<sweep dir>)")
+    report, why = write_report(paths[0])
+    print(f"report: {report}" + (f" (plots not drawn: {why})" if why else ""))
     return 0
 
 
@@ -282,7 +329,7 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "report": cmd_report}
 
 COMMANDS["serve"] = cmd_serve
 
