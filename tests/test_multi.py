@@ -228,3 +228,38 @@ def test_cli_predict_with_several_runs(runs, tmp_path, capsys):
     inputs.write_text(json.dumps({"adapter": "nope", "sentence": "x"}) + "\n")
     assert main(["predict", f"run={spec}", f"input={inputs}", f"output={out}"]) == 2
     assert "error: unknown adapter 'nope'; this pool serves: sst2, gen" in capsys.readouterr().err
+
+
+# -- real weights (pytest -m slow): SmolLM2-135M and MiniLM, adapters at their own initialisation ----
+REAL = {
+    "smollm2-135m": {"verb": ["method=prompt", "method.num_virtual_tokens=20", "task=sst2", "task.head=verbalizer"],
+                     "lin": ["method=prefix", "method.num_virtual_tokens=10", "task=sst2"],
+                     "gen": ["method=p-tuning-v2", "method.num_virtual_tokens=5", "task=e2e", "task.max_new_tokens=12"],
+                     "gen2": ["method=prompt", "method.num_virtual_tokens=8", "task=e2e", "task.max_new_tokens=12"]},
+    "minilm": {"lin": ["method=prompt", "method.num_virtual_tokens=20", "task=sst2"],
+               "v2": ["method=p-tuning-v2", "method.num_virtual_tokens=8", "task=sst2"]},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", list(REAL))
+def test_real_backbones_mixed_equals_alone(model, data_dir):
+    backbone, adapters = None, {}
+    for name, overrides in REAL[model].items():
+        cfg = _config(model, overrides)
+        backbone = backbone or build_backbone(cfg)
+        _, method, task = build(cfg, backbone)
+        adapters[name] = Adapter(name, method, task)
+    pool = Pool(backbone, adapters)
+    names = [n for n in pool.names if pool.adapters[n].head != "lm"]
+    rows = _class_rows(names)
+    worst = max((got - alone_scores(pool, row)).abs().max().item() for row, got in zip(rows, pool.class_scores(rows)))
+    print(f"{model}: largest difference of a class score, mixed vs alone: {worst:.2e}")
+    assert worst < 1e-4
+    if "gen" in pool.adapters:
+        rows = [{"adapter": name, "mr": mr} for mr in MRS for name in ("gen", "gen2")]
+        texts = pool.generate(rows)
+        print(texts)
+        for row, text in zip(rows, texts):
+            method, task = pool.alone(row["adapter"])
+            assert text == task.predict(method, [{"mr": row["mr"]}], 1)[0]
