@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import traceback
 from http import HTTPStatus
@@ -149,8 +150,12 @@ def make_server(pool: Pool, host: str = DEFAULTS["host"], port: int = DEFAULTS["
     return server
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int, batch_size: int) -> int:
-    """Load the runs, serve until Ctrl-C, then close the socket. Prints the URL once bound."""
+    """Load the runs, serve until Ctrl-C or SIGTERM, then close the socket. Prints the URL once bound."""
     from ptune.multi import parse_runs
 
     pool = Pool.load(parse_runs(spec))
@@ -161,6 +166,8 @@ def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int,
     bound_host, bound_port = server.server_address[:2]
     print(f"serving {len(pool.names)} adapter(s) ({', '.join(pool.names)}) at http://{bound_host}:{bound_port} "
           f"(Ctrl-C stops)", flush=True)
+    if threading.current_thread() is threading.main_thread():  # a process manager's SIGTERM stops it like Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ CAUSAL = {
     "verb_prompt": ["method=prompt", "method.num_virtual_tokens=4", "task=sst2", "task.head=verbalizer"],
     "gen_prompt": ["method=prompt", "method.num_virtual_tokens=4", "task=e2e", "task.max_new_tokens=8"],
     "gen_prefix": ["method=prefix", "method.num_virtual_tokens=6", "task=e2e", "task.max_new_tokens=6"],
+    "hard": ["method=hard-prompt", "task=sst2", "task.head=verbalizer"],  # nothing of its own: no slots
 }
 ENCODER = {
     "lin": ["method=prompt", "method.num_virtual_tokens=3", "task=sst2"],

@@ -1,6 +1,6 @@
 """`ptune serve`: JSON over a real socket. A good request gets every row its adapter's answer; each
 bad request gets a JSON {"error": ...} with a 4xx status while the server keeps serving; the CLI
-prints its URL and stops cleanly on Ctrl-C (SIGINT)."""
+prints its URL and stops cleanly on Ctrl-C (SIGINT) or SIGTERM."""
 
 import http.client
 import json
@@ -87,7 +87,8 @@ def test_oversized_body_is_refused_before_it_is_read(server):
     assert call(port, "GET", "/health")[0] == 200
 
 
-def test_cli_serves_until_ctrl_c(tmp_path, data_dir):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_serves_until_stopped(tmp_path, data_dir, stop):
     run = make_run(tmp_path / "sst2run", "tiny-llama", CAUSAL["lin"], 0)
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen([sys.executable, "-m", "ptune", "serve", f"run=sst2:{run}", "port=0"], cwd=tmp_path,
@@ -98,8 +99,8 @@ def test_cli_serves_until_ctrl_c(tmp_path, data_dir):
         port = int(line.split("http://127.0.0.1:")[1].split()[0])
         status, payload = call(port, "POST", "/predict", {"inputs": [{"sentence": "wow"}, {"adapter": "sst2", "sentence": "x"}]})
         assert status == 200 and [o["prediction"] in ("negative", "positive") for o in payload["outputs"]] == [True, True]
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        proc.send_signal(stop)
+        assert proc.wait(timeout=30) == 0 and proc.stdout.read() == "stopped\n"
     finally:
         if proc.poll() is None:
             proc.kill()
