@@ -70,7 +70,7 @@ def label_groups(mapping: dict[str, str] | None, trained: list[str], new: list[s
     if mapping is None:
         if sorted(trained) != sorted(new):
             raise PtuneError(f"the run's labels ({', '.join(trained)}) differ from the task's ({', '.join(new)}); "
-                             f"give label_map=<trained>:<new>,... e.g. label_map={trained[0]}:{new[0]}")
+                             f"say which is which with label_map=<run label>:<task label>,... (or a .json/.yaml file)")
         mapping = {label: label for label in trained}
     for src, tgt in mapping.items():
         if src not in trained:
