@@ -264,3 +264,13 @@ def test_real_backbones_mixed_equals_alone(model, data_dir):
         for row, text in zip(rows, texts):
             method, task = pool.alone(row["adapter"])
             assert text == task.predict(method, [{"mr": row["mr"]}], 1)[0]
+
+
+def test_seq2seq_pools_answer_adapter_by_adapter(data_dir):
+    pool = build_pool("tiny-t5", {"lin": CAUSAL["lin"], "gen": CAUSAL["gen_prefix"]})
+    rows = [{"adapter": "gen", "mr": MRS[0]}, {"adapter": "lin", "sentence": "wow"}, {"adapter": "gen", "mr": MRS[1]}]
+    for row, answer in zip(rows, pool.predict(rows)):
+        method, task = pool.alone(row["adapter"])
+        assert answer == task.predict(method, [{k: v for k, v in row.items() if k != "adapter"}], 1)[0]
+    with pytest.raises(PtuneError, match="model=tiny-t5 is seq2seq"):
+        pool.class_scores(rows[1:2])
