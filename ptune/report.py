@@ -240,10 +240,12 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, str | None]:
         raise PtuneError(f"{sweep_dir}: none of its {len(jobs)} job(s) finished (see summary.md); nothing to report")
     x, groups = choose_axes(jobs)
     metric = metric_name(finished)
-    fixed = sorted({f"{k}={v}" for j in jobs for k, v in j.overrides.items() if k not in (x, *groups)})
+    s0 = finished[0].summary
     out = [f"# Sweep report: {sweep_dir.name}", "",
-           f"{len(jobs)} jobs ({len(jobs) - len(finished)} failed); varying: "
-           f"{', '.join(k for k in (x, *groups) if k) or 'nothing'}; fixed: {' '.join(fixed) or 'nothing'}.",
+           f"`{command(jobs)}`", "",
+           f"{len(jobs)} job(s), {len(jobs) - len(finished)} failed; {s0.get('model')} / {s0.get('task')}, "
+           f"{s0.get('device')}, {s0.get('precision')}, torch {s0.get('torch')}; varying: "
+           f"{', '.join(k for k in (x, *groups) if k) or 'nothing'}.",
            f"x axis: `{x or 'job'}`; one line per {', '.join(f'`{g}`' for g in groups) or 'sweep'}. "
            f"Metric: {metric or '–'} on the task's dev split ({_eval_size(finished)}).", ""]
     out += table(jobs, [k for k in (x, *groups) if k], metric, sweep_dir)
@@ -265,6 +267,16 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, str | None]:
     report.write_text("\n".join(out) + "\n")
     _link_from_summary(sweep_dir)
     return report, why
+
+
+def command(jobs: list[Job]) -> str:
+    """The sweep's command line as it can be typed again: each key with its values in job order."""
+    keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
+    parts = []
+    for k in keys:
+        values = list(dict.fromkeys(j.overrides[k] for j in jobs if k in j.overrides))
+        parts.append(f"{k}={','.join(values)}")
+    return "ptune train -m " + " ".join(parts)
 
 
 def _eval_size(jobs: list[Job]) -> str:

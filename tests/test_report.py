@@ -40,6 +40,8 @@ def test_sweep_writes_report_table_and_plots(sweep):
     ok = [r for r in rows if r.rstrip().endswith("| ok |")]
     assert sorted(r.split(" | ")[1] for r in ok) == ["1", "1", "4", "4"]
     assert "[report.md](report.md)" in (sweep_dir / "summary.md").read_text()
+    assert "`ptune train -m task=sst2 model=tiny-bert method=prompt,p-tuning-v2 method.num_virtual_tokens=1,4,600 " \
+           "task.max_train_samples=32" in text  # the command, to run the sweep again
 
 
 def test_table_values_come_from_each_jobs_summary(sweep):
