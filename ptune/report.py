@@ -203,8 +203,9 @@ def plot(jobs: list[Job], x: str | None, groups: list[str], metric: str | None, 
         if which == "metric":
             bx = [xv for xv, v in pts if v["best"] is not None]
             by = [v["best"] for _, v in pts if v["best"] is not None]
+            first = label == next(iter(lines))
             ax.plot(bx, by, linestyle="none", marker="o", markersize=10, markerfacecolor="none",
-                    color=line.get_color(), label=f"{label} (best eval)")
+                    color=line.get_color(), label="best eval during training" if first else "_nolegend_")
             for xv, y in zip(xs, ys):
                 if best is None or y > best[0]:
                     best = (y, xv)
@@ -214,6 +215,10 @@ def plot(jobs: list[Job], x: str | None, groups: list[str], metric: str | None, 
     numeric = x is not None and all(_number(j.overrides.get(x)) is not None for j in jobs if j.error is None)
     if numeric and log_scale(xs_all):
         ax.set_xscale("log")
+    if numeric:  # ticks at the swept values themselves
+        ticks = sorted(set(xs_all))
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     if x is not None and not numeric:
         categories = list(dict.fromkeys(j.overrides.get(x, "") for j in jobs if j.error is None))
         ax.set_xticks(range(len(categories)), categories)
