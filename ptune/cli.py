@@ -242,6 +242,8 @@ def cmd_eval(argv: list[str]) -> int:
 
     from ptune.train import evaluate_run
 
+    if any(x.startswith("ensemble=") for x in argv):  # several runs of one task together (ptune/ensemble.py)
+        return _ensemble(argv)
     a = _kv([a for a in argv if not a.startswith("task.")],
             {"run": None, "split": "dev", "adapter": "adapter", "batch_size": None, "task": None, "label_map": None},
             "eval")
@@ -259,6 +261,24 @@ def cmd_eval(argv: list[str]) -> int:
     print(f"{out['split']}: {out['examples']} examples")
     for k, v in out["metrics"].items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
+    return 0
+
+
+def _ensemble(argv: list[str]) -> int:
+    """`ptune eval run=<dir1>,<dir2>,... ensemble=vote|mean`: the members and their ensemble in one batched pass."""
+    from ptune.ensemble import evaluate_ensemble, table
+
+    a = _kv(argv, {"run": None, "ensemble": None, "split": "dev", "adapter": "adapter", "batch_size": None,
+                   "out": None}, "eval")
+    runs = [r.strip() for r in (a["run"] or "").split(",") if r.strip()]
+    if len(runs) < 2:
+        raise PtuneError("ensemble= needs at least two runs: ptune eval run=<dir1>,<dir2>[,...] ensemble=vote|mean")
+    if a["adapter"] not in ("adapter", "adapter_best"):
+        raise PtuneError(f"adapter={a['adapter']!r}: choose adapter (final) or adapter_best")
+    out = evaluate_ensemble(runs, a["ensemble"], a["split"], a["adapter"],
+                            int(a["batch_size"]) if a["batch_size"] else None, a["out"])
+    print(table(out))
+    print(f"written: {out['path']}")
     return 0
 
 
