@@ -204,9 +204,12 @@ def test_load_shares_one_backbone_and_matches_single_run_predict(runs):
     assert all(a.method.backbone is pool.backbone for a in pool.adapters.values())
     rows = [{"adapter": "gen_prefix", "mr": MRS[0]}, {"adapter": "lin", "sentence": "wow"},
             {"adapter": "verb_prefix", "sentence": SENTENCES[1]}]
-    for row, answer in zip(rows, pool.predict(rows)):
-        other = Pool.load([str(runs[row["adapter"]])])  # that run alone, its own backbone
-        assert answer == other.predict([{k: v for k, v in row.items() if k != "adapter"}])[0]
+    answers = pool.predict(rows)
+    for row, answer in zip(rows, answers):
+        method, task = pool.alone(row["adapter"])
+        assert answer == task.predict(method, [{k: v for k, v in row.items() if k != "adapter"}], 1)[0]
+    alone = Pool.load([str(runs["gen_prefix"])])  # the generation run by itself, on its own backbone
+    assert alone.predict([{"mr": MRS[0]}]) == answers[:1]
 
 
 def test_load_refuses_runs_on_different_backbones(runs, tmp_path):
