@@ -224,7 +224,7 @@ def plot(jobs: list[Job], x: str | None, groups: list[str], metric: str | None, 
         ax.set_xticks(range(len(categories)), categories)
     ax.set_xlabel(x or "job")
     ylabel = {"metric": f"{metric} (dev, final)", "train_tokens_per_s": "train tokens/s (non-padding)",
-              "peak_memory_mb": "peak memory (MB)"}[which]
+              "peak_memory_mb": "peak memory so far in the sweep (MB)"}[which]
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
@@ -254,6 +254,11 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, str | None]:
            f"x axis: `{x or 'job'}`; one line per {', '.join(f'`{g}`' for g in groups) or 'sweep'}. "
            f"Metric: {metric or '–'} on the task's dev split ({_eval_size(finished)}).", ""]
     out += table(jobs, [k for k in (x, *groups) if k], metric, sweep_dir)
+    if len(finished) > 1:
+        out += ["", "The jobs of a sweep run one after another in one process, and a run's peak memory is that "
+                "process's high-water mark (peak RSS on CPU, max allocated on GPU: ptune.trainer.peak_memory_mb), "
+                "so *peak MB* never falls from one job to the next: a job's own peak shows only where it rises. "
+                "Tokens/s are wall-clock rates: other load on the machine lowers them."]
     why = None
     try:
         images = []
