@@ -116,3 +116,14 @@ def test_axes_and_log_scale():
     assert report.choose_axes([job(0, task="sst2")]) == (None, [])
     assert report.log_scale([1, 10, 100]) and report.log_scale([1e-4, 1e-2])
     assert not report.log_scale([1, 5, 20]) and not report.log_scale([0, 1000]) and not report.log_scale([])
+
+
+def test_a_sweep_whose_report_cannot_be_made_still_ends(tmp_path, capsys):
+    # every job overflows tiny-bert's 512 positions: the sweep ends (exit 1 for the failed jobs) and
+    # says in one line why there is no report
+    code = cli.main(["train", "-m", "task=sst2", "model=tiny-bert", "method=prompt", "method.num_virtual_tokens=600,700",
+                     "task.max_train_samples=8", f"output_dir={tmp_path}"])
+    assert code == 1
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("sweep report not written:"))
+    assert "none of its 2 job(s) finished" in line
