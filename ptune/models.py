@@ -262,3 +262,22 @@ def load(name: str, kind: str, source: str, name_or_path: str | None = None, tin
     model.requires_grad_(False)
     model.eval()
     return Backbone(model=model, tokenizer=tok, dims=dims_of(model.config, kind), kind=kind, name=name)
+
+
+def store_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Keep the model's FROZEN parameters (requires_grad False) in `dtype`; returns how many were cast.
+
+    Under bf16 autocast a frozen fp32 weight is cast to bf16 again at every use, forward and
+    backward, and the fp32 copy stays in memory: storing it in bf16 once removes both costs. What
+    is trained (prompts, prefixes, a head, fine-tune's unfrozen layers) stays fp32, and so does the
+    optimizer state, so updates are exactly as small as fp32 allows (mixed precision in the sense
+    of Micikevicius et al. 2018: low-precision compute, fp32 master copy of what changes).
+    Buffers (rotary inverse frequencies, position ids) are left alone. A tied input/output
+    embedding is one Parameter and is cast once.
+    """
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype != dtype and p.is_floating_point():
+            p.data = p.data.to(dtype)
+            n += p.numel()
+    return n

@@ -120,6 +120,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     backbone, method, task = build(cfg)
     backbone.model.to(accelerator.device)
     method.to(accelerator.device)
+    frozen = frozen_dtype(cfg, backbone.model)
+    if frozen is not None:
+        n = models.store_frozen(backbone.model, frozen)
+        log.info("frozen backbone tensors stored in %s (%d parameters); trained tensors stay fp32", frozen, n)
     examples = task.train_examples(backbone.tokenizer, backbone.kind)
     check_context(method, examples)
     check_step_size(len(examples), cfg.trainer.batch_size, cfg.trainer.grad_accum, accelerator.num_processes)
@@ -162,6 +166,22 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
         log.info("done: %s", run_dir)
     accelerator.wait_for_everyone()
     return {"run_dir": str(run_dir), "summary": summary}
+
+
+def frozen_dtype(cfg: DictConfig, model) -> torch.dtype | None:
+    """The dtype frozen backbone tensors are stored in during training, None for unchanged (fp32).
+
+    `trainer.frozen_dtype=auto` follows the precision: bf16 (or fp16) autocast computes every matmul in
+    that dtype anyway, so the frozen weights are kept in it (models.store_frozen). Only for a backbone
+    that is frozen as a whole: when fine-tune trains some of its layers, fp32 and bf16 layer norms
+    would meet in one stream (CPU layer_norm refuses a bf16 weight on fp32 input), so it stays fp32.
+    A config saved before the key existed trained with fp32 weights and resumes so.
+    """
+    if cfg.trainer.precision == "fp32" or cfg.trainer.get("frozen_dtype", "fp32") == "fp32":
+        return None
+    if any(p.requires_grad for p in model.parameters()):
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.trainer.precision]
 
 
 def check_context(method, examples) -> None:

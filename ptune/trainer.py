@@ -147,7 +147,8 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
         method.backbone.model.eval()
         if main:
             t0 = time.perf_counter()
-            scores, records = task.evaluate(method, args.eval_split, args.eval_batch_size)
+            with accelerator.autocast():  # the precision of training (frozen weights may be stored in bf16)
+                scores, records = task.evaluate(method, args.eval_split, args.eval_batch_size)
             record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "split": args.eval_split,
                       **{f"eval/{k}": v for k, v in scores.items()}, "eval_time_s": round(time.perf_counter() - t0, 2)}
             metrics.write(record)
