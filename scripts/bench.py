@@ -50,11 +50,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CONFIGS = {
-    # name: model, task, batch, steps, lr, eval MRs, new tokens, training rows (a deterministic subset, the same for both)
+    # name: model, task, batch, steps, lr, eval examples (E2E: MRs), new tokens, training rows (a deterministic
+    # subset, the same for both), dev examples for the dev loss (the same for both), the eval metric
     "smollm2-e2e": dict(model="smollm2-135m", task="e2e", batch_size=8, steps=30, lr=1e-3, eval_samples=20,
-                        max_new_tokens=64, train_samples=4000),
+                        max_new_tokens=64, train_samples=4000, dev_loss_samples=200, metric="bleu"),
+    "minilm-sst2": dict(model="minilm", task="sst2", batch_size=16, steps=60, lr=5e-3, eval_samples=400,
+                        train_samples=4000, dev_loss_samples=400, metric="accuracy"),
     "tiny": dict(model="tiny-llama", task="e2e", batch_size=4, steps=4, lr=1e-3, eval_samples=4, max_new_tokens=8,
-                 train_samples=64),
+                 train_samples=64, dev_loss_samples=8, metric="bleu"),
+    "tiny-sst2": dict(model="tiny-bert", task="sst2", batch_size=4, steps=4, lr=5e-3, eval_samples=8,
+                      train_samples=64, dev_loss_samples=8, metric="accuracy"),
 }
 METHODS = ("prompt", "prefix", "p-tuning", "p-tuning-v2", "fine-tune")
 FINE_TUNE_LR = 5e-5  # full fine-tuning at 1e-3 diverges; both tools get this one
@@ -68,29 +73,73 @@ def _compose(spec: dict, out_dir: str):
 
     lr = FINE_TUNE_LR if spec["method"] == "fine-tune" else spec["lr"]
     n = spec["steps"]
+    generation = ([f"task.max_new_tokens={spec['max_new_tokens']}", "task.metrics=[bleu]"]
+                  if "max_new_tokens" in spec else [])
+    extra = spec.get("ptune_extra", []) if spec["tool"] == "ptune" else []
     return compose([f"method={spec['method']}", f"model={spec['model']}", f"task={spec['task']}",
                     f"trainer.max_steps={n}", f"trainer.eval_every={n}", f"trainer.save_every={n}",
                     f"trainer.batch_size={spec['batch_size']}", f"trainer.lr={lr}", "trainer.log_every=1",
                     f"trainer.precision={spec['precision']}", "trainer.keep_last=1", "trainer.warmup_steps=0",
-                    f"task.max_eval_samples={spec['eval_samples']}", f"task.max_train_samples={spec['train_samples']}", f"task.max_new_tokens={spec['max_new_tokens']}",
-                    "task.metrics=[bleu]", f"output_dir={out_dir}"])
+                    f"task.max_eval_samples={spec['eval_samples']}", f"task.max_train_samples={spec['train_samples']}",
+                    *generation, f"output_dir={out_dir}", *extra])
+
+
+def _dev_examples(task, tokenizer, kind: str, n: int):
+    """The first n dev examples with their targets, encoded as training examples are (the same for both tools)."""
+    if task.name == "e2e":
+        from ptune.generate import encode_sources, target_examples
+
+        rows = task.rows("dev")[:n]
+        src = encode_sources(tokenizer, [task.source(mr) for mr, _ in rows], task.max_source_len, kind)
+        return target_examples(tokenizer, src, [ref for _, ref in rows], task.max_target_len, kind)
+    return task.examples(tokenizer, task.rows("dev")[:n])
+
+
+def dev_loss(method, examples, batch_size: int = 16) -> float:
+    """Mean token (E2E) or example (classification) cross-entropy of a ptune method on fixed dev examples,
+    fp32, dropout off: the loss after N steps, measured the same way for both tools."""
+    import torch
+
+    from ptune import heads
+    from ptune.data import collate
+
+    model = method.backbone.model
+    model.eval()
+    method.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i:i + batch_size], method.backbone.tokenizer.pad_token_id)
+            loss, n = heads.loss(method, batch)
+            total, count = total + float(loss), count + n
+    return total / count
 
 
 def job_ptune(spec: dict) -> dict:
     from ptune.train import train
 
+    from ptune.train import _load_for_inference
+
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _compose(spec, tmp)
         result = train(cfg)
+        peak = _peak_rss_mb()  # training and its evaluation; what follows is the bench's own measurement
         run = Path(result["run_dir"])
         summary = result["summary"]
         steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         train_steps = [r for r in steps if "loss" in r]
+        cfg.trainer.precision = "fp32"  # the dev loss in fp32 for both tools
+        backbone, method, task = _load_for_inference(run, cfg)
+        loss_dev = dev_loss(method, _dev_examples(task, backbone.tokenizer, backbone.kind, spec["dev_loss_samples"]))
     window = train_steps[-spec["loss_window"]:]
     return dict(trainable_params=summary["trainable_params"], tokens=summary["train_tokens"],
                 train_time_s=summary["train_time_s"], step_s=[r["step_s"] for r in train_steps],
-                loss=statistics.mean(r["loss"] for r in window), eval=summary["eval"].get("bleu"),
-                extra_tokens_per_example=_extra_tokens(cfg))
+                loss=statistics.mean(r["loss"] for r in window), eval=summary["eval"].get(spec["metric"]),
+                dev_loss=loss_dev, peak_rss_mb=peak, extra_tokens_per_example=_extra_tokens(cfg))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _extra_tokens(cfg) -> int:
@@ -98,11 +147,11 @@ def _extra_tokens(cfg) -> int:
     return int(cfg.method.get("num_virtual_tokens", 0)) if cfg.method.name in ("prompt", "p-tuning") else 0
 
 
-def _peft_config(cfg, model):
+def _peft_config(cfg, model, task_type: str = "CAUSAL_LM"):
     import peft
 
     m = cfg.method
-    common = dict(task_type="CAUSAL_LM", num_virtual_tokens=int(m.get("num_virtual_tokens", 0)))
+    common = dict(task_type=task_type, num_virtual_tokens=int(m.get("num_virtual_tokens", 0)))
     if m.name == "prompt":
         return peft.PromptTuningConfig(**common)  # PEFT's default init (random N(0,1) rows)
     if m.name == "prefix":
@@ -116,9 +165,34 @@ def _peft_config(cfg, model):
     return None  # fine-tune: the plain model under Trainer
 
 
+def _sequence_classifier(backbone, n_labels: int):
+    """BertForSequenceClassification around ptune's loaded encoder (the same tensors, no second copy):
+    what a PEFT user trains for SST-2 (task_type SEQ_CLS: pooler + a new classifier, saved with the adapter)."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForSequenceClassification
+
+    config = backbone.model.config
+    config.num_labels = n_labels
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    model.bert = backbone.model.base_model  # BertModel (minilm) or the encoder inside BertForMaskedLM (tiny-bert)
+    if getattr(model.bert, "pooler", None) is None:  # an MLM checkpoint has none: transformers would init a new one
+        from transformers.models.bert.modeling_bert import BertPooler
+
+        model.bert.pooler = BertPooler(config)
+        nn.init.normal_(model.bert.pooler.dense.weight, std=config.initializer_range)
+        nn.init.zeros_(model.bert.pooler.dense.bias)
+    model.dropout = nn.Dropout(config.hidden_dropout_prob)
+    model.classifier = nn.Linear(config.hidden_size, n_labels)  # transformers' init: N(0, 0.02), zero bias
+    nn.init.normal_(model.classifier.weight, std=config.initializer_range)
+    nn.init.zeros_(model.classifier.bias)
+    return model
+
+
 def job_peft(spec: dict) -> dict:
     import torch
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     import peft
     from ptune.train import build
@@ -127,10 +201,20 @@ def job_peft(spec: dict) -> dict:
         cfg = _compose(spec, tmp)
         torch.manual_seed(cfg.trainer.seed)
         backbone, method, task = build(cfg)  # same weights, tokenizer, data; `method` is ptune's evaluator
-        tok, model = backbone.tokenizer, backbone.model
+        tok = backbone.tokenizer
         examples = task.train_examples(tok, backbone.kind)
-        rows = [dict(input_ids=e.input_ids, attention_mask=[1] * len(e.input_ids), labels=e.labels) for e in examples]
-        pconf = _peft_config(cfg, model)
+        classify = backbone.kind in ("encoder", "masked")
+        if classify:  # one label per example: the sequence classifier's `labels`
+            model = _sequence_classifier(backbone, len(task.labels))
+            rows = [dict(input_ids=e.input_ids, attention_mask=[1] * len(e.input_ids), labels=e.labels[0])
+                    for e in examples]
+            pad = DataCollatorWithPadding(tok)
+        else:
+            model = backbone.model
+            rows = [dict(input_ids=e.input_ids, attention_mask=[1] * len(e.input_ids), labels=e.labels)
+                    for e in examples]
+            pad = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+        pconf = _peft_config(cfg, model, "SEQ_CLS" if classify else "CAUSAL_LM")
         if pconf is None:
             for p in model.parameters():
                 p.requires_grad_(True)
@@ -142,7 +226,6 @@ def job_peft(spec: dict) -> dict:
         trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
 
         counted = {"tokens": 0}
-        pad = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
 
         def collate(batch):
             out = pad(batch)
@@ -171,20 +254,68 @@ def job_peft(spec: dict) -> dict:
                                  use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
         Trainer(model=trained, args=args, train_dataset=rows, data_collator=collate, callbacks=[clock]).train()
 
-        # one evaluator: PEFT's trained tensors into ptune's method, scored by ptune's task
         trained.eval()
-        with torch.no_grad():
-            if cfg.method.name in ("prompt", "p-tuning"):
-                method.load_adapter_tensors({"prompt": trained.get_prompt_embedding_to_save("default").float()})
-            elif cfg.method.name in ("prefix", "p-tuning-v2"):
-                enc = trained.prompt_encoder["default"]
-                flat = enc(torch.arange(method.p).unsqueeze(0))[0].float()  # (p, L * 2 * kv_dim), collapsed
-                method.load_adapter_tensors({next(iter(method.adapter_tensors())): flat})
-        scores, _ = task.evaluate(method, "dev", cfg.trainer.eval_batch_size)
+        dev = _dev_examples(task, tok, backbone.kind, spec["dev_loss_samples"])
+        if classify:  # PEFT's own model scores itself: its classifier reads the pooler, which ptune's head has not
+            score = _peft_accuracy(trained, task, tok, spec["eval_samples"])
+            peak = _peak_rss_mb()
+            loss_dev = _peft_class_dev_loss(trained, dev, tok)
+        else:  # one evaluator: PEFT's trained tensors into ptune's method, scored by ptune's task
+            with torch.no_grad():
+                if cfg.method.name in ("prompt", "p-tuning"):
+                    method.load_adapter_tensors({"prompt": trained.get_prompt_embedding_to_save("default").float()})
+                elif cfg.method.name in ("prefix", "p-tuning-v2"):
+                    enc = trained.prompt_encoder["default"]
+                    flat = enc(torch.arange(method.p).unsqueeze(0))[0].float()  # (p, L * 2 * kv_dim), collapsed
+                    method.load_adapter_tensors({next(iter(method.adapter_tensors())): flat})
+            scores, _ = task.evaluate(method, "dev", cfg.trainer.eval_batch_size)
+            score = scores.get(spec["metric"])
+            peak = _peak_rss_mb()
+            loss_dev = dev_loss(method, dev)
     window = clock.losses[-spec["loss_window"]:]
     return dict(trainable_params=trainable, tokens=counted["tokens"], train_time_s=sum(clock.step_s),
-                step_s=clock.step_s, loss=statistics.mean(window), eval=scores.get("bleu"),
+                step_s=clock.step_s, loss=statistics.mean(window), eval=score, dev_loss=loss_dev, peak_rss_mb=peak,
                 extra_tokens_per_example=_extra_tokens(cfg))
+
+
+def _peft_batches(examples, tok, batch_size: int = 16):
+    import torch
+
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), tok.pad_token_id)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, e in enumerate(chunk):
+            ids[r, :len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[r, :len(e.input_ids)] = 1
+        yield ids, mask, torch.tensor([e.labels[0] for e in chunk])
+
+
+def _peft_accuracy(model, task, tok, n: int) -> float:
+    import torch
+
+    from ptune.data import subsample
+
+    rows = task.rows("dev")
+    rows = [rows[i] for i in subsample(len(rows), n, task.subsample_seed)]  # the rows ptune's evaluate scores
+    right = 0
+    with torch.no_grad():
+        for ids, mask, labels in _peft_batches(task.examples(tok, rows), tok):
+            right += int((model(input_ids=ids, attention_mask=mask).logits.argmax(-1) == labels).sum())
+    return right / len(rows)
+
+
+def _peft_class_dev_loss(model, examples, tok) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    total = 0.0
+    with torch.no_grad():
+        for ids, mask, labels in _peft_batches(examples, tok):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            total += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+    return total / len(examples)
 
 
 def job_floor(spec: dict) -> dict:
@@ -195,7 +326,7 @@ def job_floor(spec: dict) -> dict:
     from ptune.train import build
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _compose({**spec, "method": "hard-prompt"}, tmp)
+        cfg = _compose({**spec, "method": "fine-tune"}, tmp)
         backbone, _, task = build(cfg)
     model = backbone.model.eval()
     examples = task.train_examples(backbone.tokenizer, backbone.kind)[: spec["batch_size"] * spec["steps"]]
@@ -237,7 +368,7 @@ def _job_main(spec_json: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     spec = json.loads(spec_json)
     result = JOBS[spec["tool"]](spec)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.setdefault("peak_rss_mb", _peak_rss_mb())
     print("BENCH-RESULT " + json.dumps(result), flush=True)
 
 
@@ -256,7 +387,7 @@ def run_job(spec: dict, in_process: bool = False) -> dict:
             return {"error": f"{type(e).__name__}: {e}"}
         finally:
             logging.disable(logging.NOTSET)  # the caller's logging as it was (tests read log lines)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result.setdefault("peak_rss_mb", _peak_rss_mb())
         return result
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     shared = ROOT.parent / "shared" / "data"
@@ -279,7 +410,8 @@ def summarize(runs: list[dict]) -> dict:
     return dict(trainable_params=ok[0]["trainable_params"],
                 tokens_per_s=med(r["tokens"] / r["train_time_s"] for r in ok),
                 step_s=med(med(r["step_s"]) for r in ok), peak_rss_mb=med(r["peak_rss_mb"] for r in ok),
-                loss=med(r["loss"] for r in ok), eval=med(r["eval"] for r in ok if r["eval"] is not None),
+                loss=med(r["loss"] for r in ok), dev_loss=med(r["dev_loss"] for r in ok),
+                eval=med([r["eval"] for r in ok if r["eval"] is not None] or [float("nan")]),
                 extra_tokens_per_example=ok[0]["extra_tokens_per_example"], rounds=len(ok))
 
 
@@ -293,12 +425,15 @@ def roofline(row: dict, floor: dict, method: str, peak_gflops: float) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="smollm2-e2e", choices=sorted(CONFIGS))
-    ap.add_argument("--quick", action="store_true", help="tiny-llama, few steps: checks the bench runs (CI)")
+    ap.add_argument("--quick", action="store_true", help="a tiny model (tiny-llama; tiny-bert with --config "
+                    "tiny-sst2), few steps, jobs in this process: checks the bench runs (CI)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--precisions", default="fp32")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--rounds", type=int, default=2, help="A B pairs per method and precision")
     ap.add_argument("--loss-window", type=int, default=10)
+    ap.add_argument("--ptune-extra", default="", help="space-separated overrides for ptune's jobs only, e.g. "
+                    "'trainer.frozen_dtype=fp32' (a lever off) or 'trainer.group_by_length=false'")
     ap.add_argument("--out", help="output prefix (default bench/<date>)")
     ap.add_argument("--render", metavar="JSON", help="rewrite the .md (and rooflines) of an existing report; runs nothing")
     a = ap.parse_args(argv)
@@ -311,7 +446,8 @@ def main(argv=None) -> int:
                     row[tool]["roofline"] = roofline(row[tool], floor, row["method"], report["matmul_gflops"][row["precision"]])
         _write(Path(a.render).with_suffix(""), report)
         return 0
-    base = dict(CONFIGS["tiny" if a.quick else a.config])
+    base = dict(CONFIGS[a.config if a.config.startswith("tiny") else "tiny"] if a.quick else CONFIGS[a.config])
+    base["ptune_extra"] = a.ptune_extra.split()
     if a.steps:
         base["steps"] = a.steps
     if a.quick:  # one round, jobs in this process (peak RSS is then cumulative, not per job)
@@ -332,7 +468,7 @@ def main(argv=None) -> int:
                   date=datetime.datetime.now().isoformat(timespec="seconds"), machine=_machine(),
                   config={k: v for k, v in base.items()}, matmul_gflops=peaks, floor={}, rows=[])
     for prec in precisions:
-        floor = run_job({**base, "tool": "floor", "method": "hard-prompt", "precision": prec}, a.quick)
+        floor = run_job({**base, "tool": "floor", "method": "fine-tune", "precision": prec}, a.quick)
         report["floor"][prec] = floor
         print(f"[{prec}] floor: {floor}", flush=True)
         if "error" in floor:  # the backbone or the data cannot be loaded: every job would fail the same way
@@ -380,11 +516,21 @@ def _write(out: Path, report: dict) -> None:
 
 def markdown(report: dict) -> str:
     c = report["config"]
+    metric = c.get("metric", "bleu")
+    if c["task"] == "e2e":
+        evaluated = (f"eval BLEU on {c['eval_samples']} dev MRs (greedy, ptune's evaluator for both: PEFT's trained "
+                     f"tensors are loaded into a ptune method)")
+    else:
+        evaluated = (f"eval {metric} on {c['eval_samples']} dev examples (each tool's own model: PEFT's sequence "
+                     f"classifier reads BERT's pooler, ptune's linear head [CLS])")
+    extra = " ".join(c.get("ptune_extra") or [])
     lines = [f"# Bench {report['date']}: ptune vs PEFT + Trainer", "",
              f"`{report['command']}`", "",
-             f"{c['model']} on {c['task']}, batch {c['batch_size']}, {c['steps']} optimizer steps, "
-             f"eval BLEU on {c['eval_samples']} dev MRs (greedy, ptune's evaluator for both), loss = mean of the "
-             f"last {c['loss_window']} steps. Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
+             f"{c['model']} on {c['task']}, batch {c['batch_size']}, {c['steps']} optimizer steps, {evaluated}; "
+             f"train loss = mean of the last {c['loss_window']} logged steps (each tool's own batches); dev loss = "
+             f"cross-entropy on the first {c.get('dev_loss_samples', '?')} dev examples in fp32, dropout off, the same "
+             f"examples for both (per target token on E2E, per example on classification)"
+             + (f"; ptune jobs ran with `{extra}`" if extra else "") + ". Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
              f"torch {report['machine']['torch']} ({report['machine']['threads']} threads)"
              + (f", GPU {report['machine']['cuda']}" if report['machine']['cuda'] else "") + ".", "",
              "Matmul peak (2048², best of 10): " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in report["matmul_gflops"].items())
@@ -397,23 +543,23 @@ def markdown(report: dict) -> str:
                          f"every position), backbone {floor['backbone_params'] / 1e6:.1f} M parameters of which "
                          f"{floor['embedding_params'] / 1e6:.1f} M the input embedding, "
                          f"{floor['mean_tokens_per_example']:.1f} tokens per example.")
-    lines += ["", "| method | prec | tool | trainable | tokens/s | s/step (median) | peak RSS MB | loss | BLEU | roofline |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"| method | prec | tool | trainable | tokens/s | s/step (median) | peak RSS MB | train loss | dev loss | "
+              f"{metric} | roofline |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         for tool in ("ptune", "peft"):
             r = row[tool]
             if "error" in r:
-                lines.append(f"| {row['method']} | {row['precision']} | {tool} | error: {r['error'][:120]} | | | | | | |")
+                lines.append(f"| {row['method']} | {row['precision']} | {tool} | error: {r['error'][:120]} | | | | | | | |")
                 continue
             lines.append(f"| {row['method']} | {row['precision']} | {tool} | {r['trainable_params']:,} | "
                          f"{r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_rss_mb']:.0f} | {r['loss']:.4f} | "
-                         f"{_num(r['eval'])} | {r.get('roofline', float('nan')):.1%} |")
+                         f"{_num(r.get('dev_loss'))} | {_num(r['eval'])} | {r.get('roofline', float('nan')):.1%} |")
         p, q = row["ptune"], row["peft"]
         if "error" not in p and "error" not in q:
             lines.append(f"| {row['method']} | {row['precision']} | **ptune / PEFT** | | "
                          f"**{p['tokens_per_s'] / q['tokens_per_s']:.2f}x** | {p['step_s'] / q['step_s']:.2f}x | "
                          f"{p['peak_rss_mb'] / q['peak_rss_mb']:.2f}x | {p['loss'] - q['loss']:+.4f} | "
-                         f"{_diff(p['eval'], q['eval'])} | |")
+                         f"{_diff(p.get('dev_loss'), q.get('dev_loss'))} | {_diff(p['eval'], q['eval'])} | |")
     lines += ["", f"Bench wall time: {report.get('bench_wall_s', 'unfinished')} s.", ""]
     return "\n".join(lines)
 

@@ -19,10 +19,29 @@ def test_quick_bench_runs_every_method_in_both_tools(tmp_path):
             r = row[tool]
             assert "error" not in r, (row["method"], tool, r)
             assert r["tokens_per_s"] > 0 and r["step_s"] > 0 and 0 < r["roofline"] < 1.5
-            assert isinstance(r["eval"], float) and r["loss"] > 0
+            assert isinstance(r["eval"], float) and r["loss"] > 0 and r["dev_loss"] > 0
     by = {r["method"]: r for r in report["rows"]}
     hidden = 64  # tiny-llama
     assert by["prompt"]["ptune"]["trainable_params"] == by["prompt"]["peft"]["trainable_params"] == 20 * hidden
     assert by["fine-tune"]["ptune"]["trainable_params"] == report["floor"]["fp32"]["backbone_params"]
     md = out.with_suffix(".md").read_text()
     assert "ptune / PEFT" in md and md.count("| fp32 | ptune |") == len(bench.METHODS)
+
+
+def test_quick_bench_on_a_classifier_runs_peft_sequence_classification(tmp_path):
+    """minilm / SST-2's path on tiny-bert: PEFT trains BertForSequenceClassification (SEQ_CLS) around the
+    same encoder, ptune its linear head; both report accuracy and a dev loss on the same examples. (PEFT 0.21's
+    prefix tuning refuses BERT under transformers 5.24, "Model does not support past key values": the real bench
+    reports that as the PEFT row.)"""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "quick-sst2"
+    assert bench.main(["--quick", "--config", "tiny-sst2", "--methods", "prompt,fine-tune", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    for row in report["rows"]:
+        for tool in ("ptune", "peft"):
+            r = row[tool]
+            assert "error" not in r, (row["method"], tool, r)
+            assert 0 <= r["eval"] <= 1 and r["dev_loss"] > 0
+    assert "accuracy" in out.with_suffix(".md").read_text()
