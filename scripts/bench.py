@@ -358,7 +358,136 @@ def matmul_gflops(dtype_name: str, n: int = 2048, reps: int = 10) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-JOBS = {"ptune": job_ptune, "peft": job_peft, "floor": job_floor}
+def job_scale(spec: dict) -> dict:
+    """ptune's training step alone on fixed-shape batches: `batch` rows of `seq_len` E2E tokens (the text of the
+    training examples run together and cut), loss on the second half of each row (as E2E's table, then its
+    sentence), `method` with `num_virtual_tokens`; the median of `steps` timed steps after one warm-up, and the
+    memory: peak RSS of this process and its growth over the RSS with the model loaded (activations, gradients,
+    optimizer state)."""
+    import torch
+
+    from ptune import heads, models
+    from ptune.train import build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _compose({**spec, "tool": "ptune", "ptune_extra": [f"method.num_virtual_tokens={spec['p']}"]}, tmp)
+        backbone, method, task = build(cfg)
+    if spec["precision"] == "bf16":
+        models.store_frozen(backbone.model, torch.bfloat16)
+    stream = [t for e in task.train_examples(backbone.tokenizer, backbone.kind)[:2000] for t in e.input_ids]
+    bs, length = spec["batch"], spec["seq_len"]
+    need = bs * length * (spec["steps"] + 1)
+    stream = (stream * (need // len(stream) + 1))[:need]
+    ids = torch.tensor(stream).view(spec["steps"] + 1, bs, length)
+    labels = ids.clone()
+    labels[:, :, : length // 2] = -100
+    params = list(method.trainable_tensors().values())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    backbone.model.train()
+    rss_loaded = _rss_now_mb()
+    times = []
+    for i in range(spec["steps"] + 1):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", torch.bfloat16, enabled=spec["precision"] == "bf16"):
+            loss, _ = heads.loss(method, {"input_ids": ids[i], "attention_mask": torch.ones_like(ids[i]),
+                                          "labels": labels[i]})
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times[1:])
+    peak = _peak_rss_mb()
+    return dict(step_s=step_s, tokens_per_s=bs * length / step_s, peak_rss_mb=peak, step_memory_mb=peak - rss_loaded,
+                trainable_params=sum(p.numel() for p in params))
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+SCALING = {  # axis: (values, the other two fixed)
+    "p": ([1, 5, 20, 50, 100, 200], dict(batch=8, seq_len=64)),
+    "batch": ([1, 2, 4, 8, 16], dict(p=20, seq_len=64)),
+    "seq_len": ([32, 64, 128, 256], dict(p=20, batch=8)),
+}
+
+
+def run_scaling(base: dict, precision: str, methods: list[str], out: Path, quick: bool) -> dict:
+    """tokens/s and memory of prompt vs prefix against prompt length, batch size and sequence length."""
+    grid = SCALING if not quick else {"p": ([1, 4], dict(batch=2, seq_len=16)), "batch": ([1, 2], dict(p=2, seq_len=16)),
+                                      "seq_len": ([8, 16], dict(p=2, batch=2))}
+    report = dict(command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), kind="scaling",
+                  date=datetime.datetime.now().isoformat(timespec="seconds"), machine=_machine(),
+                  config={**base, "precision": precision}, points=[])
+    for axis, (values, fixed) in grid.items():
+        for value in values:
+            for method in methods:
+                spec = {**base, **fixed, axis: value, "tool": "scale", "method": method, "precision": precision,
+                        "steps": 2 if quick else 3}
+                res = run_job(spec, quick)
+                report["points"].append(dict(axis=axis, value=value, method=method, **{k: spec[k] for k in SCALING},
+                                             **res))
+                print(f"[scaling] {axis}={value} {method}: " + (res.get("error") or
+                      f"{res['tokens_per_s']:.0f} tok/s, {res['step_s']:.3f} s/step, +{res['step_memory_mb']:.0f} MB"),
+                      flush=True)
+        Path(f"{out}.json").write_text(json.dumps(report, indent=1) + "\n")
+    Path(f"{out}.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_scaling(report, Path(f"{out}.png"))
+    Path(f"{out}.md").write_text(scaling_markdown(report, Path(f"{out}.png").name))
+    return report
+
+
+def plot_scaling(report: dict, path: Path) -> None:
+    """One PNG: tokens/s (top) and step memory (bottom) against each axis, a line per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    axes_names = list(dict.fromkeys(pt["axis"] for pt in report["points"]))
+    fig = Figure(figsize=(4.2 * len(axes_names), 6.4))
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(2, len(axes_names), squeeze=False)
+    labels = {"p": "prompt length (virtual tokens)", "batch": "batch size (rows)", "seq_len": "sequence length (tokens)"}
+    for col, axis in enumerate(axes_names):
+        for method in dict.fromkeys(pt["method"] for pt in report["points"]):
+            pts = [pt for pt in report["points"] if pt["axis"] == axis and pt["method"] == method and "error" not in pt]
+            xs = [pt["value"] for pt in pts]
+            grid[0][col].plot(xs, [pt["tokens_per_s"] for pt in pts], marker="o", label=method)
+            grid[1][col].plot(xs, [pt["step_memory_mb"] for pt in pts], marker="o", label=method)
+        first = next(pt for pt in report["points"] if pt["axis"] == axis)
+        fixed = {k: first[k] for k in SCALING if k != axis}
+        for row, ylabel in ((0, "tokens/s (real tokens)"), (1, "step memory, MB")):
+            ax = grid[row][col]
+            ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks([pt["value"] for pt in report["points"] if pt["axis"] == axis])
+            ax.set_xticklabels([str(pt["value"]) for pt in report["points"] if pt["axis"] == axis])
+            ax.set_xlabel(labels.get(axis, axis) + ("" if not fixed else "\n(" + ", ".join(f"{k}={v}" for k, v in fixed.items()) + ")"))
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    c = report["config"]
+    fig.suptitle(f"{c['model']}, {c['precision']}, {report['machine']['cpus']} CPUs: training step cost")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def scaling_markdown(report: dict, png: str) -> str:
+    c = report["config"]
+    lines = [f"# Scaling {report['date']}: prompt vs prefix on {c['model']} ({c['precision']})", "",
+             f"`{report['command']}`", "", f"![scaling]({png})", "",
+             "| axis | value | method | batch | seq len | p | tokens/s | s/step | step memory MB | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for pt in report["points"]:
+        if "error" in pt:
+            lines.append(f"| {pt['axis']} | {pt['value']} | {pt['method']} | | | | error: {pt['error'][:100]} | | | |")
+            continue
+        lines.append(f"| {pt['axis']} | {pt['value']} | {pt['method']} | {pt['batch']} | {pt['seq_len']} | {pt['p']} | "
+                     f"{pt['tokens_per_s']:.0f} | {pt['step_s']:.3f} | {pt['step_memory_mb']:.0f} | {pt['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+JOBS = {"ptune": job_ptune, "peft": job_peft, "floor": job_floor, "scale": job_scale}
 
 
 def _job_main(spec_json: str) -> None:
@@ -435,6 +564,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ptune-extra", default="", help="space-separated overrides for ptune's jobs only, e.g. "
                     "'trainer.frozen_dtype=fp32' (a lever off) or 'trainer.group_by_length=false'")
     ap.add_argument("--out", help="output prefix (default bench/<date>)")
+    ap.add_argument("--scaling", action="store_true", help="ptune alone: tokens/s and memory of --methods (default "
+                    "prompt,prefix) against prompt length, batch size and sequence length; writes <out>.md/.json/.png")
     ap.add_argument("--render", metavar="JSON", help="rewrite the .md (and rooflines) of an existing report; runs nothing")
     a = ap.parse_args(argv)
     if a.render:
@@ -461,6 +592,12 @@ def main(argv=None) -> int:
     precisions = [p for p in a.precisions.split(",") if p]
     out = Path(a.out) if a.out else ROOT / "bench" / datetime.date.today().isoformat()
     out.parent.mkdir(parents=True, exist_ok=True)
+    if a.scaling:
+        if a.methods == ",".join(METHODS):
+            methods = ["prompt", "prefix"]
+        report = run_scaling(base, precisions[0], methods, out, a.quick)
+        print(f"wrote {out}.md, {out}.json and {out}.png")
+        return 0 if all("error" not in pt for pt in report["points"]) else 1
 
     t_start = time.time()
     peaks = {p: matmul_gflops(p) for p in precisions}

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -45,3 +47,22 @@ def test_quick_bench_on_a_classifier_runs_peft_sequence_classification(tmp_path)
             assert "error" not in r, (row["method"], tool, r)
             assert 0 <= r["eval"] <= 1 and r["dev_loss"] > 0
     assert "accuracy" in out.with_suffix(".md").read_text()
+
+
+def test_quick_scaling_writes_table_json_and_plot(tmp_path):
+    """--scaling: ptune alone, prompt vs prefix against prompt length, batch and sequence length (tiny-llama)."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "scaling"
+    assert bench.main(["--quick", "--scaling", "--out", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert {(pt["axis"], pt["method"]) for pt in report["points"]} == {
+        (a, m) for a in ("p", "batch", "seq_len") for m in ("prompt", "prefix")}
+    for pt in report["points"]:
+        assert pt["tokens_per_s"] > 0 and pt["tokens_per_s"] * pt["step_s"] == pytest.approx(pt["batch"] * pt["seq_len"])
+    by = {(pt["axis"], pt["value"], pt["method"]): pt for pt in report["points"]}
+    hidden = 64  # tiny-llama: prompt tuning trains p x hidden
+    assert by[("p", 4, "prompt")]["trainable_params"] == 4 * hidden
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert "![scaling](scaling.png)" in out.with_suffix(".md").read_text()
