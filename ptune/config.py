@@ -13,6 +13,7 @@ from ptune.errors import PtuneError
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 FROZEN_DTYPES = ("auto", "fp32")
+ATTENTIONS = ("auto", "sdpa", "eager")
 
 
 def _need(ok: bool, key: str, value, rule: str) -> None:
@@ -46,6 +47,8 @@ def check(cfg: DictConfig) -> None:
     _need(t.precision in PRECISIONS, "trainer.precision", t.precision, f"choose one of {', '.join(PRECISIONS)}")
     _need(t.get("frozen_dtype", "fp32") in FROZEN_DTYPES, "trainer.frozen_dtype", t.get("frozen_dtype"),
           f"choose one of {', '.join(FROZEN_DTYPES)}")
+    _need(t.get("attention", "sdpa") in ATTENTIONS, "trainer.attention", t.get("attention"),
+          f"choose one of {', '.join(ATTENTIONS)}")
     _need(t.schedule in SCHEDULES, "trainer.schedule", t.schedule, f"choose one of {', '.join(SCHEDULES)}")
     _int_at_least(cfg, "task.max_train_samples", 1, optional=True)
     _int_at_least(cfg, "task.max_eval_samples", 1, optional=True)

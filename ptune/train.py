@@ -46,11 +46,31 @@ def setup_logging(run_dir: Path | None, main: bool = True) -> None:
 
 
 def build_backbone(cfg: DictConfig):
-    """The frozen backbone of a composed config (`model` group)."""
-    return models.load(cfg.model.name, cfg.model.kind, cfg.model.source, cfg.model.get("name_or_path"),
-                       OmegaConf.to_container(cfg.model.get("tiny")) if cfg.model.get("tiny") else None,
-                       cfg.model.get("tokenizer"), seed=cfg.model.get("init_seed", 0),
-                       trust_remote_code=cfg.model.get("trust_remote_code", False))
+    """The frozen backbone of a composed config (`model` group), attention as `trainer.attention` says."""
+    backbone = models.load(cfg.model.name, cfg.model.kind, cfg.model.source, cfg.model.get("name_or_path"),
+                           OmegaConf.to_container(cfg.model.get("tiny")) if cfg.model.get("tiny") else None,
+                           cfg.model.get("tokenizer"), seed=cfg.model.get("init_seed", 0),
+                           trust_remote_code=cfg.model.get("trust_remote_code", False))
+    attn = attention(cfg)
+    if backbone.model.config._attn_implementation != attn:  # before any method wraps it (encoder prefixes)
+        backbone.model.set_attn_implementation(attn)
+    return backbone
+
+
+def attention(cfg: DictConfig) -> str:
+    """transformers' attention implementation for this config: `trainer.attention`, or for `auto`
+    eager under bf16 on CPU and sdpa otherwise.
+
+    Measured on SmolLM2-135M, prefix-tuning, batch 8, one thread (scripts/bench.py, docs/performance.md):
+    under bf16 autocast PyTorch's CPU flash-attention kernel (sdpa) costs more than the plain
+    matmul-softmax-matmul (eager) at 60, 128 and 256 tokens per row (1.85 / 4.39 / 9.45 s per step
+    against 1.51 / 3.70 / 8.46); in fp32 the two are equal (2.73 s at 60 tokens). A config saved
+    before the key existed ran sdpa and resumes so.
+    """
+    choice = cfg.trainer.get("attention", "sdpa")
+    if choice != "auto":
+        return choice
+    return "eager" if cfg.trainer.precision == "bf16" and not torch.cuda.is_available() else "sdpa"
 
 
 def build(cfg: DictConfig, backbone=None):
@@ -120,10 +140,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     backbone, method, task = build(cfg)
     backbone.model.to(accelerator.device)
     method.to(accelerator.device)
-    frozen = frozen_dtype(cfg, backbone.model)
+    frozen = frozen_dtype(cfg)
     if frozen is not None:
         n = models.store_frozen(backbone.model, frozen)
-        log.info("frozen backbone tensors stored in %s (%d parameters); trained tensors stay fp32", frozen, n)
+        log.info("frozen matmul weights stored in %s (%d parameters); trained tensors stay fp32", frozen, n)
     examples = task.train_examples(backbone.tokenizer, backbone.kind)
     check_context(method, examples)
     check_step_size(len(examples), cfg.trainer.batch_size, cfg.trainer.grad_accum, accelerator.num_processes)
@@ -168,18 +188,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     return {"run_dir": str(run_dir), "summary": summary}
 
 
-def frozen_dtype(cfg: DictConfig, model) -> torch.dtype | None:
+def frozen_dtype(cfg: DictConfig) -> torch.dtype | None:
     """The dtype frozen backbone tensors are stored in during training, None for unchanged (fp32).
 
     `trainer.frozen_dtype=auto` follows the precision: bf16 (or fp16) autocast computes every matmul in
-    that dtype anyway, so the frozen weights are kept in it (models.store_frozen). Only for a backbone
-    that is frozen as a whole: when fine-tune trains some of its layers, fp32 and bf16 layer norms
-    would meet in one stream (CPU layer_norm refuses a bf16 weight on fp32 input), so it stays fp32.
-    A config saved before the key existed trained with fp32 weights and resumes so.
+    that dtype anyway, so the frozen matmul weights are kept in it (models.store_frozen: the same
+    numbers, without a cast at every use). A config saved before the key existed resumes as it trained.
     """
     if cfg.trainer.precision == "fp32" or cfg.trainer.get("frozen_dtype", "fp32") == "fp32":
-        return None
-    if any(p.requires_grad for p in model.parameters()):
         return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.trainer.precision]
 

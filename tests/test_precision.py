@@ -1,6 +1,6 @@
-"""trainer.precision=bf16 on a frozen backbone: frozen weights stored in bf16 once (the lever of
-models.store_frozen), trained tensors and optimizer state fp32, evaluation under the same autocast,
-and the bf16 run still resumes bit for bit."""
+"""trainer.precision=bf16: frozen matmul weights stored in bf16 once (models.store_frozen), which
+computes exactly what autocast over fp32 weights computes; trained tensors and optimizer state fp32,
+evaluation under the same autocast, and the bf16 run still resumes bit for bit."""
 
 import json
 
@@ -29,14 +29,16 @@ def test_bf16_run_stores_frozen_weights_in_bf16_and_trains_fp32(in_tmp, data_dir
 
     def spy(model_, dtype):
         n = real(model_, dtype)
-        seen["dtypes"] = {p.dtype for p in model_.parameters()}
+        seen["linear"] = {m.weight.dtype for m in model_.modules() if isinstance(m, torch.nn.Linear)
+                          and m.weight is not model_.get_input_embeddings().weight}
+        seen["embedding"] = model_.get_input_embeddings().weight.dtype
         seen["n"] = n
         return n
 
     monkeypatch.setattr(models, "store_frozen", spy)
     assert main(["train", f"method={method}", f"model={model}", f"task={task}", "trainer.precision=bf16",
                  *[o for o in TINY if task == "e2e" or not o.startswith(("task.max_new", "task.metrics"))]]) == 0
-    assert seen["dtypes"] == {torch.bfloat16} and seen["n"] > 0  # the whole backbone, once
+    assert seen["linear"] == {torch.bfloat16} and seen["embedding"] == torch.float32 and seen["n"] > 0
     [run] = _runs(in_tmp)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["precision"] == "bf16" and summary["eval"] and torch.isfinite(torch.tensor(summary["final_train_loss"]))
@@ -48,19 +50,41 @@ def test_bf16_run_stores_frozen_weights_in_bf16_and_trains_fp32(in_tmp, data_dir
 
 def test_frozen_dtype_rules(data_dir):
     cfg = compose(["method=prefix", "model=tiny-llama", "trainer.precision=bf16"])
-    backbone, _, _ = build(cfg)
-    assert frozen_dtype(cfg, backbone.model) == torch.bfloat16
+    assert frozen_dtype(cfg) == torch.bfloat16
     cfg.trainer.frozen_dtype = "fp32"  # the lever off: autocast over fp32 weights
-    assert frozen_dtype(cfg, backbone.model) is None
+    assert frozen_dtype(cfg) is None
     OmegaConf.set_struct(cfg, False)
     del cfg.trainer["frozen_dtype"]  # a config saved before the key existed resumes as it trained
-    cfg.trainer.precision = "bf16"
-    assert frozen_dtype(cfg, backbone.model) is None
-    assert frozen_dtype(compose(["method=prefix", "model=tiny-llama"]), backbone.model) is None  # fp32 run
-    # fine-tune trains backbone layers: bf16 and fp32 layer norms would meet in one stream -> fp32
-    cfg = compose(["method=fine-tune", "method.trainable=top-k", "model=tiny-bart", "trainer.precision=bf16"])
-    backbone, _, _ = build(cfg)
-    assert frozen_dtype(cfg, backbone.model) is None
+    assert frozen_dtype(cfg) is None
+    assert frozen_dtype(compose(["method=prefix", "model=tiny-llama"])) is None  # fp32 run
+
+
+@pytest.mark.parametrize("method,model,task", [("prefix", "tiny-llama", "e2e"), ("prompt", "tiny-gpt2", "e2e"),
+                                               ("prefix", "tiny-t5", "e2e"), ("p-tuning-v2", "tiny-bart", "sst2"),
+                                               ("p-tuning", "tiny-bert", "sst2"), ("fine-tune", "tiny-bart", "e2e")])
+def test_stored_bf16_weights_compute_what_autocast_computes(data_dir, method, model, task):
+    """Loss and every gradient bit for bit equal to autocast over fp32 weights (fine-tune: top-k layers trained,
+    the frozen ones stored in bf16 beside them)."""
+    from ptune import heads, models
+    from ptune.data import collate
+
+    overrides = [f"model={model}", f"method={method}", f"task={task}", "task.max_train_samples=16"]
+    if method == "fine-tune":
+        overrides.append("method.trainable=top-k")
+    results = []
+    for store in (False, True):
+        backbone, m, t = build(compose(overrides))
+        batch = collate(t.train_examples(backbone.tokenizer, backbone.kind)[:4], backbone.tokenizer.pad_token_id)
+        if store:
+            assert models.store_frozen(backbone.model, torch.bfloat16) > 0
+        backbone.model.eval()
+        with torch.autocast("cpu", torch.bfloat16):
+            loss, _ = heads.loss(m, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in m.trainable_tensors().values()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert len(grads_a) == len(grads_b) > 0 and all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
 
 
 def test_frozen_dtype_is_checked(in_tmp, capsys):
@@ -94,3 +118,39 @@ def test_bf16_resumed_equals_uninterrupted(in_tmp, data_dir, monkeypatch):
                 for line in (run / "metrics.jsonl").read_text().splitlines()]
 
     assert metrics(full) == metrics(broken)
+
+
+def test_attention_auto_is_eager_under_bf16_on_cpu(data_dir):
+    from ptune.train import attention
+
+    assert attention(compose(["model=tiny-llama", "trainer.precision=bf16"])) == "eager"
+    assert attention(compose(["model=tiny-llama"])) == "sdpa"
+    assert attention(compose(["model=tiny-llama", "trainer.precision=bf16", "trainer.attention=sdpa"])) == "sdpa"
+    cfg = compose(["model=tiny-llama", "trainer.precision=bf16"])
+    OmegaConf.set_struct(cfg, False)
+    del cfg.trainer["attention"]  # a run saved before the key: it ran sdpa
+    assert attention(cfg) == "sdpa"
+
+
+@pytest.mark.parametrize("method,model,task", [("prefix", "tiny-llama", "e2e"), ("prefix", "tiny-t5", "e2e"),
+                                               ("p-tuning-v2", "tiny-bart", "sst2"), ("prompt", "tiny-gpt2", "e2e"),
+                                               ("p-tuning-v2", "tiny-bert", "sst2")])
+def test_eager_and_sdpa_attention_agree(data_dir, method, model, task):
+    """The same loss and gradients (fp32, to 1e-5) through either attention; encoder prefixes wrap both."""
+    from ptune import heads
+    from ptune.data import collate
+
+    results = []
+    for attn in ("sdpa", "eager"):
+        backbone, m, t = build(compose([f"model={model}", f"method={method}", f"task={task}",
+                                        "task.max_train_samples=16", f"trainer.attention={attn}"]))
+        assert attn in backbone.model.config._attn_implementation
+        batch = collate(t.train_examples(backbone.tokenizer, backbone.kind)[:4], backbone.tokenizer.pad_token_id)
+        backbone.model.eval()
+        loss, _ = heads.loss(m, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in m.trainable_tensors().values()]))
+    (la, ga), (lb, gb) = results
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
