@@ -31,6 +31,8 @@ commands:
             [task.decoding=beam task.num_beams=5 task.max_eval_samples=null ...]  (how to evaluate)
             another task (domain transfer): ptune eval run=<run dir> task=<task> [task.<key>=...]
             [label_map=<trained>:<new>,...|<file.json|yaml>]
+            a prompt ensemble (runs of one task, one batched pass): ptune eval run=<dir1>,<dir2>,...
+            ensemble=vote|mean [split=dev] [out=<file.json>]
   predict   predict for a file: ptune predict run=<run dir> input=<file.jsonl|csv> [output=<file.jsonl>]
             several runs on one backbone, rows naming their "adapter": run=sst2:<dir>,e2e:<dir>
   serve     answer JSON over HTTP with one or several runs: ptune serve run=<dir>[,<dir>...] [host=127.0.0.1]
