@@ -224,7 +224,7 @@ def plot(jobs: list[Job], x: str | None, groups: list[str], metric: str | None, 
         ax.set_xticks(range(len(categories)), categories)
     ax.set_xlabel(x or "job")
     ylabel = {"metric": f"{metric} (dev, final)", "train_tokens_per_s": "train tokens/s (non-padding)",
-              "peak_memory_mb": "peak memory so far in the sweep (MB)"}[which]
+              "peak_memory_mb": "peak memory of the job (MB)"}[which]
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
@@ -255,10 +255,10 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, str | None]:
            f"Metric: {metric or '–'} on the task's dev split ({_eval_size(finished)}).", ""]
     out += table(jobs, [k for k in (x, *groups) if k], metric, sweep_dir)
     if len(finished) > 1:
-        out += ["", "The jobs of a sweep run one after another in one process, and a run's peak memory is that "
-                "process's high-water mark (peak RSS on CPU, max allocated on GPU: ptune.trainer.peak_memory_mb), "
-                "so *peak MB* never falls from one job to the next: a job's own peak shows only where it rises. "
-                "Tokens/s are wall-clock rates: other load on the machine lowers them."]
+        out += ["", "The jobs of a sweep run one after another in one process; each job's *peak MB* is its own "
+                "(ptune.trainer.reset_peak_memory at its start: peak RSS on CPU, counted from the memory the process "
+                "held then, max allocated on GPU). Runs made before 2026-11-30's fix report the sweep's high-water "
+                "mark instead. Tokens/s are wall-clock rates: other load on the machine lowers them."]
     why = None
     try:
         images = []

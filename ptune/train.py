@@ -17,7 +17,7 @@ from ptune import checkpoint as ckpt
 from ptune import methods, models, rundir, tasks
 from ptune.config import check, method_kwargs, task_kwargs
 from ptune.errors import PtuneError
-from ptune.trainer import TrainArgs, check_step_size, fit, peak_memory_mb
+from ptune.trainer import TrainArgs, check_step_size, fit, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger("ptune")
 
@@ -133,6 +133,7 @@ def _claim_run_dir(accelerator, cfg: DictConfig, run_dir: Path | None) -> Path:
 def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) -> dict:
     """Run one training job into run_dir (claimed under cfg.output_dir if None). Returns summary."""
     check(cfg)
+    reset_peak_memory()  # this job's peak, also when a sweep runs several in one process
     accelerator = _accelerator(cfg.trainer.precision)
     # Everything that can fail on bad input (model, method, data) is loaded before a run directory
     # is claimed or written, so a mistake leaves no half-made run behind.

@@ -83,9 +83,32 @@ def lr_at(step: int, args: TrainArgs) -> float:
 
 
 def peak_memory_mb() -> float:
+    """Peak memory since the last reset_peak_memory(): GPU max allocated, else the process's peak RSS
+    (Linux VmHWM, which clear_refs resets; getrusage's ru_maxrss where /proc is missing)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak: each job of a sweep (one process) then reports its own, not the sweep's so far.
+    On CPU the peak restarts from the memory held now (the loaded model included), as a fresh process
+    reaches it too."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux >= 4.0: reset VmHWM to the current RSS
+    except OSError:
+        pass
 
 
 def _is_better(value, best: dict | None, key: str, greater: bool) -> bool:
