@@ -7,21 +7,32 @@ that share one `Backbone`). What each kind of adapter puts in front of the row's
     prefix, p-tuning-v2  p_a keys/values per layer in front of the attention (cache side)
     hard-prompt          nothing (its words are in the task's template)
 
-The batch holds one slot block per side, as wide as the longest adapter of that side:
+Layout: each row is packed on its own, its soft prompt (if any) right before its own real tokens,
+and rows are padded to the widest such concatenation, W = max_r (q_r + n_r) (q_r: the row's soft
+prompt length, 0 for prefix and hard-prompt rows; n_r: its real tokens). Causal backbones pad on
+the left, so every row's last token is the last column (what greedy decoding continues from);
+masked/encoder backbones pad on the right, so every row starts at column 0 as it does alone:
 
-    cache slots (Pk)              input slots (Pp)            tokens (S, left- or right-padded)
-    [ 0 0 0 | k_b k_b k_b k_b ]   [ 0 0 | P_a P_a P_a ]       [ pad pad x1 x2 x3 ]
+    causal   cache slots (Pk)            row (W)
+             [ 0 0 0 | k_b k_b k_b ]     [ pad pad | P_a P_a P_a | x1 x2 x3 ]
+    encoder                              [ P_a P_a P_a | [CLS] x1 x2 | pad pad ]
 
-A row's own prompt or prefix sits at the right end of its block; every slot it does not use is
-masked (attention_mask 0), and so is the other side's block. Positions are the ones the row gets
-alone (`Method._position_ids` and Prompt.model_inputs): prompt slots 0..p_a-1, real tokens
-numbered from the row's own p_a (prompt or prefix length), skipping pads; masked slots get
-position 1, never read. Prefix keys/values carry no position (they are stored as the attention
-reads them, as in kv.py). So each row attends to exactly the keys it attends to alone, with the
-same positions, and its outputs equal the single-adapter ones up to float summation order
-(tests/test_multi.py: logits within 1e-5, generated text equal). Fully masked queries (the
-masked slots of a causal row) are the slots nobody reads; sdpa returns zeros for them (torch's
-safe softmax) and eager attention a finite average, so they never reach a real row.
+Prefix keys/values stay in one cache block before the rows, as wide as the batch's longest
+prefix, Pk: a row's own prefix sits at the right end of the block and every slot it does not use
+is masked (a prompt or hard-prompt row masks the whole block). A prefix row adds no width to W.
+Positions are the ones the row gets alone (`Method._position_ids` and Prompt.model_inputs):
+prompt slots 0..q_r-1, real tokens numbered from the row's own p_a (prompt or prefix length),
+skipping pads; pads get position 1 and are masked, never read. Prefix keys/values carry no
+position (they are stored as the attention reads them, as in kv.py). So each row attends to
+exactly the keys it attends to alone, with the same positions, and its outputs equal the
+single-adapter ones up to float summation order (tests/test_multi.py: logits within 1e-5,
+generated text equal). Fully masked queries (a causal row's left pads) are the slots nobody
+reads; sdpa returns zeros for them (torch's safe softmax) and eager attention a finite average,
+so they never reach a real row.
+
+Callers pass token rows padded on either side (`input_ids`, `attention_mask`, (batch, S)); the
+hidden states and logits come back in the callers' columns (`token_states`, `token_logits`:
+(batch, S, ...), gathered from the layout; a pad column holds no meaningful state).
 
 Backbones: causal (GPT-2, Llama) and masked/encoder (BERT, MiniLM). Encoder-decoders take their
 prefixes through the encoder's attention function and the decoder cache (kv.py); mixing those is
@@ -70,24 +81,30 @@ def prompt_tensor(method) -> torch.Tensor:
 
 @dataclass
 class Mixed:
-    """Backbone kwargs for a mixed batch and where its tokens start.
+    """Backbone kwargs for a mixed batch and where the callers' token columns went.
 
-    inputs: inputs_embeds (batch, Pp + S, hidden), attention_mask (batch, Pk + Pp + S),
-    position_ids (batch, Pp + S) where the model takes them, the prefix cache when Pk > 0.
-    n_slots: Pp, the input slots before the tokens (hidden states [:, n_slots:] are the tokens').
-    token_positions: (batch, S), the position of every token (what a next token continues from).
+    inputs: inputs_embeds (batch, W, hidden), attention_mask (batch, Pk + W), position_ids
+    (batch, W) where the model takes them, the prefix cache when Pk > 0 (W, Pk: module docstring).
+    columns: (batch, S) long, the layout column of every input column (hidden states of the
+    layout, gathered at `columns`, are the tokens'); a pad column points at column 0.
+    token_positions: (batch, S), the position of every input column (pads 1).
     """
 
     inputs: dict
-    n_slots: int
+    columns: torch.Tensor
     token_positions: torch.Tensor
+
+    def tokens(self, states: torch.Tensor) -> torch.Tensor:
+        """(batch, W, ...) states of the layout -> (batch, S, ...) in the callers' columns."""
+        return states[torch.arange(states.shape[0], device=states.device).unsqueeze(1), self.columns]
 
 
 @torch.no_grad()
 def mixed_inputs(methods: list, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  adapter_ids: torch.Tensor) -> Mixed:
     """Build the mixed batch. methods: loaded methods on one backbone; input_ids, attention_mask:
-    (batch, S); adapter_ids: (batch,) long, row r belongs to methods[adapter_ids[r]]."""
+    (batch, S), padded on either side; adapter_ids: (batch,) long, row r belongs to
+    methods[adapter_ids[r]]."""
     backbone = methods[0].backbone
     model = backbone.model
     device = input_ids.device
@@ -95,14 +112,24 @@ def mixed_inputs(methods: list, input_ids: torch.Tensor, attention_mask: torch.T
     sides = [side_of(m) for m in methods]
     used = sorted(set(adapter_ids.tolist()))
     p_of = torch.tensor([getattr(m, "p", 0) if s != "plain" else 0 for m, s in zip(methods, sides)], device=device)
-    n_before = p_of[adapter_ids]  # (batch,): each row's own prompt or prefix length
-    pp = max([int(p_of[a]) for a in used if sides[a] == "prompt"], default=0)
+    on_input = torch.tensor([s == "prompt" for s in sides], device=device)
+    n_before = p_of[adapter_ids]  # (batch,): each row's own prompt or prefix length (its first token's position)
+    q = torch.where(on_input[adapter_ids], n_before, 0)  # (batch,): soft prompt slots in the row itself
+    real = attention_mask != 0  # (batch, S)
+    n_real = real.sum(-1)  # (batch,)
+    width = int((q + n_real).max())  # W
     pk = max([int(p_of[a]) for a in used if sides[a] == "prefix"], default=0)
 
-    embeds = model.get_input_embeddings()(input_ids)  # (batch, S, hidden)
-    slots = embeds.new_zeros(batch, pp, embeds.shape[-1])  # (batch, Pp, hidden)
-    slot_mask = attention_mask.new_zeros(batch, pp)
-    slot_pos = torch.ones(batch, pp, dtype=torch.long, device=device)
+    # where each row starts: causal rows end at the last column (left padding), encoder rows start at 0
+    start = width - q - n_real if backbone.kind == "causal" else torch.zeros_like(q)  # (batch,)
+    rank = real.long().cumsum(-1) - 1  # (batch, S): index among the row's real tokens
+    token_pos = (rank + n_before.unsqueeze(1)).masked_fill(~real, 1)  # (batch, S)
+    target = torch.where(real, (start + q).unsqueeze(1) + rank, width)  # (batch, S): pads -> a spare column W
+    ids = input_ids.new_zeros(batch, width + 1).scatter_(1, target, input_ids)[:, :width]  # pads: id 0, masked
+    row_mask = attention_mask.new_zeros(batch, width + 1).scatter_(1, target, attention_mask)[:, :width]
+    row_pos = token_pos.new_ones(batch, width + 1).scatter_(1, target, token_pos)[:, :width]
+    embeds = model.get_input_embeddings()(ids)  # (batch, W, hidden)
+
     cache_mask = attention_mask.new_zeros(batch, pk)
     layers = None
     if pk:
@@ -115,9 +142,11 @@ def mixed_inputs(methods: list, input_ids: torch.Tensor, attention_mask: torch.T
         if not p:
             continue
         if sides[a] == "prompt":
-            slots[rows, pp - p:] = prompt_tensor(methods[a]).to(embeds.dtype)
-            slot_mask[rows, pp - p:] = 1
-            slot_pos[rows, pp - p:] = torch.arange(p, device=device)
+            slots = torch.arange(p, device=device)
+            cols = start[rows].unsqueeze(1) + slots  # (n_a, p): the row's prompt, right before its tokens
+            embeds[rows.unsqueeze(1), cols] = prompt_tensor(methods[a]).to(embeds.dtype)
+            row_mask[rows.unsqueeze(1), cols] = 1
+            row_pos[rows.unsqueeze(1), cols] = slots
         else:
             flat = methods[a].prefixes[stack.name].flat()  # (p, width)
             for (keys, values), (k, v) in zip(layers, kv.to_layers(flat, stack, 1, embeds.dtype)):
@@ -125,28 +154,27 @@ def mixed_inputs(methods: list, input_ids: torch.Tensor, attention_mask: torch.T
                 values[rows, :, pk - p:] = v[0]
             cache_mask[rows, pk - p:] = 1
 
-    token_pos = (attention_mask.long().cumsum(-1) - 1 + n_before.unsqueeze(1)).masked_fill(attention_mask == 0, 1)
-    inputs = {"inputs_embeds": torch.cat([slots, embeds], dim=1),
-              "attention_mask": torch.cat([cache_mask, slot_mask, attention_mask], dim=1), "use_cache": False}
+    columns = target.masked_fill(~real, 0)
+    inputs = {"inputs_embeds": embeds, "attention_mask": torch.cat([cache_mask, row_mask], dim=1), "use_cache": False}
     if methods[0]._takes_position_ids:
-        inputs["position_ids"] = torch.cat([slot_pos, token_pos], dim=1)
+        inputs["position_ids"] = row_pos
     if layers is not None:
         inputs[kv.cache_kwarg(model)] = kv.dynamic_cache(layers, model.config)
-    return Mixed(inputs, pp, token_pos)
+    return Mixed(inputs, columns, token_pos)
 
 
 @torch.no_grad()
 def token_states(methods, input_ids, attention_mask, adapter_ids) -> torch.Tensor:
     """The backbone's last hidden states at the token positions, (batch, S, hidden)."""
     mixed = mixed_inputs(methods, input_ids, attention_mask, adapter_ids)
-    return methods[0].backbone.model.base_model(**mixed.inputs).last_hidden_state[:, mixed.n_slots:]
+    return mixed.tokens(methods[0].backbone.model.base_model(**mixed.inputs).last_hidden_state)
 
 
 @torch.no_grad()
 def token_logits(methods, input_ids, attention_mask, adapter_ids) -> torch.Tensor:
     """The LM's own logits at the token positions, (batch, S, vocab) (a masked LM's MLM head)."""
     mixed = mixed_inputs(methods, input_ids, attention_mask, adapter_ids)
-    return methods[0].backbone.model(**mixed.inputs).logits[:, mixed.n_slots:]
+    return mixed.tokens(methods[0].backbone.model(**mixed.inputs).logits)
 
 
 # -- heads ---------------------------------------------------------------------------------------
@@ -198,10 +226,11 @@ def greedy(methods, input_ids, attention_mask, adapter_ids, max_new_tokens: list
     """Greedy decoding of a mixed batch on a causal backbone; new token ids per row, each ending at
     (and including) its first stop id or after its own max_new_tokens.
 
-    input_ids, attention_mask: (batch, S), LEFT-padded so that every row's next token follows its
-    last column. The first forward fills a cache behind the prefix slots; each step then feeds one
-    token per row at its own next position (the last token's + 1), as transformers' generate() does
-    for a row alone (its position ids come from the attention mask; `Prompt.generate` passes them).
+    input_ids, attention_mask: (batch, S), padded on either side (the causal layout ends every row
+    at its last column). The first forward fills a cache behind the prefix slots; each step then
+    feeds one token per row at its own next position (the last token's + 1), as transformers'
+    generate() does for a row alone (its position ids come from the attention mask;
+    `Prompt.generate` passes them).
     """
     from transformers import DynamicCache
 
@@ -214,7 +243,7 @@ def greedy(methods, input_ids, attention_mask, adapter_ids, max_new_tokens: list
     key = kv.cache_kwarg(model)
     inputs.setdefault(key, DynamicCache(config=model.config))
     cache, mask = inputs[key], inputs["attention_mask"]
-    position = mixed.token_positions[:, -1:]  # (batch, 1)
+    position = mixed.token_positions.masked_fill(attention_mask == 0, -1).amax(-1, keepdim=True)  # (batch, 1): last
     hidden = model.base_model(**inputs).last_hidden_state[:, -1]  # (batch, hidden)
     batch = input_ids.shape[0]
     limits = torch.tensor(max_new_tokens, device=input_ids.device)

@@ -185,8 +185,10 @@ class Pool:
         verbalizer's log P(label words | x) (logsumexp over a class's words); all rows in one forward
         per head kind (linear rows one, verbalizer queries one)."""
         mixed.check_kind(self.backbone)
-        encoded = self.encode(inputs)
-        out: list = [None] * len(inputs)
+        return self._class_scores(self.encode(inputs))
+
+    def _class_scores(self, encoded: list[dict]) -> list[torch.Tensor]:
+        out: list = [None] * len(encoded)
         linear = [i for i, e in enumerate(encoded) if self._head(e) == "linear"]
         slot = [i for i, e in enumerate(encoded) if self._head(e) == "verbalizer"]
         gen = [i for i, e in enumerate(encoded) if self._head(e) == "lm"]
@@ -202,6 +204,12 @@ class Pool:
 
     def _head(self, e: dict) -> str:
         return self.adapters[self.names[e["adapter"]]].head
+
+    def width(self, e: dict) -> int:
+        """Columns an encoded row takes in a mixed forward (ptune.mixed packs each row): its soft
+        prompt (prompt, p-tuning) + its tokens; a prefix adds keys, no columns."""
+        m = self._methods[e["adapter"]]
+        return (m.p if mixed.side_of(m) == "prompt" else 0) + len(e["ids"])
 
     def _batch(self, encoded: list[dict], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask (batch, S) padded on `side`, adapter ids (batch,)."""
@@ -246,10 +254,12 @@ class Pool:
 
     def generate(self, inputs: list[dict]) -> list[str]:
         """Per generation row, one line of greedy text (as generate.generate_from_ids decodes it)."""
+        mixed.check_kind(self.backbone)
+        return self._generate(self.encode(inputs))
+
+    def _generate(self, encoded: list[dict]) -> list[str]:
         from ptune.generate import _newline_ids
 
-        mixed.check_kind(self.backbone)
-        encoded = self.encode(inputs)
         for i, e in enumerate(encoded):
             if self._head(e) != "lm":
                 raise PtuneError(f"input {i} belongs to a classification adapter; generate takes generation rows")
@@ -275,17 +285,17 @@ class Pool:
                     for i, p in zip(idx, a.task.predict(a.method, rows, batch_size)):
                         out[i] = p
             return out
-        # Rows sorted by their adapter's prompt length (stable) before batching: a mixed batch is as wide
-        # as its longest prompt, so batches of similar lengths pad less (scripts/bench_serving.py measured
-        # 0.78-0.81x of one-adapter throughput unsorted, 0.87-0.89x sorted, prompt lengths 4..32).
-        order = sorted(range(len(inputs)), key=lambda i: getattr(self._adapter_of(inputs[i]).method, "p", 0))
-        gen = [i for i in order if self._adapter_of(inputs[i]).head == "lm"]
-        cls_ = [i for i in order if self._adapter_of(inputs[i]).head != "lm"]
+        # Rows sorted by their width in a mixed forward (own prompt + own tokens, stable) before batching:
+        # a forward is as wide as its widest row, so rows of similar widths pad less.
+        encoded = self.encode(inputs)
+        order = sorted(range(len(inputs)), key=lambda i: self.width(encoded[i]))
+        gen = [i for i in order if self._head(encoded[i]) == "lm"]
+        cls_ = [i for i in order if self._head(encoded[i]) != "lm"]
         for idx in _chunks(cls_, batch_size):
-            for i, s in zip(idx, self.class_scores([inputs[i] for i in idx])):
+            for i, s in zip(idx, self._class_scores([encoded[i] for i in idx])):
                 out[i] = self._adapter_of(inputs[i]).task.labels[int(s.argmax())]
         for idx in _chunks(gen, batch_size):
-            for i, text in zip(idx, self.generate([inputs[i] for i in idx])):
+            for i, text in zip(idx, self._generate([encoded[i] for i in idx])):
                 out[i] = text
         return out
 

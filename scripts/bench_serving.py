@@ -174,20 +174,27 @@ def plans(ids, adapters, spec: dict) -> dict:
            # PEFT: each arriving window of B rows split by adapter, one forward per group
            "switch": [[i for i in w if adapters[i] == k] for w in stream for k in sorted({adapters[i] for i in w})]}
     if spec.get("sorted_window"):
-        out["mixed_sorted"] = by_length(list(range(len(ids))), ids, adapters, spec["lengths"], b,
-                                        spec["sorted_window"] * b)
+        out["mixed_sorted"] = by_width(list(range(len(ids))), ids, adapters, spec, b, spec["sorted_window"] * b)
     return out
+
+
+LAYOUT = "row"  # ptune.mixed packs each row as its own prompt + its own tokens (reports before it: "block")
 
 
 def positions(forwards: list[list[int]], ids, adapters, spec: dict) -> int:
     """Rows x positions the layers compute in one pass, padding included: per forward, its rows x
-    (input slots + longest row). Prompt adapters' slots are as wide as the forward's longest prompt
-    (ptune.mixed pads shorter ones and masks them; a one-adapter forward has exactly its own);
-    prefixes add keys only, no positions."""
+    its widest row, a row being its own prompt + its own tokens (ptune.mixed packs each row so; a
+    one-adapter forward, ptune's or PEFT's, is its prompt + its longest row). Prefixes add keys
+    only, no positions. Reports written before that layout ("layout" absent from their config) are
+    counted as ptune.mixed then laid a batch out: one prompt block as wide as the forward's longest
+    prompt, then the tokens padded to the longest row."""
     total = 0
     for rows in forwards:
-        slots = max(spec["lengths"][adapters[i]] for i in rows) if spec["method"] == "prompt" else 0
-        total += len(rows) * (slots + max(len(ids[i]) for i in rows))
+        own = [spec["lengths"][adapters[i]] if spec["method"] == "prompt" else 0 for i in rows]
+        if spec.get("layout", "block") == "row":
+            total += len(rows) * max(p + len(ids[i]) for p, i in zip(own, rows))
+        else:
+            total += len(rows) * (max(own) + max(len(ids[i]) for i in rows))
     return total
 
 
@@ -279,15 +286,27 @@ def ptune_methods(backbone, method: str, lengths: list[int]) -> list:
     return out
 
 
-def by_length(order: list[int], ids, adapters, lengths, size: int, window: int) -> list[list[int]]:
+def by_width(order: list[int], ids, adapters, spec: dict, size: int, window: int) -> list[list[int]]:
     """Batches of `size` from consecutive windows of `window` arriving rows, each window's rows
-    sorted by (prompt length, row length): the fix tried for the padding that unequal prompt
-    lengths cost a mixed batch (every row is as wide as the batch's longest prompt + longest row)."""
+    sorted by their width in a mixed forward: own prompt (prompt adapters) + own tokens, as
+    ptune.mixed packs a row and Pool.predict sorts. Reports of the earlier layout ("block", where
+    every row was as wide as the batch's longest prompt + longest row) sorted by (prompt length,
+    row length), and are recounted so."""
+    lengths = spec["lengths"]
+    if spec.get("layout", "block") == "row":
+        def key(i):
+            return (lengths[adapters[i]] if spec["method"] == "prompt" else 0) + len(ids[i])
+    else:
+        def key(i):
+            return lengths[adapters[i]], len(ids[i])
     out = []
     for w in range(0, len(order), window):
-        rows = sorted(order[w:w + window], key=lambda i: (lengths[adapters[i]], len(ids[i])))
-        out += batches(rows, size)
+        out += batches(sorted(order[w:w + window], key=key), size)
     return out
+
+
+def sort_label(config: dict) -> str:
+    return "row width" if config.get("layout") == "row" else "prompt length"
 
 
 def job_ptune(spec: dict) -> dict:
@@ -379,7 +398,7 @@ def median_of(runs: list[dict], mode: str, key: str) -> float:
     return statistics.median(r[mode][key] for r in runs)
 
 
-def compare(method: str, runs: dict) -> dict:
+def compare(method: str, runs: dict, config: dict) -> dict:
     """One row of the report from the rounds of both tools; the agreement checks across tools."""
     row = {"method": method, "raw": runs}
     errors = {t: r["error"] for t in runs for r in runs[t] if "error" in r}
@@ -404,7 +423,7 @@ def compare(method: str, runs: dict) -> dict:
                      "ptune single / PEFT single": pt["single"]["rows_per_s"] / pf["single"]["rows_per_s"],
                      "peak RSS ptune / PEFT": pt["peak_rss_mb"] / pf["peak_rss_mb"]}
     if "mixed_sorted" in pt:
-        row["ratios"]["ptune mixed, window sorted by prompt length / ptune single"] = (
+        row["ratios"][f"ptune mixed, window sorted by {sort_label(config)} / ptune single"] = (
             pt["mixed_sorted"]["rows_per_s"] / pt["single"]["rows_per_s"])
     return row
 
@@ -440,7 +459,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, help="A B pairs of subprocesses per method")
     ap.add_argument("--reps", type=int, help="passes per mode inside a job, alternating")
     ap.add_argument("--sorted-window", type=int, default=0,
-                    help="also measure mixed batches cut from windows of this many batches sorted by prompt length")
+                    help="also measure mixed batches cut from windows of this many batches sorted by row width "
+                         "(own prompt + tokens)")
     ap.add_argument("--threads", type=int, help="torch threads per job (default: torch's)")
     ap.add_argument("--out", help="output prefix (default bench/serving-<date>)")
     ap.add_argument("--render", metavar="JSON", help="recompute an existing report's position counts; runs no forward")
@@ -455,6 +475,7 @@ def main(argv=None) -> int:
     if a.lengths:
         base["lengths"] = [int(x) for x in a.lengths.split(",")]
     base["sorted_window"] = a.sorted_window
+    base["layout"] = LAYOUT
     if a.quick:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         shared = ROOT.parent / "shared" / "data"
@@ -473,7 +494,7 @@ def main(argv=None) -> int:
                 res = run_job({**base, "tool": tool, "method": method}, in_process=a.quick)
                 runs[tool].append(res)
                 print(f"{method} round {r + 1} {tool}: {_short(res)}", flush=True)
-        report["rows"].append(compare(method, runs))
+        report["rows"].append(compare(method, runs, base))
         _write(out, report)  # after every method: an interrupted bench keeps what it measured
     report["load_after"] = os.getloadavg()
     report["bench_wall_s"] = round(time.time() - t_start, 1)
@@ -516,8 +537,12 @@ def markdown(report: dict) -> str:
              f"in each; medians. Machine: {m['platform']}, {m['cpus']} CPUs, torch {m['torch']}, "
              f"{_job_threads(report)} torch thread(s) per job, load average before {_load(report['load_before'])}"
              + (f", after {_load(report['load_after'])}" if "load_after" in report else "") + ".", "",
-             "Positions = rows x (prompt slots + longest row) that the layers compute per pass, padding "
-             "included; useful = each row's own prompt + tokens.", "",
+             "Positions = what the layers compute per pass, padding included: per forward, "
+             + ("its rows x its widest row, a row being its own prompt + its own tokens (ptune.mixed packs each "
+                "row so)" if c.get("layout") == "row" else
+                "rows x (prompt slots + longest row), the slots as wide as the forward's longest prompt (ptune.mixed's "
+                "layout then)")
+             + "; useful = each row's own prompt + tokens.", "",
              "| method | tool | mode | forwards / pass | positions / pass (useful) | rows/s | tokens/s | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
@@ -528,7 +553,7 @@ def markdown(report: dict) -> str:
             r = row[tool.lower()]
             for mode in [x for x in modes if x in r]:
                 name = {"single": "single adapter", "mixed": "8 mixed" if tool == "ptune" else "8, switching",
-                        "mixed_sorted": "8 mixed, window sorted by prompt length"}[mode]
+                        "mixed_sorted": f"8 mixed, window sorted by {sort_label(c)}"}[mode]
                 lines.append(f"| {row['method']} | {tool} | {name} | {r[mode]['forwards_per_pass']} | "
                              f"{r[mode]['positions_per_pass']} ({r[mode]['useful_positions_fraction']:.0%}) | "
                              f"{r[mode]['rows_per_s']:.1f} | {r[mode]['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} |")

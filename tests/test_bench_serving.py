@@ -30,8 +30,18 @@ def test_quick_serving_bench_runs_and_reports(tmp_path, data_dir):
     md = out.with_suffix(".md").read_text()
     assert "| prompt | ptune | 8 mixed |" in md and "| prompt | PEFT | 8, switching |" in md
     assert report["machine"]["cpus"] > 0 and len(report["load_before"]) == 3
-    # ptune's mixed forwards pad every row to the longest prompt: never fewer positions than single
+    # positions per pass: each forward's rows x its widest row (own prompt + own tokens, ptune.mixed's
+    # layout), fewer in mixed forwards than the earlier layout's rows x (longest prompt + longest row)
     prompt = report["rows"][0]
-    assert prompt["ptune"]["mixed"]["positions_per_pass"] >= prompt["ptune"]["single"]["positions_per_pass"]
+    spec = {**report["config"], "method": "prompt"}
+    assert spec["layout"] == "row"
+    ids, adapters = bench.requests(bench.load_backbone(spec["model"]).tokenizer, spec)
+    plan = bench.plans(ids, adapters, spec)
+    assert prompt["ptune"]["mixed"]["positions_per_pass"] == bench.positions(plan["mixed"], ids, adapters, spec) == \
+        sum(len(f) * max(spec["lengths"][adapters[i]] + len(ids[i]) for i in f) for f in plan["mixed"])
+    assert prompt["ptune"]["mixed"]["positions_per_pass"] < bench.positions(plan["mixed"], ids, adapters,
+                                                                            {**spec, "layout": "block"})
+    single = prompt["ptune"]["single"]["positions_per_pass"]
+    assert single == bench.positions(plan["single"], ids, adapters, {**spec, "layout": "block"})  # one prompt: same
     assert bench.main(["--render", str(out.with_suffix(".json"))]) == 0  # recounts, keeps the measured figures
     assert json.loads(out.with_suffix(".json").read_text())["rows"][0]["ratios"] == prompt["ratios"]

@@ -127,6 +127,40 @@ def test_generation_rows_equal_each_adapter_alone(causal):
                               pad_token_id=eos)[0].tolist()
         assert got == ref[:len(got)] and (len(got) == 7 or got[-1] == eos)
     assert new[0] != new[1]  # one MR, two adapters: different continuations
+    ids, mask, adapters = causal._batch(encoded, "right")  # the layout packs each row itself: any padding
+    assert mixed.greedy(causal._methods, ids, mask, adapters, [7] * len(rows), [eos], eos) == new
+
+
+@pytest.mark.parametrize("which", ["causal", "encoder"])
+def test_each_row_is_packed_prompt_then_tokens(which, request):
+    """A batch is as wide as its widest row's own prompt + tokens, not longest prompt + longest row."""
+    pool = request.getfixturevalue(which)
+    lengths = {"lin": 9, "verb_prompt": 2, "verb_prefix": 6}  # prompt 3, prompt 4, prefix (causal 5, encoder 2)
+    names = list(lengths)
+    ids = torch.full((3, 9), 7)
+    mask = torch.zeros_like(ids)
+    for r, n in enumerate(lengths.values()):
+        ids[r, :n] = torch.arange(10, 10 + n)
+        mask[r, :n] = 1
+    adapters = torch.tensor([pool.index(n) for n in names])
+    got = mixed.mixed_inputs(pool._methods, ids, mask, adapters)
+    methods = [pool._methods[a] for a in adapters.tolist()]
+    q = [m.p if mixed.side_of(m) == "prompt" else 0 for m in methods]
+    width = max(a + n for a, n in zip(q, lengths.values()))
+    assert width == 3 + 9 < 4 + 9  # the old layout: longest prompt + longest row
+    pk = methods[2].p
+    assert got.inputs["inputs_embeds"].shape[:2] == (3, width)
+    assert got.inputs["attention_mask"].shape == (3, pk + width)
+    for r, (m, n) in enumerate(zip(methods, lengths.values())):
+        start = width - q[r] - n if which == "causal" else 0
+        row = got.inputs["attention_mask"][r, pk:]
+        assert row.tolist() == [int(start <= c < start + q[r] + n) for c in range(width)]
+        assert got.inputs["attention_mask"][r, :pk].sum() == (m.p if r == 2 else 0)
+        pos = got.inputs["position_ids"][r, start:start + q[r] + n]
+        assert pos.tolist() == list(range(q[r])) + list(range(m.p, m.p + n))
+        if q[r]:
+            torch.testing.assert_close(got.inputs["inputs_embeds"][r, start:start + q[r]], mixed.prompt_tensor(m))
+        assert got.columns[r, :n].tolist() == list(range(start + q[r], start + q[r] + n))
 
 
 def test_predict_answers_every_row_in_order(causal):
