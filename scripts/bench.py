@@ -81,7 +81,7 @@ def _compose(spec: dict, out_dir: str):
                     f"trainer.batch_size={spec['batch_size']}", f"trainer.lr={lr}", "trainer.log_every=1",
                     f"trainer.precision={spec['precision']}", "trainer.keep_last=1", "trainer.warmup_steps=0",
                     f"task.max_eval_samples={spec['eval_samples']}", f"task.max_train_samples={spec['train_samples']}",
-                    *generation, f"output_dir={out_dir}", *extra])
+                    *generation, f"output_dir={out_dir}", f"trainer.seed={spec.get('seed', 42)}", *extra])
 
 
 def _dev_examples(task, tokenizer, kind: str, n: int):
@@ -370,7 +370,8 @@ def job_scale(spec: dict) -> dict:
     from ptune.train import build
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _compose({**spec, "tool": "ptune", "ptune_extra": [f"method.num_virtual_tokens={spec['p']}"]}, tmp)
+        cfg = _compose({**spec, "tool": "ptune",
+                        "ptune_extra": [*spec.get("ptune_extra", []), f"method.num_virtual_tokens={spec['p']}"]}, tmp)
         backbone, method, task = build(cfg)
     if spec["precision"] == "bf16":
         models.store_frozen(backbone.model, torch.bfloat16)
@@ -407,9 +408,9 @@ def _rss_now_mb() -> float:
 
 
 SCALING = {  # axis: (values, the other two fixed)
-    "p": ([1, 5, 20, 50, 100, 200], dict(batch=8, seq_len=64)),
-    "batch": ([1, 2, 4, 8, 16], dict(p=20, seq_len=64)),
-    "seq_len": ([32, 64, 128, 256], dict(p=20, batch=8)),
+    "p": ([1, 10, 50, 100, 200], dict(batch=8, seq_len=64)),
+    "batch": ([1, 4, 16], dict(p=20, seq_len=64)),
+    "seq_len": ([32, 128, 256], dict(p=20, batch=8)),
 }
 
 
@@ -540,6 +541,7 @@ def summarize(runs: list[dict]) -> dict:
                 tokens_per_s=med(r["tokens"] / r["train_time_s"] for r in ok),
                 step_s=med(med(r["step_s"]) for r in ok), peak_rss_mb=med(r["peak_rss_mb"] for r in ok),
                 loss=med(r["loss"] for r in ok), dev_loss=med(r["dev_loss"] for r in ok),
+                dev_losses=[r["dev_loss"] for r in ok],
                 eval=med([r["eval"] for r in ok if r["eval"] is not None] or [float("nan")]),
                 extra_tokens_per_example=ok[0]["extra_tokens_per_example"], rounds=len(ok))
 
@@ -559,6 +561,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--precisions", default="fp32")
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--lr", type=float, help="learning rate of both tools (default: the config's; fine-tune 5e-5)")
     ap.add_argument("--rounds", type=int, default=2, help="A B pairs per method and precision")
     ap.add_argument("--loss-window", type=int, default=10)
     ap.add_argument("--ptune-extra", default="", help="space-separated overrides for ptune's jobs only, e.g. "
@@ -581,6 +584,8 @@ def main(argv=None) -> int:
     base["ptune_extra"] = a.ptune_extra.split()
     if a.steps:
         base["steps"] = a.steps
+    if a.lr:
+        base["lr"] = a.lr
     if a.quick:  # one round, jobs in this process (peak RSS is then cumulative, not per job)
         a.rounds = min(a.rounds, 1)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -616,7 +621,9 @@ def main(argv=None) -> int:
             runs = {"ptune": [], "peft": []}
             for r in range(a.rounds):
                 for tool in ("ptune", "peft"):  # A B A B
-                    res = run_job({**base, "tool": tool, "method": method, "precision": prec}, a.quick)
+                    # round r trains with seed 42 + r in both tools (data order, initial tensors, dropout): the
+                    # medians then span seeds, and the dev losses say how much a seed alone moves them
+                    res = run_job({**base, "tool": tool, "method": method, "precision": prec, "seed": 42 + r}, a.quick)
                     runs[tool].append(res)
                     print(f"[{prec}] {method} round {r + 1} {tool}: " + _short(res), flush=True)
             row = dict(method=method, precision=prec, ptune=summarize(runs["ptune"]), peft=summarize(runs["peft"]),
@@ -663,11 +670,13 @@ def markdown(report: dict) -> str:
     extra = " ".join(c.get("ptune_extra") or [])
     lines = [f"# Bench {report['date']}: ptune vs PEFT + Trainer", "",
              f"`{report['command']}`", "",
-             f"{c['model']} on {c['task']}, batch {c['batch_size']}, {c['steps']} optimizer steps, {evaluated}; "
+             f"{c['model']} on {c['task']}, batch {c['batch_size']}, {c['steps']} optimizer steps at lr {c['lr']:g} "
+             f"(fine-tune {FINE_TUNE_LR:g}; linear decay, no warm-up, AdamW), {evaluated}; "
              f"train loss = mean of the last {c['loss_window']} logged steps (each tool's own batches); dev loss = "
              f"cross-entropy on the first {c.get('dev_loss_samples', '?')} dev examples in fp32, dropout off, the same "
              f"examples for both (per target token on E2E, per example on classification)"
-             + (f"; ptune jobs ran with `{extra}`" if extra else "") + ". Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
+             + (f"; ptune jobs ran with `{extra}`" if extra else "")
+             + f". Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, "
              f"torch {report['machine']['torch']} ({report['machine']['threads']} threads)"
              + (f", GPU {report['machine']['cuda']}" if report['machine']['cuda'] else "") + ".", "",
              "Matmul peak (2048², best of 10): " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in report["matmul_gflops"].items())
@@ -697,6 +706,13 @@ def markdown(report: dict) -> str:
                          f"**{p['tokens_per_s'] / q['tokens_per_s']:.2f}x** | {p['step_s'] / q['step_s']:.2f}x | "
                          f"{p['peak_rss_mb'] / q['peak_rss_mb']:.2f}x | {p['loss'] - q['loss']:+.4f} | "
                          f"{_diff(p.get('dev_loss'), q.get('dev_loss'))} | {_diff(p['eval'], q['eval'])} | |")
+    seeds = [(row, row["ptune"].get("dev_losses"), row["peft"].get("dev_losses")) for row in report["rows"]]
+    if any(p and q and len(p) > 1 for _, p, q in seeds):
+        lines += ["", "Dev loss per round (round r trains with seed 42 + r in both tools):", ""]
+        for row, p, q in seeds:
+            if p and q:
+                lines.append(f"- {row['method']} {row['precision']}: ptune {', '.join(f'{x:.4f}' for x in p)}; "
+                             f"PEFT {', '.join(f'{x:.4f}' for x in q)}")
     lines += ["", f"Bench wall time: {report.get('bench_wall_s', 'unfinished')} s.", ""]
     return "\n".join(lines)
 
