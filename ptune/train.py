@@ -61,11 +61,11 @@ def attention(cfg: DictConfig) -> str:
     """transformers' attention implementation for this config: `trainer.attention`, or for `auto`
     eager under bf16 on CPU and sdpa otherwise.
 
-    Measured on SmolLM2-135M, prefix-tuning, batch 8, one thread (scripts/bench.py, docs/performance.md):
-    under bf16 autocast PyTorch's CPU flash-attention kernel (sdpa) costs more than the plain
-    matmul-softmax-matmul (eager) at 60, 128 and 256 tokens per row (1.85 / 4.39 / 9.45 s per step
-    against 1.51 / 3.70 / 8.46); in fp32 the two are equal (2.73 s at 60 tokens). A config saved
-    before the key existed ran sdpa and resumes so.
+    Measured on SmolLM2-135M, one prefix-tuning step of batch 8, one thread (scripts/probe_attention.py,
+    docs/performance.md): under bf16 autocast PyTorch's CPU flash-attention kernel (sdpa) costs more
+    than the plain matmul-softmax-matmul (eager) at ~60, 128 and 256 tokens per row (1.99 / 4.38 /
+    8.61 s against 1.56 / 3.62 / 7.80); in fp32 the two are equal. The gap narrows as rows grow: for
+    long inputs set trainer.attention=sdpa. A config saved before the key existed ran sdpa and resumes so.
     """
     choice = cfg.trainer.get("attention", "sdpa")
     if choice != "auto":

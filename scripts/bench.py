@@ -695,7 +695,8 @@ def markdown(report: dict) -> str:
         for tool in ("ptune", "peft"):
             r = row[tool]
             if "error" in r:
-                lines.append(f"| {row['method']} | {row['precision']} | {tool} | error: {r['error'][:120]} | | | | | | | |")
+                lines.append(f"| {row['method']} | {row['precision']} | {tool} | error: {r['error'].split(' | ')[-1][:160]} "
+                             f"| | | | | | | |")
                 continue
             lines.append(f"| {row['method']} | {row['precision']} | {tool} | {r['trainable_params']:,} | "
                          f"{r['tokens_per_s']:.0f} | {r['step_s']:.3f} | {r['peak_rss_mb']:.0f} | {r['loss']:.4f} | "
