@@ -115,6 +115,13 @@ def _accelerator(precision: str):
 
     if precision == "fp16" and not torch.cuda.is_available():
         raise PtuneError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16 or fp32")
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps one process-wide state and refuses another mixed precision for a later
+    # Accelerator; a sweep over trainer.precision (one process, several jobs) needs one per job. The
+    # distributed part (PartialState: ranks, process group) is kept.
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != _PRECISION[precision]:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=_PRECISION[precision], cpu=not torch.cuda.is_available())
 
 

@@ -154,3 +154,11 @@ def test_eager_and_sdpa_attention_agree(data_dir, method, model, task):
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_sweep_over_precision_runs_in_one_process(in_tmp, data_dir):
+    """Accelerate's process-wide state is reset between jobs of different precision (a -m sweep)."""
+    assert main(["train", "-m", "method=prefix", "model=tiny-llama", "trainer.precision=fp32,bf16", *TINY]) == 0
+    summaries = sorted((json.loads(p.read_text()) for p in (in_tmp / "outputs").rglob("summary.json")),
+                       key=lambda s: s["precision"])
+    assert [s["precision"] for s in summaries] == ["bf16", "fp32"]
