@@ -51,3 +51,20 @@ def peft_greedy(model, ids, n, decoder_start=None) -> list:
             logits = model(input_ids=out, attention_mask=torch.ones_like(out)).logits
         out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return out[:, 1 if decoder_start is not None else ids.shape[1]:].tolist()
+
+
+def crash_after_checkpoint(monkeypatch, at_step: int):
+    """Make the next run "die" (KeyboardInterrupt) right after writing its step-`at_step` checkpoint;
+    returns a function that puts the real checkpoint writer back. For resumed == uninterrupted tests."""
+    from ptune import checkpoint
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(root, step, *a, **kw):
+        path = real_save(root, step, *a, **kw)
+        if step == at_step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    return lambda: monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TIMING, TINY
+from conftest import TIMING, TINY, crash_after_checkpoint
 from ptune import checkpoint, rundir
 from ptune.cli import main
 
@@ -63,17 +63,9 @@ def test_resumed_equals_uninterrupted(in_tmp, data_dir, monkeypatch):
     assert train() == 0
     [full] = run_dirs(in_tmp)
 
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(root, step, *a, **kw):  # "kill" the run right after its step-3 checkpoint
-        path = real_save(root, step, *a, **kw)
-        if step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    restore = crash_after_checkpoint(monkeypatch, 3)  # "kill" the run right after its step-3 checkpoint
     assert train() == 130
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    restore()
     broken = next(p for p in run_dirs(in_tmp) if p != full)
     assert not (broken / "summary.json").exists()
     assert main(["train", f"resume={broken}"]) == 0

@@ -9,8 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import TINY, TIMING
-from ptune import checkpoint
+from conftest import TINY, TIMING, crash_after_checkpoint
 from ptune.cli import compose, main
 from ptune.train import build, frozen_dtype
 
@@ -96,17 +95,9 @@ def test_bf16_resumed_equals_uninterrupted(in_tmp, data_dir, monkeypatch):
     args = ["train", "method=prefix", "model=tiny-llama", "trainer.precision=bf16", *TINY]
     assert main(args) == 0
     [full] = _runs(in_tmp)
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(root, step, *a, **kw):
-        path = real_save(root, step, *a, **kw)
-        if step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    restore = crash_after_checkpoint(monkeypatch, 3)
     assert main(args) == 130
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    restore()
     broken = next(p for p in _runs(in_tmp) if p != full)
     assert main(["train", f"resume={broken}"]) == 0
     assert OmegaConf.load(broken / "config.yaml").trainer.frozen_dtype == "auto"
