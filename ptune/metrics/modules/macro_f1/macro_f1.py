@@ -7,14 +7,13 @@ The classes are those seen in the references or the predictions, unless `labels=
 item has P = R = 0 and F1 = 0, as scikit-learn's f1_score(average="macro", zero_division=0); the
 SuperGLUE baseline computes CB's F1 with that function.
 """
-import datasets
 import evaluate
+
+from ptune.metrics import shipped
 
 _CITATION = "Wang et al. 2019, SuperGLUE: A Stickier Benchmark for General-Purpose Language Understanding Systems. NeurIPS."
 
-_DESCRIPTION = __doc__
-
-_KWARGS_DESCRIPTION = """
+INPUTS = """
 Args:
     predictions: one predicted label per item (int class index or string).
     references: the gold label per item, of the same type.
@@ -24,16 +23,9 @@ Returns:
 """
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class MacroF1(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
-            features=[datasets.Features({"predictions": datasets.Value("int64"),
-                                         "references": datasets.Value("int64")}),
-                      datasets.Features({"predictions": datasets.Value("string"),
-                                         "references": datasets.Value("string")})],
-        )
+        return shipped.info(__doc__, _CITATION, INPUTS, [("int", "int"), ("str", "str")])
 
     def _compute(self, predictions, references, labels=None):
         if not references:

@@ -7,14 +7,13 @@ An `evaluate` module shipped inside ptune: `evaluate.load("<this folder>")`, or
 are compared as given (LAMA's objects are single vocabulary tokens; strip or lowercase first if
 the task's convention asks for it).
 """
-import datasets
 import evaluate
+
+from ptune.metrics import shipped
 
 _CITATION = "Petroni et al. 2019, Language Models as Knowledge Bases? EMNLP."
 
-_DESCRIPTION = __doc__
-
-_KWARGS_DESCRIPTION = """
+INPUTS = """
 Args:
     predictions: per query the top-1 answer (string) or the ranked candidates (list of strings).
     references: the gold answer per query (string).
@@ -23,16 +22,9 @@ Returns:
 """
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class PrecisionAt1(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
-            features=[datasets.Features({"predictions": datasets.Value("string"),
-                                         "references": datasets.Value("string")}),
-                      datasets.Features({"predictions": datasets.Sequence(datasets.Value("string")),
-                                         "references": datasets.Value("string")})],
-        )
+        return shipped.info(__doc__, _CITATION, INPUTS, [("str", "str"), ("strs", "str")])
 
     def _compute(self, predictions, references):
         if not references:

@@ -14,15 +14,14 @@ What differs from HF evaluate's "rouge": the corpus score is the plain mean over
 default aggregator reports the median of 1,000 bootstrap resamples, which is random and needs a
 seed to repeat. Papers print these values x100 (e.g. "R-2 16.5").
 """
-import datasets
 import evaluate
 from rouge_score import rouge_scorer
 
+from ptune.metrics import shipped
+
 _CITATION = "Lin 2004, ROUGE: A Package for Automatic Evaluation of Summaries. ACL workshop."
 
-_DESCRIPTION = __doc__
-
-_KWARGS_DESCRIPTION = """
+INPUTS = """
 Args:
     predictions: one generated summary per item.
     references: per item one reference (string) or several (list of strings).
@@ -34,17 +33,9 @@ Returns:
 KEYS = ("rouge1", "rouge2", "rougeL")
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Rouge(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
-            features=[datasets.Features({"predictions": datasets.Value("string"),
-                                         "references": datasets.Sequence(datasets.Value("string"))}),
-                      datasets.Features({"predictions": datasets.Value("string"),
-                                         "references": datasets.Value("string")})],
-            reference_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
-        )
+        return shipped.info(__doc__, _CITATION, INPUTS, [("str", "strs"), ("str", "str")], urls=["https://github.com/google-research/google-research/tree/master/rouge"])
 
     def _compute(self, predictions, references, use_stemmer=True):
         if not references:
