@@ -32,7 +32,7 @@ DECODINGS = ("greedy", "beam")
 _NEWLINE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _newline_ids(tokenizer) -> list[int]:
+def newline_ids(tokenizer) -> list[int]:
     if tokenizer not in _NEWLINE_IDS:
         ids = []
         for tok_id in range(len(tokenizer)):
@@ -127,7 +127,7 @@ def generate_from_ids(method, encoded: list[list[int]], batch_size: int = 16, nu
     tok = method.backbone.tokenizer
     side = "right" if method.backbone.kind == "seq2seq" else "left"
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    stop = [tok.eos_token_id] + _newline_ids(tok)
+    stop = [tok.eos_token_id] + newline_ids(tok)
     out: list[str] = [""] * len(encoded)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]

@@ -1,4 +1,19 @@
-"""Run directories, metrics.jsonl, summary.json and sweep summaries.
+"""The run directory: the one object that knows every path of a run, and the one atomic writer.
+
+    outputs/YYYY-MM-DD/HH-MM-SS/          RunDir(path)
+        config.yaml                       .config        the fully resolved config
+        metrics.jsonl                     .metrics       MetricsLog: one JSON object per logged step / evaluation
+        summary.json                      .summary
+        train.log                         .log
+        adapter/, adapter_best/           .adapter(which)
+        checkpoints/step-N/               .checkpoints   (ptune.train.checkpoint writes them)
+        predictions/<name>[-step<N>].jsonl .predictions(name, step)
+        eval_<name>.json                  .eval_result(name)
+
+Both wings use it: training claims the directory and writes every file; inference reads the config
+and the adapters and writes only evaluation results (eval_*.json, predictions/). Everything is
+written through `write_atomic` (temporary name in the same folder, fsync, rename), so a crash
+leaves the old file or the new one, never half of one.
 
 `outputs/YYYY-MM-DD/HH-MM-SS` is claimed with an atomic mkdir; if another job took that second,
 `HH-MM-SS-1`, `-2`, ... follow. So two jobs started in the same second, the N jobs of a multirun,
@@ -8,14 +23,90 @@ creates the directory and the trainer broadcasts its path.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
 from pathlib import Path
 
-from ptune.checkpoint import write_json
 from ptune.errors import PtuneError
+
+ADAPTERS = ("adapter", "adapter_best")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Replace `path` with `data` in one step: a hidden temporary file beside it, fsync, rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(obj, path: Path) -> None:
+    """Atomic JSON write (indented, one trailing newline)."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+class RunDir:
+    """The paths of one run directory and the writes into it (module docstring)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def exists(self) -> bool:
+        """A run directory has its config.yaml (written before the first step; checkpoints come later)."""
+        return self.config.is_file()
+
+    # -- paths ---------------------------------------------------------------------------------
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    summary = property(lambda self: self.path / "summary.json")
+    log = property(lambda self: self.path / "train.log")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+
+    def adapter(self, which: str = "adapter") -> Path:
+        if which not in ADAPTERS:
+            raise PtuneError(f"adapter={which!r}: choose adapter (final) or adapter_best")
+        return self.path / which
+
+    def predictions(self, name: str, step: int | None = None) -> Path:
+        return self.path / "predictions" / (f"{name}.jsonl" if step is None else f"{name}-step{step}.jsonl")
+
+    def eval_result(self, name: str) -> Path:
+        return self.path / f"eval_{name}.json"
+
+    # -- writes --------------------------------------------------------------------------------
+    def write_config(self, yaml_text: str) -> None:
+        write_atomic(self.config, yaml_text)
+
+    def write_summary(self, summary: dict) -> None:
+        write_json(summary, self.summary)
+
+    def write_eval(self, name: str, result: dict) -> Path:
+        write_json(result, self.eval_result(name))
+        return self.eval_result(name)
+
+    def write_predictions(self, name: str, records: list[dict], step: int | None = None) -> None:
+        """predictions/<name>.jsonl (the latest) and, during training, predictions/<name>-step<N>.jsonl."""
+        self.predictions(name).parent.mkdir(exist_ok=True)
+        text = jsonl(records)
+        for path in [self.predictions(name)] + ([self.predictions(name, step)] if step is not None else []):
+            write_atomic(path, text)
+
+    def metrics_log(self) -> MetricsLog:
+        return MetricsLog(self.metrics)
 
 
 def claim(parent: Path, name: str) -> Path:
@@ -45,18 +136,7 @@ def new_run_dir(root: str | Path = "outputs") -> Path:
 
 
 def is_run_dir(path: Path) -> bool:
-    """A run directory has its config.yaml (written before the first step; checkpoints come later)."""
-    return (Path(path) / "config.yaml").is_file()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return RunDir(path).exists()
 
 
 class MetricsLog:
@@ -83,51 +163,9 @@ class MetricsLog:
                 continue
             if record.get("step", 0) <= step:
                 keep.append(line)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in keep))
 
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-
-
-def write_summary(run_dir: Path, summary: dict) -> None:
-    write_json(summary, Path(run_dir) / "summary.json")
-
-
-def _flatten_eval(summary: dict) -> dict:
-    out = {}
-    for k, v in (summary.get("eval") or {}).items():
-        if isinstance(v, (int, float)):
-            out[f"eval.{k}"] = v
-    return out
-
-
-def write_sweep_summary(sweep_dir: Path, jobs: list[dict]) -> None:
-    """summary.csv and summary.md: one row per job, its overrides and final metrics.
-
-    jobs: [{"job": i, "overrides": [...], "run_dir": str, "summary": dict | None, "error": str | None}]
-    """
-    rows = []
-    for job in jobs:
-        s = job.get("summary") or {}
-        row = {"job": job["job"], "overrides": " ".join(job["overrides"]), "run_dir": job["run_dir"],
-               "status": "ok" if job.get("error") is None else f"failed: {job['error']}"}
-        for key in ("steps", "trainable_params", "final_train_loss", "train_tokens_per_s", "wall_time_s"):
-            row[key] = s.get(key, "")
-        row.update(_flatten_eval(s))
-        rows.append(row)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n" + "\n".join(lines) + "\n")

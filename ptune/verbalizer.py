@@ -233,14 +233,23 @@ class VerbalizerHead(SlotHead):
 
     def scores(self, method, batch) -> torch.Tensor:
         per_row = self._target_log_probs(method, batch, lambda r: self.cands)
-        rows = []
-        for pieces in per_row:
-            word = [torch.zeros((), device=pieces[0][1].device) for _ in self.cands]
-            for c, v in pieces:
-                word[c] = word[c] + v
-            words = torch.stack(word)  # (n_cands,): log P(word | x)
-            rows.append(torch.stack([torch.logsumexp(words[ix], 0) for ix in self.class_cands]))
-        return torch.stack(rows)  # (batch, n_classes)
+        return torch.stack([self.class_scores(pieces) for pieces in per_row])  # (batch, n_classes)
+
+    # -- for callers that run the forward themselves (mixed-adapter batches, ptune.infer.pool) --
+    def queries(self, ids: list[int], mask_pos: int) -> list[tuple[list[int], list[tuple[int, int, int]]]]:
+        """The input rows that score this head's words for one example (token ids `ids`, {mask} at
+        `mask_pos`, no soft slots), each with its targets [(position, token, candidate)]: read
+        log P(token) at position of the row's output to score a piece of candidate word c."""
+        return [(q[0], q[3]) for q in self._queries(ids, [False] * len(ids), mask_pos, self.cands).values()]
+
+    def class_scores(self, pieces: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """(n_classes,) from one example's [(candidate, log-prob of one of its pieces)]: a word's
+        log-prob is the sum of its pieces', a class's the logsumexp over its words."""
+        word = [torch.zeros((), device=pieces[0][1].device) for _ in self.cands]
+        for c, v in pieces:
+            word[c] = word[c] + v
+        words = torch.stack(word)  # (n_cands,): log P(word | x)
+        return torch.stack([torch.logsumexp(words[ix], 0) for ix in self.class_cands])
 
     def config(self) -> dict:
         return {"kind": "verbalizer", "labels": self.labels, "word_pieces": [[list(w) for w in ws] for ws in self.words],

@@ -116,9 +116,8 @@ def dev_loss(method, examples, batch_size: int = 16) -> float:
 
 
 def job_ptune(spec: dict) -> dict:
-    from ptune.train import train
-
-    from ptune.train import _load_for_inference
+    from ptune.build import load_trained
+    from ptune.train.job import train
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _compose(spec, tmp)
@@ -129,7 +128,7 @@ def job_ptune(spec: dict) -> dict:
         steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         train_steps = [r for r in steps if "loss" in r]
         cfg.trainer.precision = "fp32"  # the dev loss in fp32 for both tools
-        backbone, method, task = _load_for_inference(run, cfg)
+        backbone, method, task = load_trained(run, cfg)
         loss_dev = dev_loss(method, _dev_examples(task, backbone.tokenizer, backbone.kind, spec["dev_loss_samples"]))
     window = train_steps[-spec["loss_window"]:]
     return dict(trainable_params=summary["trainable_params"], tokens=summary["train_tokens"],
@@ -195,7 +194,7 @@ def job_peft(spec: dict) -> dict:
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     import peft
-    from ptune.train import build
+    from ptune.build import build
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _compose(spec, tmp)
@@ -323,7 +322,7 @@ def job_floor(spec: dict) -> dict:
     import torch
 
     from ptune.data import collate
-    from ptune.train import build
+    from ptune.build import build
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _compose({**spec, "method": "fine-tune"}, tmp)
@@ -367,7 +366,7 @@ def job_scale(spec: dict) -> dict:
     import torch
 
     from ptune import heads, models
-    from ptune.train import build
+    from ptune.build import build
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _compose({**spec, "tool": "ptune",

@@ -178,15 +178,15 @@ def plans(ids, adapters, spec: dict) -> dict:
     return out
 
 
-LAYOUT = "row"  # ptune.mixed packs each row as its own prompt + its own tokens (reports before it: "block")
+LAYOUT = "row"  # ptune.infer.mixed packs each row as its own prompt + its own tokens (reports before it: "block")
 
 
 def positions(forwards: list[list[int]], ids, adapters, spec: dict) -> int:
     """Rows x positions the layers compute in one pass, padding included: per forward, its rows x
-    its widest row, a row being its own prompt + its own tokens (ptune.mixed packs each row so; a
+    its widest row, a row being its own prompt + its own tokens (ptune.infer.mixed packs each row so; a
     one-adapter forward, ptune's or PEFT's, is its prompt + its longest row). Prefixes add keys
     only, no positions. Reports written before that layout ("layout" absent from their config) are
-    counted as ptune.mixed then laid a batch out: one prompt block as wide as the forward's longest
+    counted as ptune.infer.mixed then laid a batch out: one prompt block as wide as the forward's longest
     prompt, then the tokens padded to the longest row."""
     total = 0
     for rows in forwards:
@@ -289,7 +289,7 @@ def ptune_methods(backbone, method: str, lengths: list[int]) -> list:
 def by_width(order: list[int], ids, adapters, spec: dict, size: int, window: int) -> list[list[int]]:
     """Batches of `size` from consecutive windows of `window` arriving rows, each window's rows
     sorted by their width in a mixed forward: own prompt (prompt adapters) + own tokens, as
-    ptune.mixed packs a row and Pool.predict sorts. Reports of the earlier layout ("block", where
+    ptune.infer.mixed packs a row and Pool.predict sorts. Reports of the earlier layout ("block", where
     every row was as wide as the batch's longest prompt + longest row) sorted by (prompt length,
     row length), and are recounted so."""
     lengths = spec["lengths"]
@@ -312,7 +312,7 @@ def sort_label(config: dict) -> str:
 def job_ptune(spec: dict) -> dict:
     import torch
 
-    from ptune import mixed
+    from ptune.infer import mixed
 
     backbone = load_backbone(spec["model"])
     tok, model = backbone.tokenizer, backbone.model
@@ -327,7 +327,7 @@ def job_ptune(spec: dict) -> dict:
         return last_log_probs(model, hidden, mask, m.n_prepended)
 
     @torch.no_grad()
-    def mix(idx):  # every row through its own adapter, one forward (ptune.mixed)
+    def mix(idx):  # every row through its own adapter, one forward (ptune.infer.mixed)
         x, mask = pad_right([ids[i] for i in idx], tok.pad_token_id)
         hidden = mixed.token_states(methods, x, mask, torch.tensor([adapters[i] for i in idx]))
         return last_log_probs(model, hidden, mask)
@@ -538,9 +538,9 @@ def markdown(report: dict) -> str:
              f"{_job_threads(report)} torch thread(s) per job, load average before {_load(report['load_before'])}"
              + (f", after {_load(report['load_after'])}" if "load_after" in report else "") + ".", "",
              "Positions = what the layers compute per pass, padding included: per forward, "
-             + ("its rows x its widest row, a row being its own prompt + its own tokens (ptune.mixed packs each "
+             + ("its rows x its widest row, a row being its own prompt + its own tokens (ptune.infer.mixed packs each "
                 "row so)" if c.get("layout") == "row" else
-                "rows x (prompt slots + longest row), the slots as wide as the forward's longest prompt (ptune.mixed's "
+                "rows x (prompt slots + longest row), the slots as wide as the forward's longest prompt (ptune.infer.mixed's "
                 "layout then)")
              + "; useful = each row's own prompt + tokens.", "",
              "| method | tool | mode | forwards / pass | positions / pass (useful) | rows/s | tokens/s | peak RSS MB |",

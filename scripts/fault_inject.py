@@ -57,7 +57,8 @@ def ptune(args: list[str], cwd: Path, phase: str | None = None, at: int = 0, mar
 
 def child(argv: list[str]) -> int:
     """Run `ptune <argv>` with a pause at the FAULT_AT-th occurrence of FAULT_PHASE."""
-    from ptune import checkpoint, heads, tasks
+    from ptune import heads, tasks
+    from ptune.train import checkpoint
     from ptune.cli import main as ptune_main
 
     phase, at, marker = os.environ["FAULT_PHASE"], int(os.environ["FAULT_AT"]), Path(os.environ["FAULT_MARKER"])

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from ptune import methods  # noqa: E402
 from ptune.heads import LinearHead  # noqa: E402
 from ptune.models import Backbone, dims_of  # noqa: E402
-from ptune.train import adapter_tensors  # noqa: E402
+from ptune.adapter import adapter_tensors  # noqa: E402
 
 N_CLASSES = 2  # the linear head of a binary task (SST-2) on BERT
 MID_DIM = 512  # the prefix reparameterization MLP's hidden size (Li & Liang; conf/method/prefix.yaml)

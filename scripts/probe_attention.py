@@ -29,7 +29,7 @@ def step_cost(precision: str, attn: str, length: str) -> float:
     from ptune import heads, models
     from ptune.cli import compose
     from ptune.data import collate
-    from ptune.train import build
+    from ptune.build import build
 
     cfg = compose(["method=prefix", "model=smollm2-135m", "task=e2e", "task.max_train_samples=400",
                    f"trainer.attention={attn}"])

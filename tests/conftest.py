@@ -56,7 +56,7 @@ def peft_greedy(model, ids, n, decoder_start=None) -> list:
 def crash_after_checkpoint(monkeypatch, at_step: int):
     """Make the next run "die" (KeyboardInterrupt) right after writing its step-`at_step` checkpoint;
     returns a function that puts the real checkpoint writer back. For resumed == uninterrupted tests."""
-    from ptune import checkpoint
+    from ptune.train import checkpoint
 
     real_save = checkpoint.save_checkpoint
 

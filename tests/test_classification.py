@@ -8,13 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ptune import checkpoint, tasks
+from ptune.adapter import save_adapter, load_adapter
+from ptune import tasks
+from ptune.train import checkpoint
 from ptune.cli import compose, main
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
 from ptune.heads import LinearHead, class_logits, class_loss, pool
 from ptune.tasks.classification import accuracy
-from ptune.train import adapter_tensors, build, load_adapter_tensors
+from ptune.adapter import adapter_tensors, load_adapter_tensors
+from ptune.build import build
 
 # Small sst2 runs: 64 training sentences, 16 dev sentences, two steps.
 SMALL = ["task=sst2", "task.max_train_samples=64", "task.max_eval_samples=16", "trainer.batch_size=8",
@@ -214,9 +217,9 @@ def test_adapter_holds_the_head_and_reloads_to_identical_logits(tmp_path):
             p.add_(torch.randn_like(p) * 0.1)
     tensors = adapter_tensors(m)
     assert set(tensors) == {"prompt", "head.weight", "head.bias"} and tensors["head.weight"].shape == (2, 64)
-    checkpoint.save_adapter(tmp_path, tensors, {})
+    save_adapter(tmp_path, tensors, {})
     fresh, m2, _ = setup("model=tiny-llama", "method=prompt", "method.num_virtual_tokens=3", "trainer.seed=7")
-    load_adapter_tensors(m2, checkpoint.load_adapter(tmp_path)[1])
+    load_adapter_tensors(m2, load_adapter(tmp_path)[1])
     batch = batch_of(backbone.tokenizer, SENTENCES)
     with torch.no_grad():
         assert torch.equal(class_logits(m, **{k: batch[k] for k in ("input_ids", "attention_mask")}),

@@ -9,7 +9,8 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import TIMING, TINY, crash_after_checkpoint
-from ptune import checkpoint, rundir
+from ptune import rundir
+from ptune.train import checkpoint
 from ptune.cli import main
 
 SUMMARY_KEYS = {"method", "model", "task", "steps", "trainable_params", "total_params", "wall_time_s",

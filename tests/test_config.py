@@ -5,7 +5,8 @@ import itertools
 import pytest
 
 from ptune import methods, tasks
-from ptune.cli import GROUPS, compose, expand_sweep, options
+from ptune.config import GROUPS, compose, options
+from ptune.train.sweep import expand_sweep
 from ptune.config import check
 from ptune.errors import PtuneError
 

@@ -11,11 +11,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ptune import checkpoint as ckpt
+
+from ptune.adapter import save_adapter
 from ptune.cli import compose, main
-from ptune.ensemble import combine, mean, vote
+from ptune.infer.ensemble import combine, mean, vote
 from ptune.errors import PtuneError
-from ptune.train import adapter_tensors, build, evaluate_run
+from ptune.adapter import adapter_tensors
+from ptune.build import build
+from ptune.infer.evaluate import evaluate_run
 
 EVAL = ["task.max_eval_samples=24", "trainer.eval_batch_size=5"]
 
@@ -31,7 +34,7 @@ def make_run(directory, overrides: list[str], seed: int):
     directory.mkdir(parents=True)
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     config = {**method.adapter_config(), "base_model": cfg.model.name, "task": cfg.task.name}
-    ckpt.save_adapter(directory / "adapter", adapter_tensors(method), config)
+    save_adapter(directory / "adapter", adapter_tensors(method), config)
     return str(directory)
 
 

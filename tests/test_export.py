@@ -18,14 +18,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import TINY, peft_greedy
-import ptune.export
+import ptune.infer.export
 from ptune import methods, models
 from ptune.cli import compose, main
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
-from ptune.export import to_peft
+from ptune.infer.export import to_peft
 from ptune.tasks.e2e import E2E
-from ptune.train import _load_for_inference, load_run
+from ptune.build import load_run, load_trained as _load_for_inference
 
 peft = pytest.importorskip("peft")  # a test dependency only: ptune.export never imports it
 
@@ -218,7 +218,7 @@ def test_export_runs_without_peft_and_its_readme_loads_it(ptuning_run, tmp_path,
     out.mkdir()
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "peft", None)  # any `import peft` now raises ImportError
-        importlib.reload(ptune.export)  # a module-level `import peft` would fail here
+        importlib.reload(ptune.infer.export)  # a module-level `import peft` would fail here
         assert main(["export", f"run={ptuning_run}", f"out={out}", "adapter=adapter_best"]) == 0
     best = load_file(ptuning_run / "adapter_best/adapter_model.safetensors")["prompt"]
     assert torch.equal(load_file(out / "adapter_model.safetensors")["prompt_embeddings"], best)

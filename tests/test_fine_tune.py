@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TIMING, TINY
-from ptune import checkpoint, methods
+from ptune.adapter import save_adapter, load_adapter
+from ptune import methods
+from ptune.train import checkpoint
 from ptune.cli import main
 from ptune.data import collate
 from ptune.errors import PtuneError
@@ -113,8 +115,8 @@ def test_adapter_roundtrip_gives_identical_logits(trainable, k, tmp_path):
         with torch.no_grad():
             for p in m.trainable_tensors().values():
                 p.add_(torch.randn_like(p) * 0.1)
-        checkpoint.save_adapter(tmp_path / name, m.adapter_tensors(), m.adapter_config())
-        config, tensors = checkpoint.load_adapter(tmp_path / name)
+        save_adapter(tmp_path / name, m.adapter_tensors(), m.adapter_config())
+        config, tensors = load_adapter(tmp_path / name)
         assert (config["trainable"], config["k"], config["base_model"], config["tied_head"]) == (trainable, k, name, True)
         assert set(tensors) == set(m.trainable_tensors())
         fresh = load(name)

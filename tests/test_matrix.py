@@ -25,9 +25,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from ptune import checkpoint, methods
+from ptune.adapter import save_adapter, load_adapter
+from ptune import methods
 from ptune.heads import LinearHead, class_logits, class_loss, seq2seq_forward
-from ptune.train import adapter_tensors, load_adapter_tensors
+from ptune.adapter import adapter_tensors, load_adapter_tensors
 from test_p_tuning_v2 import SENTENCES, class_batch
 from test_prefix import load, toy_batch
 from test_prompt import best_of_two_step_beam
@@ -225,9 +226,9 @@ def test_bert_classification_cell(cell, tmp_path):
     for k, v in bb.model.state_dict().items():
         assert torch.equal(v, frozen[k]), f"frozen weight {k} changed"
     # 4: the adapter (method tensors + head.*) into a fresh backbone with another head: identical logits
-    checkpoint.save_adapter(tmp_path, adapter_tensors(m), m.adapter_config())
+    save_adapter(tmp_path, adapter_tensors(m), m.adapter_config())
     m2 = classifier(cell, sharpened("tiny-bert"), head_seed=1)
-    load_adapter_tensors(m2, checkpoint.load_adapter(tmp_path)[1])
+    load_adapter_tensors(m2, load_adapter(tmp_path)[1])
     assert not list(m2.trainable_tensors())
     with torch.no_grad():
         assert torch.equal(logits_of(m, batch), logits_of(m2, batch))

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from ptune.trainer import peak_memory_mb, reset_peak_memory
+from ptune.train.loop import peak_memory_mb, reset_peak_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or torch.cuda.is_available(), reason="Linux CPU peak RSS")

@@ -9,14 +9,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ptune import checkpoint as ckpt
-from ptune import mixed
+from ptune.adapter import save_adapter
+from ptune.infer import mixed
 from ptune.cli import compose, main
 from ptune.data import collate
 from ptune.errors import PtuneError
 from ptune.heads import class_logits
-from ptune.multi import Adapter, Pool, parse_runs
-from ptune.train import adapter_tensors, build, build_backbone
+from ptune.infer.pool import Adapter, Pool, parse_runs
+from ptune.adapter import adapter_tensors
+from ptune.build import build, build_backbone
 from ptune.verbalizer import slot_scores
 
 # name -> overrides: different methods, prompt lengths (2..6), heads and tasks on one backbone
@@ -145,7 +146,7 @@ def test_each_row_is_packed_prompt_then_tokens(which, request):
     adapters = torch.tensor([pool.index(n) for n in names])
     got = mixed.mixed_inputs(pool._methods, ids, mask, adapters)
     methods = [pool._methods[a] for a in adapters.tolist()]
-    q = [m.p if mixed.side_of(m) == "prompt" else 0 for m in methods]
+    q = [m.p if mixed.side_of(m) == "input" else 0 for m in methods]
     width = max(a + n for a, n in zip(q, lengths.values()))
     assert width == 3 + 9 < 4 + 9  # the old layout: longest prompt + longest row
     pk = methods[2].p
@@ -159,7 +160,7 @@ def test_each_row_is_packed_prompt_then_tokens(which, request):
         pos = got.inputs["position_ids"][r, start:start + q[r] + n]
         assert pos.tolist() == list(range(q[r])) + list(range(m.p, m.p + n))
         if q[r]:
-            torch.testing.assert_close(got.inputs["inputs_embeds"][r, start:start + q[r]], mixed.prompt_tensor(m))
+            torch.testing.assert_close(got.inputs["inputs_embeds"][r, start:start + q[r]], m.soft_prompt().detach())
         assert got.columns[r, :n].tolist() == list(range(start + q[r], start + q[r] + n))
 
 
@@ -222,7 +223,7 @@ def make_run(directory, model: str, overrides: list[str], seed: int):
     directory.mkdir(parents=True)
     (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     config = {**method.adapter_config(), "base_model": cfg.model.name, "task": cfg.task.name}
-    ckpt.save_adapter(directory / "adapter", adapter_tensors(method), config)
+    save_adapter(directory / "adapter", adapter_tensors(method), config)
     return directory
 
 

@@ -4,10 +4,10 @@ the rows sorted by width, answers stay in input order and equal those of rows se
 
 import torch
 
-from ptune import mixed
+from ptune.infer import mixed
 from ptune.cli import compose
-from ptune.multi import Adapter, Pool
-from ptune.train import build, build_backbone
+from ptune.infer.pool import Adapter, Pool
+from ptune.build import build, build_backbone
 
 
 def test_rows_are_batched_by_width_and_answered_in_order(data_dir, monkeypatch):

@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TIMING, TINY
-from ptune import checkpoint, methods
+from ptune.adapter import save_adapter, load_adapter
+from ptune import methods
+from ptune.train import checkpoint
 from ptune.cli import main
 from ptune.data import collate
 from ptune.errors import PtuneError
@@ -116,10 +118,10 @@ def test_adapter_roundtrip_gives_identical_logits(backbone, tmp_path):
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    checkpoint.save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
+    save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
     assert list(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == ["prompt"]  # encoder dropped
     m2 = ptuning(load(backbone.name))
-    _, tensors = checkpoint.load_adapter(tmp_path / "adapter")
+    _, tensors = load_adapter(tmp_path / "adapter")
     m2.load_adapter_tensors(tensors)
     assert not list(m2.trainable_tensors()) and not hasattr(m2, "lstm_head")
     batch = collate(toy_batch(backbone.tokenizer), backbone.tokenizer.pad_token_id)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptune import checkpoint, methods
+from ptune.adapter import save_adapter, load_adapter
+from ptune import methods
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
 from ptune.methods.p_tuning import insert_soft
@@ -110,9 +111,9 @@ def test_adapter_roundtrip_gives_identical_logits(backbone, tmp_path):
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    checkpoint.save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
+    save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
     m2 = ptuning(load(backbone.name))
-    _, tensors = checkpoint.load_adapter(tmp_path / "adapter")
+    _, tensors = load_adapter(tmp_path / "adapter")
     m2.load_adapter_tensors(tensors)
     assert not list(m2.trainable_tensors()) and not hasattr(m2, "lstm_head")
     with torch.no_grad():

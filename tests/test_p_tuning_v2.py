@@ -4,7 +4,8 @@ prefixes on BERT through its own cache, and PEFT's prefix tuning as the referenc
 import pytest
 import torch
 
-from ptune import checkpoint, methods
+from ptune.adapter import save_adapter, load_adapter
+from ptune import methods
 from ptune.cli import compose
 from ptune.config import method_kwargs
 from ptune.data import Example, collate
@@ -86,9 +87,9 @@ def test_adapter_roundtrip_gives_identical_logits(backbone, tmp_path):
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    checkpoint.save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
+    save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
     m2 = ptv2(load(backbone.name))
-    _, tensors = checkpoint.load_adapter(tmp_path / "adapter")
+    _, tensors = load_adapter(tmp_path / "adapter")
     m2.load_adapter_tensors(tensors)
     m2.head.load_state_dict(m.head.state_dict())  # train.py saves and restores the head beside the prefix
     batch = class_batch(backbone.tokenizer)

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import TINY, TIMING, crash_after_checkpoint
 from ptune.cli import compose, main
-from ptune.train import build, frozen_dtype
+from ptune.build import build
+from ptune.train.job import frozen_dtype
 
 
 def _runs(root):
@@ -112,7 +113,7 @@ def test_bf16_resumed_equals_uninterrupted(in_tmp, data_dir, monkeypatch):
 
 
 def test_attention_auto_is_eager_under_bf16_on_cpu(data_dir):
-    from ptune.train import attention
+    from ptune.build import attention
 
     assert attention(compose(["model=tiny-llama", "trainer.precision=bf16"])) == "eager"
     assert attention(compose(["model=tiny-llama"])) == "sdpa"

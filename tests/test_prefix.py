@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from ptune import checkpoint, methods, models
+from ptune.adapter import save_adapter, load_adapter
+from ptune import methods, models
 from ptune.cli import compose
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
@@ -79,10 +80,10 @@ def test_adapter_roundtrip_gives_identical_logits(backbone, tmp_path):
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    checkpoint.save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
+    save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
     fresh = load(backbone.name)
     m2 = prefix(fresh, p=5)
-    _, tensors = checkpoint.load_adapter(tmp_path / "adapter")
+    _, tensors = load_adapter(tmp_path / "adapter")
     m2.load_adapter_tensors(tensors)
     assert not list(m2.trainable_tensors())  # the loaded prefix is for inference only
     batch = collate(toy_batch(backbone.tokenizer), backbone.tokenizer.pad_token_id)

@@ -7,7 +7,8 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from ptune import checkpoint, methods
+from ptune.adapter import save_adapter, load_adapter
+from ptune import methods
 from ptune.data import Example, collate
 from ptune.heads import seq2seq_forward, seq2seq_loss
 from ptune.methods import kv
@@ -112,9 +113,9 @@ def test_cross_prefix_equals_prepended_encoder_states(backbone):
 
 def test_adapter_roundtrip_gives_identical_logits(backbone, tmp_path):
     m = prefix(backbone)
-    checkpoint.save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
+    save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
     m2 = prefix(load(backbone.name))
-    _, tensors = checkpoint.load_adapter(tmp_path / "adapter")
+    _, tensors = load_adapter(tmp_path / "adapter")
     m2.load_adapter_tensors(tensors)
     assert not list(m2.trainable_tensors())  # loaded prefixes are for inference only
     batch = collate(toy(backbone.tokenizer), backbone.tokenizer.pad_token_id)

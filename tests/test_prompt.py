@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, peft_greedy
-from ptune import checkpoint, methods, models
+from ptune.adapter import save_adapter, load_adapter
+from ptune import methods, models
+from ptune.train import checkpoint
 from ptune.cli import compose, main
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
@@ -87,9 +89,9 @@ def test_adapter_roundtrip_gives_identical_logits(backbone, tmp_path):
     m = prompt(backbone)
     with torch.no_grad():
         m.prompt.add_(torch.randn_like(m.prompt) * 0.1)
-    checkpoint.save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
+    save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
     m2 = prompt(load(backbone.name), init="random")  # different starting values, then the adapter
-    _, tensors = checkpoint.load_adapter(tmp_path / "adapter")
+    _, tensors = load_adapter(tmp_path / "adapter")
     m2.load_adapter_tensors(tensors)
     assert not list(m2.trainable_tensors())  # the loaded prompt is for inference only
     batch = collate(toy_batch(backbone.tokenizer), backbone.tokenizer.pad_token_id)

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ptune import checkpoint, heads, methods
+from ptune.adapter import save_adapter, load_adapter
+from ptune import heads, methods
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
 from ptune.methods.base import real_tokens_first
@@ -114,9 +115,9 @@ def test_adapter_roundtrip_gives_identical_logits(backbone, tmp_path):
     m = prompt(backbone)
     with torch.no_grad():
         m.prompt.add_(torch.randn_like(m.prompt) * 0.1)
-    checkpoint.save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
+    save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
     m2 = prompt(load(backbone.name), init="random")  # a fresh backbone, other starting values, then the adapter
-    _, tensors = checkpoint.load_adapter(tmp_path / "adapter")
+    _, tensors = load_adapter(tmp_path / "adapter")
     m2.load_adapter_tensors(tensors)
     assert not list(m2.trainable_tensors())
     batch = batch_of(backbone, examples(backbone))
@@ -278,7 +279,7 @@ def test_labels_init_without_label_words_fails_clearly(words):
 def test_labels_init_through_build(data_dir):
     """train.build hands the task's label words to the method; a generation task has none."""
     from ptune.cli import compose
-    from ptune.train import build
+    from ptune.build import build
 
     _, m, task = build(compose(["model=tiny-bert", "task=sst2", "method=prompt", "method.init=labels",
                                 "method.num_virtual_tokens=3"]))

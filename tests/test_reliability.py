@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TIMING, TINY
-from ptune import checkpoint, heads
+from ptune import heads
+from ptune.train import checkpoint
 from ptune.cli import main
 
 # save every 2 steps, keep 2: a run stopped after step 4 holds step-2 and step-4

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from ptune import cli, report
+from ptune import cli
+from ptune.train import report
 from ptune.errors import PtuneError
 
 # 3 lengths x 2 methods; 600 virtual tokens overflow tiny-bert's 512 positions, so those two jobs

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY
-from ptune import checkpoint, methods, tasks
+from ptune.adapter import save_adapter, load_adapter
+from ptune import methods, tasks
 from ptune.cli import main
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
@@ -181,8 +182,8 @@ def test_adapter_roundtrip_gives_identical_logits(trainable, k, tmp_path):
         with torch.no_grad():
             for p in m.trainable_tensors().values():
                 p.add_(torch.randn_like(p) * 0.1)
-        checkpoint.save_adapter(tmp_path / name, m.adapter_tensors(), m.adapter_config())
-        config, tensors = checkpoint.load_adapter(tmp_path / name)
+        save_adapter(tmp_path / name, m.adapter_tensors(), m.adapter_config())
+        config, tensors = load_adapter(tmp_path / name)
         assert (config["trainable"], config["k"], config["tied_head"]) == (trainable, k, True)
         fresh = load(name)
         batch = collate(toy_examples(bb.tokenizer), bb.tokenizer.pad_token_id)
@@ -321,7 +322,7 @@ def test_masked_fine_tune_trains_the_encoder_selection_and_the_task_head(trainab
 
 
 def test_masked_fine_tune_roundtrip_and_padding(tmp_path):
-    from ptune.train import adapter_tensors, load_adapter_tensors
+    from ptune.adapter import adapter_tensors, load_adapter_tensors
 
     bb = load("tiny-bert")
     m = bert_fine_tune(bb, "top-k", 1)
@@ -330,8 +331,8 @@ def test_masked_fine_tune_roundtrip_and_padding(tmp_path):
             p.add_(torch.randn_like(p) * 0.1)
     tensors = adapter_tensors(m)  # what train.py writes: the method's tensors and head.*
     assert set(tensors) == set(m.trainable_tensors()) == set(m.adapter_tensors())
-    checkpoint.save_adapter(tmp_path, tensors, m.adapter_config())
-    config, tensors = checkpoint.load_adapter(tmp_path)
+    save_adapter(tmp_path, tensors, m.adapter_config())
+    config, tensors = load_adapter(tmp_path)
     assert config["task_head"] and config["blocks"] == "bert.encoder.layer (2 blocks)"
     m2 = bert_fine_tune(load("tiny-bert"), "top-k", 1)
     load_adapter_tensors(m2, tensors)  # train.py's path: head.* split off, the rest to the method

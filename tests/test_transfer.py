@@ -7,7 +7,7 @@ import pytest
 
 from ptune import cli
 from ptune.errors import PtuneError
-from ptune.transfer import label_groups, parse_label_map
+from ptune.infer.transfer import label_groups, parse_label_map
 
 TRAIN = ["task=sst2", "model=tiny-bert", "method=prompt", "method.num_virtual_tokens=2", "task.max_train_samples=16",
          "task.max_eval_samples=12", "trainer.batch_size=4", "trainer.max_steps=2", "trainer.eval_every=2",
@@ -122,7 +122,7 @@ def test_mapped_linear_head_selects_and_combines_rows():
     import torch
 
     from ptune.heads import LinearHead
-    from ptune.transfer import MappedHead
+    from ptune.infer.transfer import MappedHead
 
     head = LinearHead(8, 3, dropout=0.0, seed=1)
     head.bias.data = torch.tensor([0.3, -0.2, 0.1])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ptune.cli import compose
 from ptune.data import collate
 from ptune.heads import loss as head_loss
-from ptune.train import build
+from ptune.build import build
 from ptune.verbalizer import VerbalizerHead
 
 ROWS = [{"sentence": "a gorgeous , witty , seductive movie .", "label": 1}, {"sentence": "dull", "label": 0}]

@@ -4,7 +4,6 @@ from ptune.methods.base import Method
 from ptune.methods.fine_tune import FineTune
 from ptune.methods.hard_prompt import HardPrompt
 from ptune.methods.p_tuning import PTuning
-from ptune.methods.p_tuning_v2 import PTuningV2
 from ptune.methods.prefix import Prefix
 from ptune.methods.prompt import Prompt
 
@@ -12,12 +11,17 @@ METHODS: dict[str, type[Method]] = {
     "fine-tune": FineTune,
     "hard-prompt": HardPrompt,
     "p-tuning": PTuning,
-    "p-tuning-v2": PTuningV2,
+    "p-tuning-v2": Prefix,  # P-tuning v2 (Liu et al. 2022): prefix's class with its own YAML (prefix.py)
     "prefix": Prefix,
     "prompt": Prompt,
 }
 
 
 def build(name: str, backbone, **kwargs) -> Method:
-    """Wrap a frozen backbone with method `name`; kwargs are the method's config keys."""
-    return METHODS[name](backbone, **kwargs)
+    """Wrap a frozen backbone with method `name`; kwargs are the method's config keys, and every key
+    not given takes its default from conf/method/<name>.yaml (the one place defaults live)."""
+    from ptune.config import group_defaults
+
+    method = METHODS[name](backbone, **{**group_defaults("method", name), **kwargs})
+    method.name = name  # the registry key: one class can serve several entries (prefix, p-tuning-v2)
+    return method

@@ -1,8 +1,16 @@
 """What every method is: a module that wraps a frozen backbone and owns the trainable tensors.
 
-A method changes the backbone's forward in one of three ways: nothing (fine-tune), the input
-embeddings (prompt, p-tuning), or the attention's past key/values (prefix, p-tuning-v2). It says
-which through `model_inputs`, and knows nothing about tasks; heads (`ptune.heads`) turn the
+A method changes the backbone's forward in one of four ways, and declares which in `acts_on`:
+
+    "input"    p soft embeddings before the tokens (prompt, p-tuning)         soft_prompt()
+    "kv"       p keys/values in front of every attention (prefix, p-tuning-v2) prefix_rows(stack)
+    "weights"  the backbone's own weights train (fine-tune)
+    "none"     nothing; the task's template is the method (hard-prompt)
+
+`p` is how many virtual positions it adds, `trains` whether it trains anything, `peft_type` PEFT's
+name for the same method. Code outside ptune/methods/ reads these declarations and the public
+accessors; it never asks a method's name (mixed-adapter batches, export and the trainer's context
+check all work from them). A method knows nothing about tasks; heads (`ptune.heads`) turn the
 backbone's hidden states into a loss or predictions.
 """
 
@@ -20,7 +28,12 @@ class Method(nn.Module):
     """Base class. Subclasses set `name` and implement `model_inputs`, `adapter_tensors`,
     `load_adapter_tensors`; `trainable_tensors` defaults to every parameter with requires_grad."""
 
-    name = "base"
+    name = "base"  # the registry key (conf/method/<name>.yaml); methods.build sets it
+    acts_on = "none"  # "input" | "kv" | "weights" | "none" (module docstring)
+    trains = True  # False: nothing to train (hard-prompt); a linear head on it would be a linear probe
+    peft_type: str | None = None  # PEFT's PeftType of the same method, where PEFT has one (ptune export)
+    # Virtual positions the method adds (the papers' p): soft tokens, or keys/values per attention.
+    p = 0
     # Input positions the method prepends to the sequence (prompt tuning); heads skip them.
     n_prepended = 0
 
@@ -30,11 +43,26 @@ class Method(nn.Module):
         # `state_dict()` and the optimizer see only the method's own tensors, never the backbone.
         self._backbone = [backbone]
         self.dims = backbone.dims
-        self._takes_position_ids = "position_ids" in inspect.signature(backbone.model.forward).parameters
+        self.takes_position_ids = "position_ids" in inspect.signature(backbone.model.forward).parameters
 
     @property
     def backbone(self) -> Backbone:
         return self._backbone[0]
+
+    @property
+    def shares_backbone(self) -> bool:
+        """True when the backbone's weights stay untouched, so several adapters can share one copy."""
+        return self.acts_on != "weights"
+
+    # -- what serving and export read ----------------------------------------------------------
+    def soft_prompt(self) -> torch.Tensor:
+        """(p, hidden) float32: the soft embeddings an `acts_on == "input"` method puts before the tokens."""
+        raise TypeError(f"method {self.name} acts on {self.acts_on!r}, it has no soft prompt")
+
+    def prefix_rows(self, stack: str) -> torch.Tensor:
+        """(p, n_layers * 2 * kv_heads * head_dim): the collapsed keys/values an `acts_on == "kv"`
+        method puts in front of attention stack `stack` (kv.py's flat layout)."""
+        raise TypeError(f"method {self.name} acts on {self.acts_on!r}, it has no prefix")
 
     # -- forward -------------------------------------------------------------------------------
     def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
@@ -51,7 +79,7 @@ class Method(nn.Module):
         n_before virtual positions (a prefix in the cache) come first; real tokens count on
         from there, as they do in the papers' code and in PEFT. Pads get position 1 (never read).
         """
-        if not self._takes_position_ids:
+        if not self.takes_position_ids:
             return None
         pos = attention_mask.long().cumsum(-1) - 1 + n_before
         return pos.masked_fill(attention_mask == 0, 1)

@@ -100,8 +100,10 @@ class FineTune(HardPrompt):
     # HardPrompt gives the plain model's model_inputs and generate (positions from the mask); the
     # two methods differ only in what trains and what is saved.
     name = "fine-tune"
+    acts_on = "weights"
+    trains = True
 
-    def __init__(self, backbone, trainable: str = "all", k: int = 2, **_):
+    def __init__(self, backbone, *, trainable: str, k: int, **_):
         super().__init__(backbone)
         if trainable not in TRAINABLE:
             raise PtuneError(f"method.trainable={trainable!r} is not one of {', '.join(TRAINABLE)}")

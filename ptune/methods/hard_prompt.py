@@ -9,7 +9,7 @@ Backbones: causal LMs continue the template; encoder-decoders (T5, BART) read it
 encoder and generate with the decoder. Under `task.head=verbalizer` (ptune/verbalizer.py) the
 template and its label words are the zero-shot classifier of every backbone with an LM head,
 BERT's MLM head included; a masked model with an lm head (nothing to generate) or a linear head
-(only the random head would train) is refused by train._attach_head.
+(only the random head would train) is refused by ptune.build.attach_head.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ from ptune.methods.base import Method, real_tokens_first
 
 class HardPrompt(Method):
     name = "hard-prompt"
+    acts_on = "none"
+    trains = False
 
     def __init__(self, backbone, **_):
         super().__init__(backbone)
         self._check_backbone(backbone)
 
     def _check_backbone(self, backbone) -> None:
-        # masked (BERT) only through a verbalizer head (train._attach_head refuses lm and linear);
+        # masked (BERT) only through a verbalizer head (ptune.build.attach_head refuses lm and linear);
         # an encoder without an LM head (MiniLM) has no way to answer without training.
         if backbone.kind not in ("causal", "seq2seq", "masked"):
             raise PtuneError(f"method=hard-prompt on {backbone.kind} models (no LM head) has nothing to predict with; "

@@ -72,9 +72,10 @@ KINDS = ("causal", "seq2seq", "masked", "encoder")
 
 class PTuning(Method):
     name = "p-tuning"
+    acts_on = "input"
+    peft_type = "P_TUNING"
 
-    def __init__(self, backbone, num_virtual_tokens: int = 10, encoder: str = "lstm",
-                 encoder_hidden_size: int | None = None, **_):
+    def __init__(self, backbone, *, num_virtual_tokens: int, encoder: str, encoder_hidden_size: int | None, **_):
         super().__init__(backbone)
         if backbone.kind not in KINDS:
             raise PtuneError(f"method=p-tuning does not support model.kind={backbone.kind!r}; use one of {', '.join(KINDS)}")
@@ -105,6 +106,9 @@ class PTuning(Method):
         if self.encoder == "lstm":
             x = self.lstm_head(x)[0]  # (1, p, E): both directions concatenated
         return self.mlp_head(x)[0]  # (p, hidden)
+
+    def soft_prompt(self) -> torch.Tensor:
+        return self.prompt_embeddings()  # (p, hidden) float32
 
     # -- forward -------------------------------------------------------------------------------
     def _soft(self, soft_mask: torch.Tensor | None, attention_mask: torch.Tensor) -> torch.Tensor | None:

@@ -81,8 +81,10 @@ UNUSED = re.compile(r"\[unused\d+\]")  # BERT's reserved vocabulary slots, never
 
 class Prompt(Method):
     name = "prompt"
+    acts_on = "input"
+    peft_type = "PROMPT_TUNING"
 
-    def __init__(self, backbone, num_virtual_tokens: int = 20, init: str = "vocab", init_text: str | None = None,
+    def __init__(self, backbone, *, num_virtual_tokens: int, init: str, init_text: str | None,
                  label_words: list | None = None, **_):
         super().__init__(backbone)
         if backbone.kind not in KINDS:
@@ -150,6 +152,9 @@ class Prompt(Method):
         return out[:, 1:] if self.dims.is_encoder_decoder else out
 
     # -- saving --------------------------------------------------------------------------------
+    def soft_prompt(self) -> torch.Tensor:
+        return self.prompt  # (p, hidden) float32
+
     def adapter_tensors(self):
         return {"prompt": self.prompt.detach().float().contiguous()}  # (p, hidden)
 

@@ -21,4 +21,9 @@ TASKS: dict[str, type[Task]] = {
 
 
 def build(name: str, **kwargs) -> Task:
-    return TASKS[name](**kwargs)
+    """Task `name` with its config keys; every key not given takes its default from
+    conf/task/<name>.yaml (the one place defaults live)."""
+    from ptune.config import group_defaults
+
+    task = TASKS[name]
+    return task(**{**group_defaults("task", name), **task.upgrade(dict(kwargs))})

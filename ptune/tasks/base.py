@@ -1,4 +1,15 @@
-"""What a task is: how to load a split, how to encode an example, and how to score predictions."""
+"""What a task is: how to load a split, how to encode an example, and how to score predictions.
+
+A task declares what the rest of ptune reads instead of asking its name:
+- `head`: "lm" (it generates text), "linear" (a trained classifier on the pooled state),
+  "verbalizer" (label words at the template's {mask}) or "vocab" (the whole vocabulary at {mask}: LAMA);
+- `input_fields`: the fields a row needs for prediction (`ptune predict`, `ptune serve`);
+- `prediction_inputs(tokenizer, kind, row)`: the token ids its own predict() feeds the model for
+  that row, and the index of {mask} in them (None for generation), so several adapters' rows can
+  share one forward (ptune.infer.pool);
+- `soft_positions`: whether prompts sit inside the input (p-tuning's {soft} slots) rather than in front;
+- `result_name(split)`: the stem of eval_<...>.json and predictions/<...>.jsonl for this task.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +24,18 @@ class Task:
     name = "base"
     metric_for_best = "loss"  # a key of evaluate()'s result
     greater_is_better = True
+    head = "lm"  # module docstring
+    input_fields: tuple[str, ...] = ()
+    soft_positions = False
 
-    def __init__(self, data_dir: str | None = None, max_train_samples: int | None = None,
-                 max_eval_samples: int | None = None, subsample_seed: int = 0, **_):
+    @classmethod
+    def upgrade(cls, kwargs: dict) -> dict:
+        """The keys of a config saved by an older ptune, in today's terms (before the YAML defaults
+        fill what is missing); nothing to do by default."""
+        return kwargs
+
+    def __init__(self, *, data_dir: str | None, max_train_samples: int | None, max_eval_samples: int | None,
+                 subsample_seed: int, **_):
         self.data_dir = Path(data_dir) if data_dir else None
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.subsample_seed = subsample_seed
@@ -51,6 +71,24 @@ class Task:
     def evaluate(self, method, split: str, batch_size: int) -> tuple[dict, list[dict]]:
         """(metrics by name, one prediction record per example)."""
         raise NotImplementedError
+
+    def predict(self, method, rows: list[dict], batch_size: int) -> list[str]:
+        """One answer per row (a label name or a generated text), in order."""
+        raise NotImplementedError
+
+    def prediction_inputs(self, tokenizer, kind: str, row: dict) -> tuple[list[int], int | None]:
+        """(token ids predict() feeds the model for `row`, index of {mask} in them or None)."""
+        raise PtuneError(f"task {self.name} does not answer single rows together with other adapters; run it alone")
+
+    def label_words(self) -> list | None:
+        """Per class its label word(s) (classification tasks); None for tasks without classes."""
+        return None
+
+    def bind(self, backbone, method) -> None:
+        """Check the task against the backbone and method it will run with (ptune.build); nothing by default."""
+
+    def result_name(self, split: str) -> str:
+        return f"{self.name}_{split}"
 
 
 def hub_offline() -> bool:

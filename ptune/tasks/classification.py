@@ -79,8 +79,8 @@ class ClassificationTask(Task):
     default_verbalizer: dict | None = None
     metrics: tuple[str, ...] = ("accuracy",)
 
-    def __init__(self, template: str | None = None, head: str = "linear", verbalizer: dict | None = None,
-                 head_dropout: float = 0.1, max_len: int = 128, **kw):
+    def __init__(self, *, template: str | None, head: str, verbalizer: dict | None, head_dropout: float, max_len: int,
+                 **kw):
         super().__init__(**kw)
         if head not in HEADS:
             raise PtuneError(f"task.head={head!r} is not one of {', '.join(HEADS)}; use task.head=linear or verbalizer")
@@ -138,6 +138,10 @@ class ClassificationTask(Task):
     def soft_positions(self) -> bool:  # read by ptune export: prompts inside the input
         return self.keep_soft
 
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        return tuple(self.template.fields)
+
     def slot_head(self, backbone):
         from ptune.verbalizer import VerbalizerHead, word_pieces
 
@@ -157,6 +161,10 @@ class ClassificationTask(Task):
             out.append(Example(enc.ids, [r.get("label", 0)], layout, soft=enc.soft if self.keep_soft else None,
                                mask_pos=enc.mask_pos))
         return out
+
+    def prediction_inputs(self, tokenizer, kind: str, row: dict) -> tuple[list[int], int | None]:
+        e = self.examples(tokenizer, [{**row, "label": 0}])[0]
+        return e.input_ids, e.mask_pos
 
     def encode(self, tokenizer, rows: list[dict]) -> list[list[int]]:
         """Token ids of each row, with the tokenizer's special tokens, at most max_len long."""

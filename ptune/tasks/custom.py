@@ -100,13 +100,20 @@ def _columns(text_column, text_columns) -> list[str]:
     return cols
 
 
+def result_name(task, split: str) -> str:
+    """eval_<name>.json / predictions/<name>.jsonl stem: custom-<eval file stem>_<split>, so two
+    custom files scored from one run do not overwrite each other."""
+    eval_file = task.files.get("dev")
+    return f"custom-{Path(str(eval_file)).stem}_{split}" if eval_file else f"custom_{split}"
+
+
 class CustomClassification(ClassificationTask):
     name = "custom"
     metrics = ("accuracy", "macro_f1")
+    result_name = result_name
 
-    def __init__(self, train_file: str | None = None, eval_file: str | None = None, text_column: str = "text",
-                 text_columns: list[str] | None = None, label_column: str = "label", labels: list | None = None,
-                 verbalizer: dict | None = None, **kw):
+    def __init__(self, *, train_file: str | None, eval_file: str | None, text_column: str,
+                 text_columns: list[str] | None, label_column: str, labels: list | None, verbalizer: dict | None, **kw):
         self.files = {"train": train_file, "dev": eval_file}
         self.fields = tuple(_columns(text_column, text_columns))
         self.label_column = label_column
@@ -144,10 +151,11 @@ class CustomClassification(ClassificationTask):
 class CustomGeneration(Task):
     name = "custom"
     metric_for_best = "rouge_l"
+    result_name = result_name
 
-    def __init__(self, train_file: str | None = None, eval_file: str | None = None, text_column: str = "text",
-                 text_columns: list[str] | None = None, label_column: str = "label", template: str | None = None,
-                 max_len: int = 128, max_target_len: int = 64, max_new_tokens: int = 64, **kw):
+    def __init__(self, *, train_file: str | None, eval_file: str | None, text_column: str,
+                 text_columns: list[str] | None, label_column: str, template: str | None, max_len: int,
+                 max_target_len: int, max_new_tokens: int, **kw):
         super().__init__(**{k: v for k, v in kw.items() if k in ("data_dir", "max_train_samples", "max_eval_samples",
                                                                      "subsample_seed")})
         from ptune.templates import Template
@@ -180,6 +188,15 @@ class CustomGeneration(Task):
         src = encode_sources(tokenizer, [s for s, _ in pairs], self.max_len, kind)
         return target_examples(tokenizer, src, [t for _, t in pairs], self.max_target_len, kind)
 
+    @property
+    def input_fields(self) -> tuple[str, ...]:
+        return tuple(self.fields)
+
+    def prediction_inputs(self, tokenizer, kind: str, row: dict) -> tuple[list[int], None]:
+        from ptune.generate import encode_sources
+
+        return encode_sources(tokenizer, [self.template.render(row)], self.max_len, kind)[0], None
+
     def _generate(self, method, sources: list[str], batch_size: int) -> list[str]:
         from ptune.generate import generate_texts
 
@@ -204,7 +221,7 @@ class CustomGeneration(Task):
         return self._generate(method, [self.template.render(r) for r in rows], batch_size)
 
 
-def Custom(type: str = "classification", **kw) -> Task:  # noqa: N802 -- the registry calls it like a class
+def Custom(*, type: str, **kw) -> Task:  # noqa: N802 -- the registry calls it like a class
     """task=custom: the classification or generation variant, by `task.type`."""
     if type not in TYPES:
         raise PtuneError(f"task.type={type!r} is not one of {', '.join(TYPES)}")
@@ -212,3 +229,6 @@ def Custom(type: str = "classification", **kw) -> Task:  # noqa: N802 -- the reg
         kw.pop("head", None), kw.pop("verbalizer", None), kw.pop("labels", None), kw.pop("head_dropout", None)
         return CustomGeneration(**kw)
     return CustomClassification(**kw)
+
+
+Custom.upgrade = Task.upgrade  # the registry calls it as on a class: nothing to upgrade

@@ -35,9 +35,18 @@ def linearize(mr: str) -> str:
 class E2E(Task):
     name = "e2e"
     metric_for_best = "bleu"
+    input_fields = ("mr",)
 
-    def __init__(self, source_template: str = "Table: {mr}\nText:", decoding: str | None = None, num_beams: int = 5,
-                 max_new_tokens: int = 64, max_source_len: int = 128, max_target_len: int = 64, metrics=None, **kw):
+    @classmethod
+    def upgrade(cls, kwargs: dict) -> dict:
+        """A run saved before task.decoding existed: num_beams alone chose (1 = greedy)."""
+        if "decoding" not in kwargs and "num_beams" in kwargs:
+            beams = kwargs["num_beams"]
+            kwargs["decoding"] = "beam" if isinstance(beams, int) and beams > 1 else "greedy"
+        return kwargs
+
+    def __init__(self, *, source_template: str, decoding: str, num_beams: int, max_new_tokens: int,
+                 max_source_len: int, max_target_len: int, metrics: list[str] | None, **kw):
         super().__init__(**kw)
         from ptune.metrics.e2e import METRICS
 
@@ -45,8 +54,6 @@ class E2E(Task):
         if set(self.metrics) - set(METRICS):
             raise PtuneError(f"task.metrics={list(self.metrics)} has unknown names; choose from {', '.join(METRICS)}")
         self.source_template = source_template
-        if decoding is None:  # a run saved before task.decoding existed: num_beams alone chose (1 = greedy)
-            decoding = "beam" if isinstance(num_beams, int) and num_beams > 1 else "greedy"
         self.num_beams, self.max_new_tokens = beams(decoding, num_beams), max_new_tokens
         self.max_source_len, self.max_target_len = max_source_len, max_target_len
 
@@ -89,6 +96,9 @@ class E2E(Task):
         return generate_texts(method, [self.source(r["mr"]) for r in rows], batch_size=batch_size,
                               num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
                               max_source_len=self.max_source_len)
+
+    def prediction_inputs(self, tokenizer, kind: str, row: dict) -> tuple[list[int], None]:
+        return encode_sources(tokenizer, [self.source(row["mr"])], self.max_source_len, kind)[0], None
 
     def evaluate(self, method, split, batch_size):
         from ptune import metrics

@@ -63,7 +63,7 @@ class LAMA(Task):
     metric_for_best = "p@1"
     head = "vocab"
 
-    def __init__(self, template: str | None = None, relations: list[str] | None = None, max_len: int = 64, **kw):
+    def __init__(self, *, template: str | None, relations: list[str] | None, max_len: int, **kw):
         super().__init__(**kw)
         self.user_template = Template(template) if template else None
         if self.user_template is not None:

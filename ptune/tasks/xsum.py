@@ -32,10 +32,11 @@ SPLITS = tuple(_HUB_SPLITS)
 class XSum(Task):
     name = "xsum"
     metric_for_best = "rouge2"
+    input_fields = ("document",)
 
-    def __init__(self, source_template: str = "{document} TL;DR:", decoding: str = "greedy", num_beams: int = 5,
-                 max_new_tokens: int = 64, max_source_length: int = 512, max_target_len: int = 64,
-                 local_dev_size: int = 100, local_test_size: int = 100, metrics=None, **kw):
+    def __init__(self, *, source_template: str, decoding: str, num_beams: int, max_new_tokens: int,
+                 max_source_length: int, max_target_len: int, local_dev_size: int, local_test_size: int,
+                 metrics: list[str] | None, **kw):
         super().__init__(**kw)
         from ptune.metrics import MODULES
 
@@ -105,6 +106,9 @@ class XSum(Task):
         if any(not isinstance(r.get("document"), str) for r in rows):
             raise PtuneError("task xsum: every input row needs a 'document' field (the article text)")
         return self._summarize(method, [r["document"] for r in rows], batch_size)
+
+    def prediction_inputs(self, tokenizer, kind: str, row: dict) -> tuple[list[int], None]:
+        return self.sources(tokenizer, [row["document"]], kind)[0], None
 
     def evaluate(self, method, split, batch_size):
         from ptune import metrics

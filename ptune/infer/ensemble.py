@@ -6,9 +6,9 @@ together, each example read once per prompt *in one batch*, and their prediction
 
 - the members must share the backbone (the `model` config) and the task (the `task` config:
   name, head, template, verbalizer, labels, evaluation subset); each may use its own method and
-  hyper-parameters as far as the mixed-adapter core (ptune.multi) serves them together;
+  hyper-parameters as far as the mixed-adapter core (ptune.infer.pool) serves them together;
 - every evaluation batch of b examples becomes b * K rows (row i * K + k = example i under member
-  k), so one forward of the shared backbone scores all K members (ptune.multi routes each row
+  k), so one forward of the shared backbone scores all K members (ptune.infer.pool routes each row
   through its own adapter); a linear-head member's own classifier reads its rows' pooled states;
 - each member's class probabilities are the softmax over its class scores: the linear head's
   logits, or the verbalizer's log P(label words | x) (so a verbalizer member's probabilities are
@@ -83,7 +83,7 @@ def check_members(configs: dict) -> None:
 
 
 def member_probs(pool, names: list[str], rows: list[dict], batch_size: int) -> torch.Tensor:
-    """(K, n, C) class probabilities of the K adapters `names` of a ptune.multi.Pool on n rows.
+    """(K, n, C) class probabilities of the K adapters `names` of a ptune.infer.pool.Pool on n rows.
 
     Every batch of `batch_size` examples is replicated for the K members (row j * K + k = example
     j under member k): one forward of the shared backbone per batch and head kind (Pool.class_scores).
@@ -108,10 +108,10 @@ def evaluate_ensemble(runs: list[str], how: str, split: str = "dev", which: str 
     """Score each member and their `how` ensemble on `split` in one batched pass; write the result
     JSON (`out`, default <first run>/eval_ensemble_<how>_<split>.json) and return it:
     {"members": [{"run", "method", "metrics"}], "ensemble": {"how", "metrics"}, "examples", ...}."""
-    from ptune import checkpoint as ckpt
+    from ptune.build import load_run
     from ptune.data import subsample
-    from ptune.multi import Pool
-    from ptune.train import load_run
+    from ptune.infer.pool import Pool
+    from ptune.rundir import RunDir, write_json
 
     if how not in HOWS:
         raise PtuneError(f"ensemble={how!r}: choose vote (majority of the members' labels) or mean (mean probabilities)")
@@ -138,9 +138,9 @@ def evaluate_ensemble(runs: list[str], how: str, split: str = "dev", which: str 
                           for k, (run, n) in enumerate(zip(runs, names))],
               "predictions": {"labels": list(task.labels), "gold": gold, "ensemble": preds.tolist(),
                               "members": probs.argmax(-1).tolist()}}
-    path = Path(out) if out else Path(runs[0]) / f"eval_ensemble_{how}_{split}.json"
+    path = Path(out) if out else RunDir(runs[0]).eval_result(f"ensemble_{how}_{split}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(result, path)
+    write_json(result, path)
     result["path"] = str(path)
     return result
 

@@ -1,4 +1,4 @@
-"""Atomic, pickle-free saving of adapters and training state.
+"""Training checkpoints: atomic, pickle-free saving of the state a resumed run needs.
 
 Everything is safetensors or JSON. A checkpoint is written into a hidden temporary folder, every
 file fsync'ed, a manifest of SHA-256 checksums written last, then the folder renamed into place:
@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ptune.errors import PtuneError
+from ptune.rundir import write_json
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_json(obj, path: Path) -> None:
-    """Atomic JSON write (temporary name, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -61,33 +53,6 @@ def _sha256(path: Path) -> str:
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-
-
-# -- adapters ----------------------------------------------------------------------------------
-def save_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
-    """adapter_model.safetensors + adapter_config.json, each replaced atomically.
-
-    Files, not the folder, are swapped: a directory cannot be renamed over a non-empty one in one
-    step, and a kill between two renames would leave no adapter at all.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / ".adapter_model.safetensors.tmp"
-    save_file(_contiguous(tensors), tmp)
-    _fsync(tmp)
-    os.replace(tmp, directory / "adapter_model.safetensors")
-    write_json(config, directory / "adapter_config.json")
-
-
-def load_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json, adapter_model.safetensors); nothing else in the folder is read."""
-    directory = Path(directory)
-    try:
-        config = json.loads((directory / "adapter_config.json").read_text())
-        return config, load_file(directory / "adapter_model.safetensors")
-    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PtuneError(f"adapter {directory} is damaged or not ptune's ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); retrain or resume the run") from None
 
 
 # -- optimizer state ---------------------------------------------------------------------------

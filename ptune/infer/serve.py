@@ -31,7 +31,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ptune.errors import PtuneError
-from ptune.multi import ADAPTER_FIELD, Pool
+from ptune.infer.pool import ADAPTER_FIELD, Pool, parse_runs
 
 log = logging.getLogger("ptune.serve")
 
@@ -156,7 +156,6 @@ def _interrupt(signum, frame):
 
 def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int, batch_size: int) -> int:
     """Load the runs, serve until Ctrl-C or SIGTERM, then close the socket. Prints the URL once bound."""
-    from ptune.multi import parse_runs
 
     pool = Pool.load(parse_runs(spec))
     try:

@@ -1,7 +1,7 @@
 """`ptune report <sweep dir>`: a sweep's table and plots, written into the sweep directory.
 
 A sweep (`ptune train -m ...`) leaves summary.csv (one row per job: its overrides, run dir and
-status, rewritten after every job by ptune.rundir.write_sweep_summary) and one run directory per
+status, rewritten after every job by ptune.train.sweep.write_sweep_summary) and one run directory per
 job (config.yaml, summary.json, metrics.jsonl). This module reads them and writes:
 
 - `report.md`: which override keys vary, one row per job (the varying values, the task's
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ptune.errors import PtuneError
+from ptune.rundir import write_atomic
 
 PLOTS = ("metric", "train_tokens_per_s", "peak_memory_mb")
 
@@ -256,7 +257,7 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, str | None]:
     out += table(jobs, [k for k in (x, *groups) if k], metric, sweep_dir)
     if len(finished) > 1:
         out += ["", "The jobs of a sweep run one after another in one process; each job's *peak MB* is its own "
-                "(ptune.trainer.reset_peak_memory at its start: peak RSS on CPU, counted from the memory the process "
+                "(ptune.train.loop.reset_peak_memory at its start: peak RSS on CPU, counted from the memory the process "
                 "held then, max allocated on GPU). Runs made before 2026-11-30's fix report the sweep's high-water "
                 "mark instead. Tokens/s are wall-clock rates: other load on the machine lowers them."]
     why = None
@@ -274,7 +275,7 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, str | None]:
     if why:
         out.append(f"Plots not drawn: {why}.")
     report = sweep_dir / "report.md"
-    report.write_text("\n".join(out) + "\n")
+    write_atomic(report, "\n".join(out) + "\n")
     _link_from_summary(sweep_dir)
     return report, why
 
@@ -303,6 +304,6 @@ def _eval_size(jobs: list[Job]) -> str:
 def _link_from_summary(sweep_dir: Path) -> None:
     summary = sweep_dir / "summary.md"
     link = "Report (table and plots): [report.md](report.md)"
-    if summary.is_file() and link not in summary.read_text():
-        with open(summary, "a") as f:
-            f.write(f"\n{link}\n")
+    text = summary.read_text() if summary.is_file() else None
+    if text is not None and link not in text:
+        write_atomic(summary, f"{text}\n{link}\n")

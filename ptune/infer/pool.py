@@ -5,10 +5,10 @@
         -> ["positive", "X is a ..."]                               # one answer per row, in order
 
 `Pool.load` reads every run's config.yaml, checks that all use the same backbone (the whole
-`model` config) and a method that leaves it untouched (prompt, p-tuning, prefix, p-tuning-v2,
-hard-prompt), builds the backbone ONCE and each run's method, task and head on it (methods keep
+`model` config) and a method that leaves it untouched (`Method.shares_backbone`: prompt, p-tuning,
+prefix, p-tuning-v2, hard-prompt), builds the backbone ONCE and each run's method, task and head on it (methods keep
 the backbone outside their module tree, `method._backbone`, so K methods share one copy), and
-loads each adapter. Rows then go through `ptune.mixed`: one forward per batch whatever the mix of
+loads each adapter. Rows then go through `ptune.infer.mixed`: one forward per batch whatever the mix of
 adapters, each row with its own prompt or prefix, with the outputs it gets alone.
 
 What a row's adapter answers with (its task's head, as `ptune predict` with that run alone):
@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ptune import mixed
+from ptune import methods
+from ptune.build import build_backbone, load_run, load_trained, setup_logging
 from ptune.errors import PtuneError
+from ptune.infer import mixed
 
-GENERATION_TASKS = ("e2e", "xsum", "custom")
 ADAPTER_FIELD = "adapter"
 
 
@@ -55,17 +56,15 @@ class Adapter:
     @property
     def head(self) -> str:
         """'linear', 'verbalizer' or 'lm' (generation)."""
-        return getattr(self.task, "head", "lm")
+        return self.task.head
 
     def info(self) -> dict:
         """JSON-able description (GET /adapters)."""
         out = {"name": self.name, "method": self.method.name, "task": self.task.name, "head": self.head,
-               "prompt_length": getattr(self.method, "p", 0), "run": str(self.run_dir) if self.run_dir else None}
+               "prompt_length": self.method.p, "run": str(self.run_dir) if self.run_dir else None}
         if self.head != "lm":
             out["labels"] = list(self.task.labels)
-            out["fields"] = list(self.task.template.fields)
-        else:
-            out["fields"] = _generation_fields(self.task)
+        out["fields"] = list(self.task.input_fields)
         return out
 
 
@@ -106,8 +105,6 @@ class Pool:
     @classmethod
     def load(cls, runs, which: str = "adapter") -> Pool:
         """runs: {name: run dir} or [run dir, ...] (named by the directory's name)."""
-        from ptune.train import _load_for_inference, build_backbone, load_run, setup_logging
-
         if not isinstance(runs, dict):
             runs = {Path(r).name: r for r in runs}
         if not runs:
@@ -122,14 +119,14 @@ class Pool:
                 key = next(k for k in sorted(set(model) | set(other)) if model.get(k) != other.get(k))
                 raise PtuneError(f"runs must share one backbone: {run_dir} has model.{key}={other.get(key)!r}, "
                                  f"{configs[first][0]} has {model.get(key)!r}")
-            if cfg.method.name not in mixed.PROMPT_METHODS + mixed.PREFIX_METHODS + mixed.PLAIN_METHODS:
+            if methods.METHODS[cfg.method.name].acts_on == "weights":
                 raise PtuneError(f"{run_dir} is a method={cfg.method.name} run, which changes the backbone's weights; "
                                  f"several runs share one backbone only with prompt, p-tuning, prefix, p-tuning-v2 "
                                  f"or hard-prompt")
         backbone = build_backbone(configs[first][1])
         adapters = {}
         for name, (run_dir, cfg) in configs.items():
-            _, method, task = _load_for_inference(run_dir, cfg, which, backbone=backbone)
+            _, method, task = load_trained(run_dir, cfg, which, backbone=backbone)
             adapters[name] = Adapter(name, method, task, run_dir)
         return cls(backbone, adapters)
 
@@ -171,11 +168,7 @@ class Pool:
         out = []
         for row in inputs:
             a = self._adapter_of(row)
-            if a.head == "lm":
-                ids, pos = _generation_sources(a.task, tok, self.backbone.kind, row), None
-            else:
-                e = a.task.examples(tok, [{**row, "label": 0}])[0]
-                ids, pos = e.input_ids, e.mask_pos
+            ids, pos = a.task.prediction_inputs(tok, self.backbone.kind, row)
             out.append({"adapter": self.index(a.name), "ids": ids, "mask_pos": pos})
         return out
 
@@ -206,10 +199,10 @@ class Pool:
         return self.adapters[self.names[e["adapter"]]].head
 
     def width(self, e: dict) -> int:
-        """Columns an encoded row takes in a mixed forward (ptune.mixed packs each row): its soft
+        """Columns an encoded row takes in a mixed forward (ptune.infer.mixed packs each row): its soft
         prompt (prompt, p-tuning) + its tokens; a prefix adds keys, no columns."""
         m = self._methods[e["adapter"]]
-        return (m.p if mixed.side_of(m) == "prompt" else 0) + len(e["ids"])
+        return (m.p if m.acts_on == "input" else 0) + len(e["ids"])
 
     def _batch(self, encoded: list[dict], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask (batch, S) padded on `side`, adapter ids (batch,)."""
@@ -236,21 +229,13 @@ class Pool:
         queries, owners = [], []  # one forward for every query of every row
         for r, e in enumerate(encoded):
             head = self._methods[e["adapter"]].head
-            ids = e["ids"]
-            for q in head._queries(ids, [False] * len(ids), e["mask_pos"], head.cands).values():
-                queries.append((e["adapter"], q[0], head.pad_id, q[3]))
+            for row, targets in head.queries(e["ids"], e["mask_pos"]):
+                queries.append((e["adapter"], row, head.pad_id, targets))
                 owners.append(r)
-        logp = mixed.slot_log_probs(self._methods, queries)
-        out = []
-        for r, e in enumerate(encoded):
-            head = self._methods[e["adapter"]].head
-            word = torch.zeros(len(head.cands))
-            for (_, _, _, targets), lp, owner in zip(queries, logp, owners):
-                if owner == r:
-                    for (_, _, c), v in zip(targets, lp.cpu()):
-                        word[c] += v  # log P(word) = sum of its pieces' log-probs
-            out.append(torch.stack([torch.logsumexp(word[ix], 0) for ix in head.class_cands]))
-        return out
+        pieces: list[list] = [[] for _ in encoded]  # per row: (candidate, log-prob of one piece)
+        for (_, _, _, targets), lp, owner in zip(queries, mixed.slot_log_probs(self._methods, queries), owners):
+            pieces[owner] += [(c, v) for (_, _, c), v in zip(targets, lp.cpu())]
+        return [self._methods[e["adapter"]].head.class_scores(pieces[r]) for r, e in enumerate(encoded)]
 
     def generate(self, inputs: list[dict]) -> list[str]:
         """Per generation row, one line of greedy text (as generate.generate_from_ids decodes it)."""
@@ -258,7 +243,7 @@ class Pool:
         return self._generate(self.encode(inputs))
 
     def _generate(self, encoded: list[dict]) -> list[str]:
-        from ptune.generate import _newline_ids
+        from ptune.generate import newline_ids
 
         for i, e in enumerate(encoded):
             if self._head(e) != "lm":
@@ -266,7 +251,7 @@ class Pool:
         tok = self.backbone.tokenizer
         ids, mask, adapters = self._batch(encoded, "left")
         limits = [self.adapters[self.names[e["adapter"]]].task.max_new_tokens for e in encoded]
-        new = mixed.greedy(self._methods, ids, mask, adapters, limits, [tok.eos_token_id] + _newline_ids(tok),
+        new = mixed.greedy(self._methods, ids, mask, adapters, limits, [tok.eos_token_id] + newline_ids(tok),
                            tok.pad_token_id)
         return [tok.decode(n, skip_special_tokens=True).split("\n")[0].strip() for n in new]
 
@@ -306,57 +291,15 @@ def _chunks(idx: list[int], size: int) -> list[list[int]]:
 
 def _check_task(a: Adapter) -> None:
     head = a.head
-    if head == "lm" and a.task.name not in GENERATION_TASKS:
+    if head == "lm" and not a.task.input_fields:
         raise PtuneError(f"adapter {a.name!r}: task {a.task.name} is not served by several-run predict (served: "
-                         f"classification with a linear or verbalizer head, and {', '.join(GENERATION_TASKS)}); "
-                         f"run it alone with ptune predict run=<dir>")
+                         f"classification with a linear or verbalizer head, and generation tasks that name their "
+                         f"input fields); run it alone with ptune predict run=<dir>")
     if head == "lm" and getattr(a.task, "num_beams", 1) != 1:
         raise PtuneError(f"adapter {a.name!r} decodes with beam search (task.decoding=beam); several-run predict "
                          f"decodes greedily: retrain or evaluate it with task.decoding=greedy")
     if head not in ("lm", "linear", "verbalizer"):
         raise PtuneError(f"adapter {a.name!r}: task.head={head} is not served by several-run predict; run it alone")
-    if getattr(a.task, "keep_soft", False):
+    if a.task.soft_positions:
         raise PtuneError(f"adapter {a.name!r}: p-tuning with {{soft}} slots inside the template is not served by "
                          f"several-run predict; run it alone with ptune predict run=<dir>")
-
-
-def _generation_fields(task) -> list[str]:
-    if task.name == "e2e":
-        return ["mr"]
-    if task.name == "xsum":
-        return ["document"]
-    return list(getattr(task, "fields", ()))
-
-
-def _generation_sources(task, tokenizer, kind: str, row: dict) -> list[int]:
-    """The token ids a generation task's predict() feeds the model for one row (a little honest
-    duplication of each task's predict, which encodes and generates in one call)."""
-    from ptune.generate import encode_sources
-
-    if task.name == "e2e":
-        return encode_sources(tokenizer, [task.source(row["mr"])], task.max_source_len, kind)[0]
-    if task.name == "xsum":
-        return task.sources(tokenizer, [row["document"]], kind)[0]
-    return encode_sources(tokenizer, [task.template.render(row)], task.max_len, kind)[0]
-
-
-def predict_file(spec: str, input_path: str, output: str | None = None, batch_size: int | None = None) -> Path:
-    """`ptune predict run=<spec> input=<file>`: one JSON line per input row, its fields and
-    `prediction`, in order. One run whose rows name no adapter is today's single-run predict
-    (train.predict_run, predictions under the run); otherwise rows go through a Pool, and the
-    output defaults to `<input stem>.predictions.jsonl` beside the input."""
-    from ptune import rundir
-    from ptune.train import load_run, predict_run, read_rows
-
-    runs = parse_runs(spec)
-    rows = read_rows(Path(input_path))
-    if len(runs) == 1 and ":" not in spec and not any(ADAPTER_FIELD in r for r in rows):
-        return predict_run(next(iter(runs.values())), input_path, output, batch_size)
-    pool = Pool.load(runs)
-    first = next(iter(runs.values()))
-    preds = pool.predict(rows, batch_size or load_run(first)[1].trainer.eval_batch_size)
-    path = Path(input_path)
-    out = Path(output) if output else path.with_name(f"{path.stem}.predictions.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    rundir.write_text_atomic(out, "".join(json.dumps({**row, "prediction": p}) + "\n" for row, p in zip(rows, preds)))
-    return out

@@ -106,25 +106,15 @@ def _mapped_verbalizer(backbone, trained_task, new_task, groups: list[list[int]]
     return VerbalizerHead(backbone, words, list(new_task.labels))
 
 
-def result_name(task_cfg: DictConfig, split: str) -> str:
-    """eval_<name>.json / predictions/<name>.jsonl stem: the task, a custom file's stem, the split."""
-    task = task_cfg.name
-    if task == "custom" and task_cfg.get("eval_file"):
-        task = f"custom-{Path(str(task_cfg.eval_file)).stem}"
-    return f"{task}_{split}"
-
-
 def evaluate_transfer(run: str, task_cfg: DictConfig, label_map: str | None = None, split: str = "dev",
                       which: str = "adapter", batch_size: int | None = None, head_given: bool = False) -> dict:
     """Score a run's adapter on another classification task (task_cfg: a composed `task` group).
 
     head_given: the user set task.head; it must then be the run's head (else the run's is used)."""
-    from ptune import checkpoint as ckpt
     from ptune import tasks
+    from ptune.build import load_run, load_trained, setup_logging
     from ptune.config import task_kwargs
     from ptune.tasks.classification import ClassificationTask
-    from ptune.train import _load_for_inference, load_run, setup_logging
-    from ptune.trainer import _write_predictions
 
     run_dir, cfg = load_run(run)
     trained_head = cfg.task.get("head")
@@ -139,7 +129,7 @@ def evaluate_transfer(run: str, task_cfg: DictConfig, label_map: str | None = No
                          f"which is what its adapter can score with; drop task.head")
     task_cfg.head = trained_head
     setup_logging(None)
-    backbone, method, trained = _load_for_inference(run_dir, cfg, which)
+    backbone, method, trained = load_trained(run_dir, cfg, which)
     new = tasks.build(task_cfg.name, **task_kwargs(OmegaConf.create({"task": task_cfg})))
     if not isinstance(new, ClassificationTask):
         raise PtuneError(f"task={task_cfg.name} is not a classification task; domain transfer maps class labels")
@@ -151,12 +141,12 @@ def evaluate_transfer(run: str, task_cfg: DictConfig, label_map: str | None = No
     else:
         method.attach_head(_mapped_verbalizer(backbone, trained, new, groups))
     scores, records = new.evaluate(method, split, batch_size or cfg.trainer.eval_batch_size)
-    name = result_name(task_cfg, split)
+    name = new.result_name(split)
     out = {"run": str(run_dir), "trained_task": cfg.task.name, "task": task_cfg.name, "split": split,
            "adapter": which, "examples": len(records), "metrics": scores,
            "label_map": {trained.labels[c]: new.labels[t] for t, g in enumerate(groups) for c in g},
            "never_predicted": [label for label, g in zip(new.labels, groups) if not g],
            "task_config": OmegaConf.to_container(task_cfg, resolve=True)}
-    ckpt.write_json(out, run_dir / f"eval_{name}.json")
-    _write_predictions(run_dir, name, records)
+    run_dir.write_eval(name, out)
+    run_dir.write_predictions(name, records)
     return out

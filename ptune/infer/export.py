@@ -62,8 +62,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ptune.checkpoint import write_json
+from ptune import methods
+from ptune.build import load_run, load_trained, setup_logging
 from ptune.errors import PtuneError
+from ptune.rundir import write_atomic, write_json
 
 FORMATS = ("peft",)
 PEFT_VERSION = "0.21.2"  # the file format written: PEFT's config keys as of this release
@@ -72,12 +74,11 @@ TASK_TYPES = {"causal": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 # mode), so this only records how training began; `labels` (class-label embeddings, the rest
 # sampled from the vocabulary) has no PEFT name and is recorded as SAMPLE_VOCAB.
 PROMPT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT", "labels": "SAMPLE_VOCAB"}
-PTUNING_V2 = "p-tuning-v2"
-PREFIXES = ("prefix", PTUNING_V2)  # key/value prefixes: adapter tensor `prefix`, PEFT's PREFIX_TUNING
+# Why a method without a PEFT type (Method.peft_type None) has no export, by where it acts.
 NO_EQUIVALENT = {
-    "fine-tune": "it trains the backbone's own weights, and PEFT's prompt-learning adapters add tensors instead; "
-                 "load the run's adapter into the backbone with transformers",
-    "hard-prompt": "nothing was trained: the task's template is the whole method",
+    "weights": "it trains the backbone's own weights, and PEFT's prompt-learning adapters add tensors instead; "
+               "load the run's adapter into the backbone with transformers",
+    "none": "nothing was trained: the task's template is the whole method",
 }
 
 
@@ -87,8 +88,6 @@ def export_run(run: str, fmt: str = "peft", out: str | None = None, which: str =
     Every check comes before the first write; the files go into a hidden sibling directory that
     is renamed to `out` at the end, so a refusal or a crash leaves no `out` behind.
     """
-    from ptune.train import _load_for_inference, load_run, setup_logging
-
     run_dir, cfg = load_run(run)
     if fmt not in FORMATS:
         raise PtuneError(f"ptune export: format={fmt!r} is not one of {', '.join(FORMATS)}; use format=peft")
@@ -99,23 +98,25 @@ def export_run(run: str, fmt: str = "peft", out: str | None = None, which: str =
         raise PtuneError(f"ptune export: out={out_dir} exists and is not an empty directory; choose a new out=")
     refuse_config(cfg.method.name, cfg.model.name, cfg.model.kind, cfg.task.get("head", "lm"))
     setup_logging(None)
-    backbone, method, task = _load_for_inference(run_dir, cfg, which)
-    if cfg.method.name == "p-tuning" and getattr(task, "soft_positions", False):
+    backbone, method, task = load_trained(run_dir, cfg, which)
+    if method.acts_on == "input" and task.soft_positions:
         raise PtuneError(f"ptune export: method=p-tuning with task {cfg.task.name}'s template puts the prompts inside "
                          f"the input, and PEFT's P_TUNING only prepends them; no PEFT export")
     config, tensors = to_peft(method, backbone, init_text=cfg.method.get("init_text"))
-    _write(out_dir, config, tensors, _readme((run_dir / which).absolute(), cfg, config))
+    _write(out_dir, config, tensors, _readme(run_dir.adapter(which).absolute(), cfg, config))
     return out_dir
 
 
 def refuse_config(method: str, model: str, kind: str, head: str | None) -> None:
-    """Raise the one-line refusal for combinations PEFT has no equivalent of (no model needed)."""
-    if method in NO_EQUIVALENT:
-        raise PtuneError(f"ptune export: method={method} has no PEFT equivalent: {NO_EQUIVALENT[method]}")
-    if method not in ("prompt", "prefix", "p-tuning", PTUNING_V2):
-        raise PtuneError(f"ptune export: method={method} has no PEFT export; exportable: prompt, prefix, p-tuning, "
-                         f"p-tuning-v2")
-    if method in PREFIXES and kind == "seq2seq":
+    """Raise the one-line refusal for combinations PEFT has no equivalent of (no model needed):
+    what the method class declares (peft_type, acts_on) decides, never its name."""
+    cls = methods.METHODS[method]
+    if cls.peft_type is None and cls.acts_on in NO_EQUIVALENT:
+        raise PtuneError(f"ptune export: method={method} has no PEFT equivalent: {NO_EQUIVALENT[cls.acts_on]}")
+    if cls.peft_type is None:
+        exportable = ", ".join(n for n, c in methods.METHODS.items() if c.peft_type)
+        raise PtuneError(f"ptune export: method={method} has no PEFT export; exportable: {exportable}")
+    if cls.acts_on == "kv" and kind == "seq2seq":
         raise PtuneError(f"ptune export: method={method} on model={model} has encoder, decoder and cross-attention "
                          f"prefixes, and PEFT's seq2seq prefix tuning holds only the decoder self-attention one; "
                          f"no PEFT export")
@@ -132,7 +133,7 @@ def to_peft(method, backbone, init_text: str | None = None) -> tuple[dict, dict[
     """(adapter_config.json dict, {"prompt_embeddings": tensor}) for a loaded method on its backbone."""
     d, name = backbone.dims, method.name
     tensors = method.adapter_tensors()
-    own = "prefix" if name in PREFIXES else "prompt"
+    own = "prefix" if method.acts_on == "kv" else "prompt"
     extra = sorted(set(tensors) - {own})
     if extra:
         raise PtuneError(f"ptune export: the adapter holds {', '.join(extra)} besides the {name} tensor (a trained "
@@ -145,12 +146,12 @@ def to_peft(method, backbone, init_text: str | None = None) -> tuple[dict, dict[
         num_transformer_submodules=1, num_virtual_tokens=method.p, peft_type=None, peft_version=PEFT_VERSION,
         revision=None, task_type=TASK_TYPES[backbone.kind], token_dim=token_dim,
     )
-    if name == "prompt":
+    if method.peft_type == "PROMPT_TUNING":
         text = method.init == "text"
         config.update(peft_type="PROMPT_TUNING", prompt_tuning_init=PROMPT_INITS[method.init],
                       prompt_tuning_init_text=init_text if text else None, tokenizer_kwargs=None,
                       tokenizer_name_or_path=getattr(backbone.tokenizer, "name_or_path", None) if text else None)
-    elif name == "p-tuning":
+    elif method.peft_type == "P_TUNING":
         lstm = method.encoder == "lstm"
         config.update(peft_type="P_TUNING", encoder_reparameterization_type="LSTM" if lstm else "MLP",
                       encoder_hidden_size=method.encoder_hidden_size // 2 if lstm else method.encoder_hidden_size,
@@ -165,7 +166,7 @@ def to_peft(method, backbone, init_text: str | None = None) -> tuple[dict, dict[
         config.update(peft_type="PREFIX_TUNING", token_dim=kv_dim, num_attention_heads=kv_heads,
                       encoder_hidden_size=kv_dim, init_weights=None, prefix_projection=False)
     rows = tensors[own].detach().float().cpu().contiguous()  # prompt: (p, hidden); prefix: (p, L*2*kv*hd)
-    want = (method.p, 2 * d.n_layers * config["token_dim"]) if name in PREFIXES else (method.p, config["token_dim"])
+    want = (method.p, 2 * d.n_layers * config["token_dim"]) if method.acts_on == "kv" else (method.p, config["token_dim"])
     if tuple(rows.shape) != want:  # PEFT's nn.Embedding is built from the config; the tensor must fill it
         raise PtuneError(f"ptune export: the adapter's {own} has shape {tuple(rows.shape)}, PEFT's config for "
                          f"model={backbone.name} needs {want}; no PEFT export")
@@ -239,7 +240,7 @@ def _write(out: Path, config: dict, tensors: dict[str, torch.Tensor], readme: st
     try:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         write_json(config, tmp / "adapter_config.json")
-        (tmp / "README.md").write_text(readme)
+        write_atomic(tmp / "README.md", readme)
         os.replace(tmp, out)  # out is absent or an empty directory: rename replaces it in one step
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

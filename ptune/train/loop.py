@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ptune import checkpoint as ckpt
-from ptune.data import collate, epoch_plan, micro_batches
-from ptune.errors import PtuneError
 from ptune import heads
-from ptune.rundir import MetricsLog, write_text_atomic
+from ptune.data import collate
+from ptune.errors import PtuneError
+from ptune.rundir import RunDir
+from ptune.train import checkpoint as ckpt
+from ptune.train.plan import epoch_plan, micro_batches
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,8 @@ class TrainArgs:
     log_every: int
     seed: int
     eval_batch_size: int
-    group_by_length: bool = True
-    eval_split: str = "dev"
+    group_by_length: bool
+    eval_split: str
 
 
 @dataclass
@@ -135,14 +136,14 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
 
     on_adapter(directory) writes the adapter of the current method into `directory`.
     """
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
     params = method.trainable_tensors()
     names = list(params)
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay) if params else None
     pad_id = method.backbone.tokenizer.pad_token_id
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = run.metrics_log()
     # fp16 autocast needs loss scaling (bf16 and fp32 do not); its state is part of the checkpoint.
     scaler = torch.amp.GradScaler(device.type) if accelerator.mixed_precision == "fp16" else None
 
@@ -179,8 +180,8 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
             key = task.metric_for_best
             if _is_better(scores.get(key), state.best, key, task.greater_is_better):
                 state.best = {"step": state.step, "metrics": scores}
-                on_adapter(run_dir / "adapter_best")
-            _write_predictions(run_dir, args.eval_split, records, state.step)
+                on_adapter(run.adapter("adapter_best"))
+            run.write_predictions(args.eval_split, records, state.step)
             log.info("step %d eval: %s", state.step, _fmt(scores))
         accelerator.wait_for_everyone()
 
@@ -190,7 +191,7 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
             _stop_non_finite("a trainable tensor became NaN/inf", state.step, run_dir)
         if main:
             opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer, names)
-            ckpt.save_checkpoint(run_dir / "checkpoints", state.step, params, opt_tensors, ckpt.rng_state(),
+            ckpt.save_checkpoint(run.checkpoints, state.step, params, opt_tensors, ckpt.rng_state(),
                                  {**state.to_json(), "optimizer": opt_meta, "steps_per_epoch": steps_per_epoch,
                                   "grad_scaler": scaler.state_dict() if scaler is not None else None,
                                   "data_position": divmod(state.step, steps_per_epoch)}, keep_last=args.keep_last)
@@ -286,7 +287,7 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
 
 def _stop_non_finite(what: str, step: int, run_dir: Path):
     """Stop before anything non-finite is saved; the checkpoints already written stay as they are."""
-    last = ckpt.latest_good(run_dir / "checkpoints")
+    last = ckpt.latest_good(RunDir(run_dir).checkpoints)
     raise PtuneError(f"{what} at step {step}; stopped. The last good checkpoint is "
                      f"{last or 'none (no checkpoint yet)'}; lower trainer.lr (or use trainer.precision=fp32) and "
                      f"continue with: ptune train resume={run_dir} trainer.lr=<lower>")
@@ -313,17 +314,6 @@ class _StopOnSignal:
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
         self._old = {}
-
-
-def _write_predictions(run_dir: Path, split: str, records: list[dict], step: int | None = None) -> None:
-    """predictions/<split>.jsonl (the latest) and, during training, predictions/<split>-step<N>.jsonl."""
-    import json
-
-    out = run_dir / "predictions"
-    out.mkdir(exist_ok=True)
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    for name in [f"{split}.jsonl"] + ([f"{split}-step{step}.jsonl"] if step is not None else []):
-        write_text_atomic(out / name, text)
 
 
 def _fmt(scores: dict) -> str:

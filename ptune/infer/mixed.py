@@ -1,11 +1,12 @@
 """One forward pass for rows that belong to different adapters on one frozen backbone.
 
 Every row r of a batch names an adapter a(r) (an index into a list of loaded prompt-style methods
-that share one `Backbone`). What each kind of adapter puts in front of the row's tokens:
+that share one `Backbone`). What each kind of adapter puts in front of the row's tokens, as the
+method declares it (`Method.acts_on`, ptune/methods/base.py):
 
-    prompt, p-tuning     p_a soft embeddings before the tokens (input side)
-    prefix, p-tuning-v2  p_a keys/values per layer in front of the attention (cache side)
-    hard-prompt          nothing (its words are in the task's template)
+    "input"  (prompt, p-tuning)         p_a soft embeddings before the tokens, `soft_prompt()`
+    "kv"     (prefix, p-tuning-v2)      p_a keys/values per layer in front of the attention, `prefix_rows()`
+    "none"   (hard-prompt)              nothing (its words are in the task's template)
 
 Layout: each row is packed on its own, its soft prompt (if any) right before its own real tokens,
 and rows are padded to the widest such concatenation, W = max_r (q_r + n_r) (q_r: the row's soft
@@ -36,7 +37,7 @@ hidden states and logits come back in the callers' columns (`token_states`, `tok
 
 Backbones: causal (GPT-2, Llama) and masked/encoder (BERT, MiniLM). Encoder-decoders take their
 prefixes through the encoder's attention function and the decoder cache (kv.py); mixing those is
-not built: `check_kind` refuses, and `ptune.multi.Pool` runs seq2seq adapters one at a time.
+not built: `check_kind` refuses, and `ptune.infer.pool.Pool` runs seq2seq adapters one at a time.
 """
 
 from __future__ import annotations
@@ -50,9 +51,7 @@ from ptune.errors import PtuneError
 from ptune.methods import kv
 
 MIXED_KINDS = ("causal", "masked", "encoder")
-PROMPT_METHODS = ("prompt", "p-tuning")  # soft embeddings on the input side
-PREFIX_METHODS = ("prefix", "p-tuning-v2")  # keys/values on the cache side
-PLAIN_METHODS = ("hard-prompt",)  # nothing of their own
+SIDES = ("input", "kv", "none")  # what a method may act on to share a backbone (Method.acts_on)
 
 
 def check_kind(backbone) -> None:
@@ -62,21 +61,11 @@ def check_kind(backbone) -> None:
 
 
 def side_of(method) -> str:
-    """'prompt', 'prefix' or 'plain': where the method's tensors enter the backbone."""
-    if method.name in PROMPT_METHODS:
-        return "prompt"
-    if method.name in PREFIX_METHODS:
-        return "prefix"
-    if method.name in PLAIN_METHODS:
-        return "plain"
-    raise PtuneError(f"method={method.name} cannot share a frozen backbone with other adapters (fine-tune changes its "
-                     f"weights); serve prompt, p-tuning, prefix, p-tuning-v2 or hard-prompt runs")
-
-
-@torch.no_grad()
-def prompt_tensor(method) -> torch.Tensor:
-    """(p, hidden) float32: the soft prompt a prompt or p-tuning method prepends."""
-    return method.prompt_embeddings() if method.name == "p-tuning" else method.prompt
+    """'input', 'kv' or 'none': where the method's tensors enter the backbone (Method.acts_on)."""
+    if method.acts_on not in SIDES:
+        raise PtuneError(f"method={method.name} cannot share a frozen backbone with other adapters (it changes the "
+                         f"backbone's weights); serve prompt, p-tuning, prefix, p-tuning-v2 or hard-prompt runs")
+    return method.acts_on
 
 
 @dataclass
@@ -111,14 +100,14 @@ def mixed_inputs(methods: list, input_ids: torch.Tensor, attention_mask: torch.T
     batch = input_ids.shape[0]
     sides = [side_of(m) for m in methods]
     used = sorted(set(adapter_ids.tolist()))
-    p_of = torch.tensor([getattr(m, "p", 0) if s != "plain" else 0 for m, s in zip(methods, sides)], device=device)
-    on_input = torch.tensor([s == "prompt" for s in sides], device=device)
+    p_of = torch.tensor([m.p for m in methods], device=device)
+    on_input = torch.tensor([s == "input" for s in sides], device=device)
     n_before = p_of[adapter_ids]  # (batch,): each row's own prompt or prefix length (its first token's position)
     q = torch.where(on_input[adapter_ids], n_before, 0)  # (batch,): soft prompt slots in the row itself
     real = attention_mask != 0  # (batch, S)
     n_real = real.sum(-1)  # (batch,)
     width = int((q + n_real).max())  # W
-    pk = max([int(p_of[a]) for a in used if sides[a] == "prefix"], default=0)
+    pk = max([int(p_of[a]) for a in used if sides[a] == "kv"], default=0)
 
     # where each row starts: causal rows end at the last column (left padding), encoder rows start at 0
     start = width - q - n_real if backbone.kind == "causal" else torch.zeros_like(q)  # (batch,)
@@ -141,14 +130,14 @@ def mixed_inputs(methods: list, input_ids: torch.Tensor, attention_mask: torch.T
         p = int(p_of[a])
         if not p:
             continue
-        if sides[a] == "prompt":
+        if sides[a] == "input":
             slots = torch.arange(p, device=device)
             cols = start[rows].unsqueeze(1) + slots  # (n_a, p): the row's prompt, right before its tokens
-            embeds[rows.unsqueeze(1), cols] = prompt_tensor(methods[a]).to(embeds.dtype)
+            embeds[rows.unsqueeze(1), cols] = methods[a].soft_prompt().to(embeds.dtype)
             row_mask[rows.unsqueeze(1), cols] = 1
             row_pos[rows.unsqueeze(1), cols] = slots
         else:
-            flat = methods[a].prefixes[stack.name].flat()  # (p, width)
+            flat = methods[a].prefix_rows(stack.name)  # (p, width)
             for (keys, values), (k, v) in zip(layers, kv.to_layers(flat, stack, 1, embeds.dtype)):
                 keys[rows, :, pk - p:] = k[0]  # (kv_heads, p, head_dim) into every row of adapter a
                 values[rows, :, pk - p:] = v[0]
@@ -156,7 +145,7 @@ def mixed_inputs(methods: list, input_ids: torch.Tensor, attention_mask: torch.T
 
     columns = target.masked_fill(~real, 0)
     inputs = {"inputs_embeds": embeds, "attention_mask": torch.cat([cache_mask, row_mask], dim=1), "use_cache": False}
-    if methods[0]._takes_position_ids:
+    if methods[0].takes_position_ids:
         inputs["position_ids"] = row_pos
     if layers is not None:
         inputs[kv.cache_kwarg(model)] = kv.dynamic_cache(layers, model.config)
@@ -195,7 +184,7 @@ def slot_log_probs(methods, queries: list[tuple[int, list[int], int, list]]) -> 
     """Log-probabilities of verbalizer targets, all queries in one forward.
 
     queries: (adapter index, token row, pad id, targets) with targets [(position, token, candidate)]
-    as `SlotHead._queries` builds them (causal or masked kinds). Returns per query a (n_targets,)
+    as `VerbalizerHead.queries` gives them (causal or masked kinds). Returns per query a (n_targets,)
     tensor of log P(token at position). Rows are right-padded, as SlotHead._forward pads them.
     """
     device = next(methods[0].backbone.model.parameters()).device

@@ -1,0 +1,132 @@
+"""Where the two wings meet: a backbone + method + head + task from a composed config, and a
+finished run loaded from its directory.
+
+    build(cfg)                       -> (backbone, method, task)      training and inference
+    load_run(run)                    -> (RunDir, cfg)                 a run directory's saved config
+    load_trained(run_dir, cfg, ...)  -> (backbone, method, task)      with the run's adapter loaded
+
+Training (ptune.train) builds a fresh method and trains it; inference (ptune.infer) builds the
+same objects and loads the adapter into them. Neither wing reaches into the other: what both
+need lives here, in ptune.adapter (the adapter files) and in ptune.rundir (the directory).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ptune import methods, models, tasks
+from ptune.adapter import load_adapter, load_adapter_tensors
+from ptune.config import method_kwargs, task_kwargs
+from ptune.errors import PtuneError
+from ptune.rundir import RunDir
+
+
+def setup_logging(run_dir: Path | None, main: bool = True) -> None:
+    """Console logging (main process), plus train.log in run_dir when given."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_ptune", False):
+            root.removeHandler(h)
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = [logging.StreamHandler(sys.stderr)] if main else []
+    if run_dir is not None and main:
+        handlers.append(logging.FileHandler(RunDir(run_dir).log))
+    for h in handlers:
+        h._ptune = True
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars on every load
+    for noisy in ("transformers", "httpx", "urllib3", "datasets", "huggingface_hub", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def build_backbone(cfg: DictConfig):
+    """The frozen backbone of a composed config (`model` group), attention as `trainer.attention` says."""
+    backbone = models.load(cfg.model.name, cfg.model.kind, cfg.model.source, cfg.model.get("name_or_path"),
+                           OmegaConf.to_container(cfg.model.get("tiny")) if cfg.model.get("tiny") else None,
+                           cfg.model.get("tokenizer"), seed=cfg.model.get("init_seed", 0),
+                           trust_remote_code=cfg.model.get("trust_remote_code", False))
+    attn = attention(cfg)
+    if backbone.model.config._attn_implementation != attn:  # before any method wraps it (encoder prefixes)
+        backbone.model.set_attn_implementation(attn)
+    return backbone
+
+
+def attention(cfg: DictConfig) -> str:
+    """transformers' attention implementation for this config: `trainer.attention`, or for `auto`
+    eager under bf16 on CPU and sdpa otherwise.
+
+    Measured on SmolLM2-135M, one prefix-tuning step of batch 8, one thread (scripts/probe_attention.py,
+    docs/performance.md): under bf16 autocast PyTorch's CPU flash-attention kernel (sdpa) costs more
+    than the plain matmul-softmax-matmul (eager) at ~60, 128 and 256 tokens per row (1.99 / 4.38 /
+    8.61 s against 1.56 / 3.62 / 7.80); in fp32 the two are equal. The gap narrows as rows grow: for
+    long inputs set trainer.attention=sdpa. A config saved before the key existed ran sdpa and resumes so.
+    """
+    choice = cfg.trainer.get("attention", "sdpa")
+    if choice != "auto":
+        return choice
+    return "eager" if cfg.trainer.precision == "bf16" and not torch.cuda.is_available() else "sdpa"
+
+
+def build(cfg: DictConfig, backbone=None):
+    """(backbone, method, task) from a composed config. A given backbone (built from the same
+    `model` config) is used instead of loading one: several runs then share it (ptune.infer.pool)."""
+    backbone = backbone if backbone is not None else build_backbone(cfg)
+    task = tasks.build(cfg.task.name, **task_kwargs(cfg))
+    kwargs = method_kwargs(cfg)
+    if kwargs.get("init") == "labels":  # prompt tuning's class-label init embeds the task's label words
+        kwargs["label_words"] = task.label_words()
+    torch.manual_seed(cfg.trainer.seed)  # the method's initial tensors come from the run's seed
+    method = methods.build(cfg.method.name, backbone, **kwargs)
+    attach_head(method, task, backbone, cfg.trainer.seed)
+    return backbone, method, task
+
+
+def attach_head(method, task, backbone, seed: int) -> None:
+    """Give the method the head its task asks for (`task.head`; generation tasks have none: lm)."""
+    from ptune.heads import LinearHead
+
+    head = task.head
+    if head == "lm" and backbone.kind in ("masked", "encoder"):
+        raise PtuneError(f"task={task.name} generates text, which model={backbone.name} ({backbone.kind}, no "
+                         f"left-to-right decoder) cannot; use a causal or seq2seq model")
+    task.bind(backbone, method)  # templates checked against this backbone and method (ptune.templates)
+    if head in ("verbalizer", "vocab"):  # the LM's own word scores at the template's {mask} (ptune.verbalizer)
+        method.attach_head(task.slot_head(backbone))
+        return
+    if head != "linear":
+        return
+    if not method.trains:
+        # By definition it trains nothing; with a trained head it would be a linear probe, which
+        # is fine-tune's `trainable=head` (and reported as such, with its trainable count).
+        raise PtuneError(f"method={method.name} trains nothing, so task.head=linear would train only the classifier "
+                         f"on a frozen backbone (a linear probe); run that as method=fine-tune method.trainable=head")
+    method.attach_head(LinearHead(backbone.dims.hidden, len(task.labels), task.head_dropout, seed=seed))
+
+
+def load_run(run: str | Path) -> tuple[RunDir, DictConfig]:
+    """A run directory and its saved config.yaml."""
+    run_dir = RunDir(run)
+    if not run_dir.exists():
+        raise PtuneError(f"{run_dir} is not a ptune run directory (no config.yaml); "
+                         f"pass a directory printed by `ptune train`")
+    return run_dir, OmegaConf.load(run_dir.config)
+
+
+def load_trained(run_dir: RunDir, cfg: DictConfig, which: str = "adapter", backbone=None):
+    """(backbone, method, task) of a finished run with its adapter `which` (adapter | adapter_best) loaded."""
+    backbone, method, task = build(cfg, backbone)
+    adapter = RunDir(run_dir).adapter(which)
+    if not (adapter / "adapter_model.safetensors").exists():
+        raise PtuneError(f"{adapter} has no adapter_model.safetensors; the run has not finished (resume it first)")
+    _, tensors = load_adapter(adapter)
+    load_adapter_tensors(method, tensors)
+    return backbone, method, task

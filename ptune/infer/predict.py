@@ -1,0 +1,74 @@
+"""`ptune predict run=<spec> input=<file>`: one JSON line per input row, its fields and `prediction`.
+
+One run whose rows name no adapter is answered by that run's task alone (`predict_run`, output
+under the run's predictions/ by default); several runs, or rows that name their adapter, go
+through a Pool of adapters on one backbone (ptune.infer.pool).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ptune.build import load_run, load_trained, setup_logging
+from ptune.errors import PtuneError
+from ptune.infer.pool import ADAPTER_FIELD, Pool, parse_runs
+from ptune.rundir import jsonl, write_atomic
+
+
+def predict_file(spec: str, input_path: str, output: str | None = None, batch_size: int | None = None) -> Path:
+    """`ptune predict run=<spec> input=<file>`: one JSON line per input row, its fields and
+    `prediction`, in order. One run whose rows name no adapter is today's single-run predict
+    (predict_run, predictions under the run); otherwise rows go through a Pool, and the
+    output defaults to `<input stem>.predictions.jsonl` beside the input."""
+    runs = parse_runs(spec)
+    rows = read_rows(Path(input_path))
+    if len(runs) == 1 and ":" not in spec and not any(ADAPTER_FIELD in r for r in rows):
+        return predict_run(next(iter(runs.values())), input_path, output, batch_size)
+    pool = Pool.load(runs)
+    first = next(iter(runs.values()))
+    preds = pool.predict(rows, batch_size or load_run(first)[1].trainer.eval_batch_size)
+    path = Path(input_path)
+    out = Path(output) if output else path.with_name(f"{path.stem}.predictions.jsonl")
+    _write(out, rows, preds)
+    return out
+
+
+def predict_run(run: str, input_path: str, output: str | None = None, batch_size: int | None = None) -> Path:
+    run_dir, cfg = load_run(run)
+    setup_logging(None)
+    _, method, task = load_trained(run_dir, cfg)
+    rows = read_rows(Path(input_path))
+    preds = task.predict(method, rows, batch_size or cfg.trainer.eval_batch_size)
+    out = Path(output) if output else run_dir.predictions(Path(input_path).stem)
+    _write(out, rows, preds)
+    return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl, .json, .csv or .tsv file as dicts."""
+    import csv
+
+    if not path.is_file():
+        raise PtuneError(f"input file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif suffix == ".json":
+            rows = json.loads(path.read_text())
+        elif suffix in (".csv", ".tsv"):
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        else:
+            raise PtuneError(f"input file {path}: unknown format {suffix!r}; use .jsonl, .json, .csv or .tsv")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PtuneError(f"input file {path} is not valid {suffix[1:]}: {e}") from None
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise PtuneError(f"input file {path} holds no rows of named fields")
+    return rows
+
+
+def _write(out: Path, rows: list[dict], preds: list) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, jsonl([{**row, "prediction": p} for row, p in zip(rows, preds)]))

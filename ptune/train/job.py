@@ -1,0 +1,164 @@
+"""The training boundary: `train(cfg)` unpacks the composed config, builds the job (ptune.build),
+claims the run directory and hands plain arguments to the loop (ptune.train.loop.fit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ptune import models, rundir
+from ptune.adapter import adapter_tensors, head_config, save_adapter
+from ptune.build import build, setup_logging
+from ptune.config import check
+from ptune.errors import PtuneError
+from ptune.rundir import RunDir
+from ptune.train import checkpoint as ckpt
+from ptune.train.loop import TrainArgs, check_step_size, fit, peak_memory_mb, reset_peak_memory
+
+log = logging.getLogger("ptune")
+
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _accelerator(precision: str):
+    from accelerate import Accelerator
+
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise PtuneError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16 or fp32")
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps one process-wide state and refuses another mixed precision for a later
+    # Accelerator; a sweep over trainer.precision (one process, several jobs) needs one per job. The
+    # distributed part (PartialState: ranks, process group) is kept.
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != _PRECISION[precision]:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=_PRECISION[precision], cpu=not torch.cuda.is_available())
+
+
+def _claim_run_dir(accelerator, cfg: DictConfig, run_dir: Path | None) -> Path:
+    """Rank 0 creates the directory; the others receive its path."""
+    from accelerate.utils import broadcast_object_list
+
+    box = [str(run_dir) if run_dir else None]
+    if accelerator.is_main_process and run_dir is None:
+        box = [str(rundir.new_run_dir(cfg.output_dir))]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box)
+    return Path(box[0])
+
+
+def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) -> dict:
+    """Run one training job into run_dir (claimed under cfg.output_dir if None). Returns summary."""
+    check(cfg)
+    reset_peak_memory()  # this job's peak, also when a sweep runs several in one process
+    accelerator = _accelerator(cfg.trainer.precision)
+    # Everything that can fail on bad input (model, method, data) is loaded before a run directory
+    # is claimed or written, so a mistake leaves no half-made run behind.
+    setup_logging(None, accelerator.is_main_process)  # console only until the run directory exists
+    backbone, method, task = build(cfg)
+    backbone.model.to(accelerator.device)
+    method.to(accelerator.device)
+    frozen = frozen_dtype(cfg)
+    if frozen is not None:
+        n = models.store_frozen(backbone.model, frozen)
+        log.info("frozen matmul weights stored in %s (%d parameters); trained tensors stay fp32", frozen, n)
+    examples = task.train_examples(backbone.tokenizer, backbone.kind)
+    check_context(method, examples)
+    check_step_size(len(examples), cfg.trainer.batch_size, cfg.trainer.grad_accum, accelerator.num_processes)
+    if hasattr(task, "rows"):  # a bad evaluation file fails now, not at the first evaluation
+        task.rows(cfg.trainer.eval_split)
+
+    run_dir = _claim_run_dir(accelerator, cfg, run_dir)
+    run = RunDir(run_dir)
+    main = accelerator.is_main_process
+    setup_logging(run_dir, main)
+    resume_from = None
+    if resume:
+        resume_from = ckpt.latest_good(run.checkpoints)
+        log.info("resuming %s from %s", run_dir, resume_from or "the start (no usable checkpoint)")
+        if resume_from is None and main:  # killed before its first checkpoint: start the log afresh
+            run.metrics_log().truncate_after(0)
+    elif main:
+        run.write_config(OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("run directory: %s", run_dir)
+    args = train_args(cfg)
+    trainable = sum(p.numel() for p in method.trainable_tensors().values())
+    log.info("%s on %s / %s: %d trainable of %d parameters, %d training examples", cfg.method.name, cfg.model.name,
+             cfg.task.name, trainable, total_params(method), len(examples))
+
+    def write_adapter(directory: Path) -> None:
+        config = {**method.adapter_config(), "base_model": cfg.model.name, "task": cfg.task.name,
+                  **head_config(method, task.label_words())}
+        save_adapter(directory, adapter_tensors(method), config)
+
+    state = fit(method, task, examples, args, accelerator, run_dir, resume_from, on_adapter=write_adapter)
+    summary = None
+    if main:
+        write_adapter(run.adapter("adapter"))
+        summary = _summary(cfg, method, task, backbone, state, accelerator)
+        run.write_summary(summary)
+        log.info("done: %s", run_dir)
+    accelerator.wait_for_everyone()
+    return {"run_dir": str(run_dir), "summary": summary}
+
+
+def train_args(cfg: DictConfig) -> TrainArgs:
+    """The loop's arguments: every TrainArgs field from the `trainer` key of the same name."""
+    return TrainArgs(**{f.name: cfg.trainer[f.name] for f in dataclasses.fields(TrainArgs)})
+
+
+def frozen_dtype(cfg: DictConfig) -> torch.dtype | None:
+    """The dtype frozen backbone tensors are stored in during training, None for unchanged (fp32).
+
+    `trainer.frozen_dtype=auto` follows the precision: bf16 (or fp16) autocast computes every matmul in
+    that dtype anyway, so the frozen matmul weights are kept in it (models.store_frozen: the same
+    numbers, without a cast at every use). A config saved before the key existed resumes as it trained.
+    """
+    if cfg.trainer.precision == "fp32" or cfg.trainer.get("frozen_dtype", "fp32") == "fp32":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.trainer.precision]
+
+
+def check_context(method, examples) -> None:
+    """The virtual tokens plus the longest training input must fit the model's position table
+    (GPT-2 n_positions, BERT/BART/Llama max_position_embeddings; T5's relative positions: no limit)."""
+    config = method.backbone.model.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    p = method.p  # the virtual positions the method adds (prompt, prefix, p-tuning, p-tuning-v2)
+    longest = max((len(e.input_ids) for e in examples), default=0)
+    if limit and p + longest > limit:
+        what = f"method.num_virtual_tokens={p} plus the longest training input ({longest} tokens) is {p + longest} " \
+               f"positions" if p else f"the longest training input is {longest} tokens"
+        raise PtuneError(f"{what}, more than model {method.backbone.name}'s {limit}; lower "
+                         f"{'method.num_virtual_tokens or ' if p else ''}the task's maximum input length")
+
+
+def total_params(method) -> int:
+    """Backbone parameters plus the method's own (fine-tune trains backbone tensors: counted once)."""
+    return sum(p.numel() for p in method.backbone.model.parameters()) + sum(p.numel() for p in method.parameters())
+
+
+def _summary(cfg, method, task, backbone, state, accelerator) -> dict:
+    trainable = sum(p.numel() for p in method.trainable_tensors().values())
+    stored = sum(t.numel() for t in adapter_tensors(method).values())
+    last_eval = state.history[-1]["metrics"] if state.history else {}
+    return {
+        "method": cfg.method.name, "model": cfg.model.name, "task": cfg.task.name,
+        "steps": state.step, "trainable_params": trainable, "stored_params": stored,
+        "total_params": total_params(method),
+        "wall_time_s": round(state.wall_time_s, 2), "train_time_s": round(state.train_time_s, 2),
+        "train_tokens": state.train_tokens,
+        "train_tokens_per_s": round(state.train_tokens / max(state.train_time_s, 1e-9), 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1), "final_train_loss": state.last_loss,
+        "eval": last_eval, "metric_for_best": task.metric_for_best,
+        "best": state.best, "processes": accelerator.num_processes, "precision": cfg.trainer.precision,
+        "device": str(accelerator.device), "torch": torch.__version__, "python": platform.python_version(),
+    }
+
+

@@ -1,0 +1,112 @@
+"""`ptune train -m ...`: a sweep, one training job per point of the overrides' Cartesian product.
+
+Every job's config is composed and checked before the first job starts, so a bad value in job 2
+cannot let job 1 train. Jobs run one after another in this process, each into its own numbered
+run directory inside the sweep directory; summary.csv / summary.md are rewritten after every job
+(a crashed sweep still has its table, a failed job is a row), and report.md with its plots is
+written at the end (ptune.train.report). docs/design.md says why the loop is ptune's.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ptune import rundir
+from ptune.errors import PtuneError
+from ptune.rundir import write_atomic
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Cartesian product of the sweep overrides (`a=1,2 b=x,y` -> 4 jobs), in Hydra's grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:
+        raise PtuneError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
+    axes = []
+    for o in parsed:
+        if o.is_sweep_override():
+            axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            axes.append([o.input_line])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def run_sweep(jobs: list[list[str]], configs: list[DictConfig], train, headline) -> int:
+    """Train every job (its overrides, its composed config) in order; 1 if any failed, else 0.
+    train(cfg, run_dir=...) is the training boundary, headline(result) its one-line result."""
+    sweep_dir = rundir.new_run_dir(configs[0].output_dir)
+    print(f"sweep: {len(jobs)} jobs in {sweep_dir}")
+    records, failed = [], 0
+    for i, (job, cfg) in enumerate(zip(jobs, configs)):
+        record = {"job": i, "overrides": job, "run_dir": "", "summary": None, "error": None}
+        try:
+            result = train(cfg, run_dir=rundir.claim(sweep_dir, str(i)))
+            record.update(run_dir=result["run_dir"], summary=result["summary"])
+            print(headline(result))
+        except PtuneError as e:
+            failed += 1
+            record["error"] = str(e)
+            print(f"error: job {i} ({' '.join(job)}): {e}", file=sys.stderr)
+        records.append(record)
+        write_sweep_summary(sweep_dir, records)
+    print(f"sweep summary: {sweep_dir / 'summary.md'}")
+    sweep_report(sweep_dir)
+    return 1 if failed else 0
+
+
+def sweep_report(sweep_dir) -> None:
+    """report.md + plots at the end of a sweep; a report that cannot be made costs one line, not the sweep."""
+    from ptune.train.report import write_report
+
+    try:
+        report, why = write_report(sweep_dir)
+    except Exception as e:  # noqa: BLE001 -- the jobs are done and summarised; the report is extra
+        print(f"sweep report not written: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return
+    print(f"sweep report: {report}" + (f" (plots not drawn: {why})" if why else ""))
+
+
+def _flatten_eval(summary: dict) -> dict:
+    out = {}
+    for k, v in (summary.get("eval") or {}).items():
+        if isinstance(v, (int, float)):
+            out[f"eval.{k}"] = v
+    return out
+
+
+def write_sweep_summary(sweep_dir: Path, jobs: list[dict]) -> None:
+    """summary.csv and summary.md: one row per job, its overrides and final metrics.
+
+    jobs: [{"job": i, "overrides": [...], "run_dir": str, "summary": dict | None, "error": str | None}]
+    """
+    import io
+
+    rows = []
+    for job in jobs:
+        s = job.get("summary") or {}
+        row = {"job": job["job"], "overrides": " ".join(job["overrides"]), "run_dir": job["run_dir"],
+               "status": "ok" if job.get("error") is None else f"failed: {job['error']}"}
+        for key in ("steps", "trainable_params", "final_train_loss", "train_tokens_per_s", "wall_time_s"):
+            row[key] = s.get(key, "")
+        row.update(_flatten_eval(s))
+        rows.append(row)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(Path(sweep_dir) / "summary.csv", table.getvalue())
+
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    write_atomic(Path(sweep_dir) / "summary.md", f"# Sweep {sweep_dir}\n\n" + "\n".join(lines) + "\n")
