@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ptune import methods, models, tasks
 from ptune.adapter import load_adapter, load_adapter_tensors
-from ptune.config import method_kwargs, task_kwargs
+from ptune.config import load_saved, method_kwargs, task_kwargs
 from ptune.errors import PtuneError
 from ptune.rundir import RunDir
 
@@ -112,13 +112,23 @@ def attach_head(method, task, backbone, seed: int) -> None:
     method.attach_head(LinearHead(backbone.dims.hidden, len(task.labels), task.head_dropout, seed=seed))
 
 
-def load_run(run: str | Path) -> tuple[RunDir, DictConfig]:
-    """A run directory and its saved config.yaml."""
+def load_run(run: str | Path, trust_remote_code: bool = False) -> tuple[RunDir, DictConfig]:
+    """A run directory and its saved config.yaml, read as untrusted input (config.load_saved).
+
+    `model.trust_remote_code`, the one key that makes loading run code (a model folder's own Python
+    files), comes from the caller's command line, never from the directory: a saved `true` without
+    the caller's trust_remote_code=true is refused in one line; the caller's choice is what loads."""
     run_dir = RunDir(run)
     if not run_dir.exists():
         raise PtuneError(f"{run_dir} is not a ptune run directory (no config.yaml); "
                          f"pass a directory printed by `ptune train`")
-    return run_dir, OmegaConf.load(run_dir.config)
+    cfg = load_saved(run_dir.config)
+    if cfg.model.get("trust_remote_code") is True and trust_remote_code is not True:
+        raise PtuneError(f"{run_dir}'s config sets model.trust_remote_code=true, which runs Python code shipped "
+                         f"with the model ({cfg.model.get('name_or_path') or cfg.model.name}); a run directory cannot "
+                         f"grant that: add trust_remote_code=true to the command if you trust that code")
+    cfg.model.trust_remote_code = trust_remote_code is True
+    return run_dir, cfg
 
 
 def load_trained(run_dir: RunDir, cfg: DictConfig, which: str = "adapter", backbone=None):

@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 
-from ptune.config import CONF_DIR, COMMON, GROUPS, command_args, compose, options
+from ptune.config import CONF_DIR, COMMON, GROUPS, LOADING, command_args, compose, options
 from ptune.errors import PtuneError
 
 USAGE = """usage: ptune <command> [key=value ...]
@@ -77,7 +77,11 @@ def _headline(result: dict) -> str:
     key = s.get("metric_for_best")
     value = (s.get("eval") or {}).get(key)
     shown = f"{value:.4f}" if isinstance(value, float) else value
-    return f"run: {result['run_dir']}\n{s.get('task')} dev {key}: {shown}  (final train loss {s.get('final_train_loss')})"
+    line = f"run: {result['run_dir']}\n{s.get('task')} dev {key}: {shown}  (final train loss {s.get('final_train_loss')})"
+    if s.get("diverged"):
+        line += (f"\nwarning: training diverged (loss {s['first_train_loss']:.4g} at step 1, {s['final_train_loss']:.4g} at "
+                 f"the end); lower trainer.lr")
+    return line
 
 
 def _print(text: str) -> None:
@@ -128,7 +132,7 @@ def cmd_eval(argv: list[str]) -> int:
     else:
         # task.<key>=<value> (e.g. task.decoding=beam task.max_eval_samples=null) changes how the run is evaluated
         task_kv = {x.partition("=")[0]: override_value(x) for x in task_args}
-        out = evaluate_run(a["run"], a["split"], a["adapter"], a["batch_size"], task_kv)
+        out = evaluate_run(a["run"], a["split"], a["adapter"], a["batch_size"], task_kv, a["trust_remote_code"])
     print(f"{out['split']}: {out['examples']} examples")
     for k, v in out["metrics"].items():
         print(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}")
@@ -143,7 +147,8 @@ def _ensemble(argv: list[str]) -> int:
     runs = [r.strip() for r in (a["run"] or "").split(",") if r.strip()]
     if len(runs) < 2:
         raise PtuneError("ensemble= needs at least two runs: ptune eval run=<dir1>,<dir2>[,...] ensemble=vote|mean")
-    out = evaluate_ensemble(runs, a["ensemble"], a["split"], a["adapter"], a["batch_size"], a["out"])
+    out = evaluate_ensemble(runs, a["ensemble"], a["split"], a["adapter"], a["batch_size"], a["out"],
+                            a["trust_remote_code"])
     print(table(out))
     print(f"written: {out['path']}")
     return 0
@@ -159,7 +164,8 @@ def _transfer(a: dict, task_args: list[str]) -> dict:
                          "task=custom task.eval_file=... label_map=...)")
     task_cfg = compose([f"task={a['task']}", *task_args]).task
     head_given = any(x.startswith("task.head=") for x in task_args)
-    out = evaluate_transfer(a["run"], task_cfg, a["label_map"], a["split"], a["adapter"], a["batch_size"], head_given)
+    out = evaluate_transfer(a["run"], task_cfg, a["label_map"], a["split"], a["adapter"], a["batch_size"], head_given,
+                            a["trust_remote_code"])
     print(f"{out['trained_task']} -> {out['task']} (label map {out['label_map']})")
     return out
 
@@ -178,26 +184,29 @@ def cmd_report(argv: list[str]) -> int:
 def cmd_predict(argv: list[str]) -> int:
     from ptune.infer.predict import predict_file
 
-    a = command_args("predict", argv, {"run": None, "input": None, "output": None, "batch_size": None},
+    a = command_args("predict", argv, {**LOADING, "input": None, "output": None},
                      required=("run", "input"), usage="ptune predict needs run=<run dir> and input=<file.jsonl|csv>")
-    print(f"predictions: {predict_file(a['run'], a['input'], a['output'], a['batch_size'])}")
+    print(f"predictions: {predict_file(a['run'], a['input'], a['output'], a['batch_size'], a['adapter'], a['trust_remote_code'])}")
     return 0
 
 
 def cmd_serve(argv: list[str]) -> int:
     from ptune.infer.serve import DEFAULTS, serve
 
-    a = command_args("serve", argv, {"run": None, **{k: str(v) for k, v in DEFAULTS.items()}},
+    a = command_args("serve", argv, {**LOADING, **{k: str(v) for k, v in DEFAULTS.items()}},
                      usage="ptune serve needs run=<run dir>[,<run dir>...] (or name:<dir>,...)")
-    return serve(a["run"], a["host"], **{k: a[k] for k in ("port", "max_batch", "max_input_chars", "batch_size")})
+    return serve(a["run"], a["host"], **{k: a[k] for k in DEFAULTS if k != "host"}, which=a["adapter"],
+                 trust_remote_code=a["trust_remote_code"])
 
 
 def cmd_export(argv: list[str]) -> int:
     from ptune.infer.export import export_run
 
-    a = command_args("export", argv, {"run": None, "format": "peft", "out": None, "adapter": "adapter"},
+    a = command_args("export", argv, {**LOADING, "format": "peft", "out": None},
                      required=("run", "out"), usage="ptune export needs run=<run dir> and out=<new directory>")
-    print(f"exported: {export_run(a['run'], a['format'], a['out'], a['adapter'])}")
+    if a["batch_size"] is not None:
+        raise PtuneError("ptune export: batch_size= has no meaning here (export runs no model); drop it")
+    print(f"exported: {export_run(a['run'], a['format'], a['out'], a['adapter'], a['trust_remote_code'])}")
     return 0
 
 

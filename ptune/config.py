@@ -10,6 +10,7 @@ PtuneError line.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -98,29 +99,77 @@ def _need(ok: bool, key: str, value, rule: str) -> None:
         raise PtuneError(f"{key}={value!r} is invalid: {rule}")
 
 
+# Upper bounds on integers that size what is allocated or looped over, so that a config (or a saved
+# config.yaml from someone else) cannot ask for 25 GB before anything is checked. Far above any
+# setting the papers use (prompt lengths <= 200, MLP widths 512, inputs of a few thousand tokens).
+LIMITS = {"method.num_virtual_tokens": 10_000, "method.mid_dim": 65_536, "method.embed_dim": 65_536,
+          "method.encoder_hidden_size": 65_536, "method.k": 10_000, "trainer.batch_size": 65_536,
+          "trainer.eval_batch_size": 65_536, "trainer.grad_accum": 65_536, "trainer.keep_last": 10_000,
+          "task.max_len": 1_000_000, "task.max_source_len": 1_000_000, "task.max_source_length": 1_000_000,
+          "task.max_target_len": 1_000_000, "task.max_new_tokens": 100_000, "task.num_beams": 64}
+LIMIT_ANY_INT = 10**12  # every other integer key (steps, seeds, sample counts)
+TINY_LIMIT = 65_536  # every integer of a tiny model's config (layers, widths, positions)
+
+
 def _int_at_least(cfg: DictConfig, key: str, low: int, optional: bool = False) -> None:
     value = OmegaConf.select(cfg, key)
     if optional and value is None:
         return
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
     _need(ok, key, value, f"must be an integer >= {low}" + (" or null" if optional else ""))
+    high = LIMITS.get(key, LIMIT_ANY_INT)
+    _need(value <= high, key, value, f"must be at most {high:,}")
+
+
+def _number(cfg: DictConfig, key: str, low: float, rule: str, strict: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > low if strict else value >= low)
+    _need(ok, key, value, rule)
+    _need(math.isfinite(value), key, value, "must be a finite number (inf and nan cannot train)")
+
+
+def _bounded_ints(cfg: DictConfig) -> None:
+    """Every integer of the method, task and model groups within its limit (LIMITS, TINY_LIMIT)."""
+    for group in ("method", "task"):
+        for key, value in cfg[group].items():
+            full = f"{group}.{key}"
+            if isinstance(value, int) and not isinstance(value, bool) and not -LIMIT_ANY_INT <= value <= LIMITS.get(
+                    full, LIMIT_ANY_INT):
+                _need(False, full, value, f"must be at most {LIMITS.get(full, LIMIT_ANY_INT):,}")
+    tiny = cfg.model.get("tiny")
+    for key, value in (tiny.items() if isinstance(tiny, DictConfig) else []):
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= TINY_LIMIT:
+            _need(False, f"model.tiny.{key}", value, f"must be an integer from 0 to {TINY_LIMIT:,}")
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Every key is one ptune reads: a group's keys are those of its YAML (any model file's for the
+    model group), so `+task.head=linear` on a task without heads is refused, not ignored."""
+    unknown = sorted(str(k) for k in cfg if k not in TOP_LEVEL)
+    if unknown:
+        raise PtuneError(f"unknown key {unknown[0]!r}; `ptune train --help` lists the keys of each group")
+    for group in GROUPS:
+        known = _known_keys(group, cfg[group].get("name"))
+        extra = sorted(str(k) for k in cfg[group] if k not in known)
+        if extra:
+            raise PtuneError(f"unknown key '{group}.{extra[0]}'; `ptune train --help` lists the keys of each group")
 
 
 def check(cfg: DictConfig) -> None:
     """Raise PtuneError naming the first key whose value cannot run."""
+    check_keys(cfg)
     if "num_virtual_tokens" in cfg.method:
         _int_at_least(cfg, "method.num_virtual_tokens", 1)
+    _bounded_ints(cfg)
     for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_last", "log_every",
                 "eval_batch_size"):
         _int_at_least(cfg, f"trainer.{key}", 1)
     _int_at_least(cfg, "trainer.warmup_steps", 0)
     _int_at_least(cfg, "trainer.seed", 0)
     t = cfg.trainer
-    _need(isinstance(t.lr, (int, float)) and t.lr > 0, "trainer.lr", t.lr, "must be a number > 0")
-    _need(isinstance(t.weight_decay, (int, float)) and t.weight_decay >= 0, "trainer.weight_decay", t.weight_decay,
-          "must be a number >= 0")
-    _need(isinstance(t.max_grad_norm, (int, float)) and t.max_grad_norm >= 0, "trainer.max_grad_norm",
-          t.max_grad_norm, "must be a number >= 0 (0 turns clipping off)")
+    _number(cfg, "trainer.lr", 0, "must be a number > 0", strict=True)
+    _number(cfg, "trainer.weight_decay", 0, "must be a number >= 0")
+    _number(cfg, "trainer.max_grad_norm", 0, "must be a number >= 0 (0 turns clipping off)")
     _need(t.precision in PRECISIONS, "trainer.precision", t.precision, f"choose one of {', '.join(PRECISIONS)}")
     _need(t.get("frozen_dtype", "fp32") in FROZEN_DTYPES, "trainer.frozen_dtype", t.get("frozen_dtype"),
           f"choose one of {', '.join(FROZEN_DTYPES)}")
@@ -157,6 +206,12 @@ def _whole(low: int, high: int | None = None):
     return check_value
 
 
+def _bool(key: str, text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise PtuneError(f"{key}={text!r} is invalid: write true or false")
+    return text.lower() == "true"
+
+
 def _adapter(key: str, text: str) -> str:
     if text not in ("adapter", "adapter_best"):
         raise PtuneError(f"{key}={text!r}: choose adapter (final) or adapter_best")
@@ -169,8 +224,12 @@ COMMAND_KEYS = {
     "run": None, "adapter": _adapter, "split": None, "batch_size": _whole(1), "output": None, "input": None,
     "out": None, "format": None, "task": None, "label_map": None, "ensemble": None,
     "host": None, "port": _whole(0, 65535), "max_batch": _whole(1), "max_input_chars": _whole(1),
+    "max_threads": _whole(1), "timeout": _whole(1), "trust_remote_code": _bool,
 }
-COMMON = {"run": None, "adapter": "adapter", "split": "dev", "batch_size": None}
+# What every run-loading command takes: the run, which adapter, batch size, and whether the model's
+# own code may run (only ever from the command line: ptune.build.load_run).
+LOADING = {"run": None, "adapter": "adapter", "batch_size": None, "trust_remote_code": "false"}
+COMMON = {**LOADING, "split": "dev"}
 
 
 def command_args(command: str, argv: list[str], keys: dict[str, str | None], required: tuple[str, ...] = ("run",),
@@ -192,3 +251,77 @@ def command_args(command: str, argv: list[str], keys: dict[str, str | None], req
         if check_value is not None and isinstance(value, str):
             out[key] = check_value(key, value)
     return out
+
+
+# -- a saved config.yaml: untrusted input ----------------------------------------------------------
+# Keys a saved config may lack: configs written before they existed, read with .get() and their old
+# meaning (build.attention: sdpa; job.frozen_dtype: fp32) or filled from conf/ by the builders.
+OPTIONAL_SAVED = {"trainer.attention", "trainer.frozen_dtype"}
+TOP_LEVEL = {"method", "model", "task", "trainer", "output_dir", "resume"}
+
+
+def _interpolations(node, path: str = ""):
+    """Keys whose saved value is an OmegaConf interpolation (`${...}`): a saved config is written
+    resolved, so one there was put in by hand and would be resolved from the loader's environment."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _interpolations(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _interpolations(v, f"{path}[{i}]")
+    elif isinstance(node, str) and "${" in node:
+        yield path
+
+
+def _known_keys(group: str, name: str | None) -> set[str]:
+    if group == "model":  # model files differ in their keys (tiny, tokenizer, name_or_path): any model key
+        return set().union(*(set(_group_file("model", o)) for o in options("model")))
+    return set(_group_file(group, name if group != "trainer" else "default"))
+
+
+def load_saved(path: Path) -> DictConfig:
+    """A run directory's config.yaml, checked as untrusted input before anything is built from it:
+    valid YAML holding the four groups, names ptune has, no key ptune does not know, no missing key,
+    no interpolation, every value as `check` wants it. One PtuneError line for the first problem;
+    nothing is written."""
+    import yaml
+
+    path = Path(path)
+    fix = "restore it (or start a new run); ptune writes it once, resolved, before the first step"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise PtuneError(f"{path} cannot be read ({getattr(e, 'strerror', None) or type(e).__name__}); {fix}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise PtuneError(f"{path} is not valid YAML{at}; {fix}") from None
+    if not isinstance(data, dict) or not data:
+        raise PtuneError(f"{path} holds no config (empty, or not a mapping of groups); {fix}")
+    unknown = sorted(str(k) for k in data if k not in TOP_LEVEL)
+    if unknown:
+        raise PtuneError(f"{path}: unknown top-level key {unknown[0]!r}; {fix}")
+    for group in GROUPS:
+        if not isinstance(data.get(group), dict):
+            raise PtuneError(f"{path} has no {group} group; {fix}")
+        name = data[group].get("name")
+        if group != "trainer" and (not isinstance(name, str) or name not in options(group)):
+            raise PtuneError(f"{path}: {group}.name={name!r} is not a ptune {group} ({', '.join(options(group))}); {fix}")
+    bad = next(_interpolations(data), None)
+    if bad is not None:
+        raise PtuneError(f"{path}: {bad} holds an interpolation (${{...}}), which ptune never writes and does not "
+                         f"resolve from this machine's environment; write the value itself")
+    try:
+        check_keys(OmegaConf.create(data))
+    except PtuneError as e:
+        raise PtuneError(f"{path}: {str(e).split(';')[0]} (edited by hand, or written by another ptune); {fix}") from None
+    for group in GROUPS:
+        known = _known_keys(group, data[group].get("name"))
+        if group in ("trainer", "model"):  # method and task keys a config lacks come from conf/ (older runs)
+            required = known if group == "trainer" else {"name", "kind", "source"}
+            missing = sorted(k for k in required if k not in data[group] and f"{group}.{k}" not in OPTIONAL_SAVED)
+            if missing:
+                raise PtuneError(f"{path} lacks {group}.{missing[0]}; {fix}")
+    cfg = OmegaConf.create(data)
+    check(cfg)
+    return cfg

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ptune.errors import PtuneError
@@ -219,6 +220,9 @@ def _from_pretrained(kind: str, path, name: str, trust_remote_code: bool = False
     try:
         return _auto_class(kind).from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
+    except SafetensorError as e:  # a damaged or foreign model.safetensors
+        raise PtuneError(f"model {name}: the weights in {str(path)!r} cannot be read ({str(e).splitlines()[0]}); "
+                         f"replace the model's safetensors files with intact ones") from None
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise

@@ -37,11 +37,15 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     """Replace `path` with `data` in one step: a hidden temporary file beside it, fsync, rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a kill: the old file stays, no temporary one is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(obj, path: Path) -> None:
@@ -137,6 +141,39 @@ def new_run_dir(root: str | Path = "outputs") -> Path:
 
 def is_run_dir(path: Path) -> bool:
     return RunDir(path).exists()
+
+
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run directory `path` is inside of (or is), if any: a folder with config.yaml and what
+    training leaves beside it (metrics.jsonl, adapter/ or checkpoints/). Commands that only read a
+    run never write there (predict, export), and no run is claimed inside another."""
+    here = Path(path).expanduser().absolute()
+    for folder in (here, *here.parents):
+        if (folder / "config.yaml").is_file() and any((folder / n).exists() for n in
+                                                      ("metrics.jsonl", "adapter", "checkpoints")):
+            return folder
+    return None
+
+
+def refuse_inside_run(path: str | Path, what: str) -> None:
+    """One PtuneError line when `path` lies inside a run directory (enclosing_run)."""
+    run = enclosing_run(path)
+    if run is not None:
+        raise PtuneError(f"{what}={path} is inside the run directory {run}, and ptune never writes into a run "
+                         f"it did not make for this command; choose a path outside it")
+
+
+def free_path(path: Path) -> Path:
+    """`path`, or path with -1, -2, ... before its suffix when a file of that name exists: a default
+    output never overwrites an earlier one."""
+    path = Path(path)
+    stem, suffix = (path.name[:-len(".predictions.jsonl")], ".predictions.jsonl") \
+        if path.name.endswith(".predictions.jsonl") else (path.stem, path.suffix)
+    k = 0
+    while path.exists():
+        k += 1
+        path = path.with_name(f"{stem}-{k}{suffix}")
+    return path
 
 
 class MetricsLog:

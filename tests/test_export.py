@@ -154,10 +154,7 @@ def test_export_loads_in_peft_with_ptune_logits(outputs, model, case, capsys):
 
 def fake_run(tmp_path, *overrides, task_head=None):
     """A run directory holding only config.yaml: every refusal comes before the adapter is read."""
-    cfg = compose(list(overrides))
-    if task_head:
-        OmegaConf.set_struct(cfg, False)
-        cfg.task.head = task_head
+    cfg = compose(list(overrides) + (["task=sst2", f"task.head={task_head}"] if task_head else []))
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

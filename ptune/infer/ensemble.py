@@ -104,7 +104,7 @@ def member_probs(pool, names: list[str], rows: list[dict], batch_size: int) -> t
 
 
 def evaluate_ensemble(runs: list[str], how: str, split: str = "dev", which: str = "adapter",
-                      batch_size: int | None = None, out: str | None = None) -> dict:
+                      batch_size: int | None = None, out: str | None = None, trust_remote_code: bool = False) -> dict:
     """Score each member and their `how` ensemble on `split` in one batched pass; write the result
     JSON (`out`, default <first run>/eval_ensemble_<how>_<split>.json) and return it:
     {"members": [{"run", "method", "metrics"}], "ensemble": {"how", "metrics"}, "examples", ...}."""
@@ -117,13 +117,13 @@ def evaluate_ensemble(runs: list[str], how: str, split: str = "dev", which: str 
         raise PtuneError(f"ensemble={how!r}: choose vote (majority of the members' labels) or mean (mean probabilities)")
     configs = {}
     for run in runs:
-        run_dir, cfg = load_run(run)
+        run_dir, cfg = load_run(run, trust_remote_code)
         configs[str(run_dir)] = cfg
     if len(configs) < len(runs):
         raise PtuneError(f"run= names a run twice ({','.join(runs)}); an ensemble's members are different runs")
     check_members(configs)
     names = [f"member{k}" for k in range(len(runs))]  # run dirs of a sweep share names (0/, 1/): index them
-    pool = Pool.load(dict(zip(names, runs)), which)
+    pool = Pool.load(dict(zip(names, runs)), which, trust_remote_code)
     task = pool.adapters[names[0]].task
     rows = task.rows(split)
     rows = [rows[i] for i in subsample(len(rows), task.max_eval_samples, task.subsample_seed)]

@@ -65,7 +65,7 @@ from safetensors.torch import save_file
 from ptune import methods
 from ptune.build import load_run, load_trained, setup_logging
 from ptune.errors import PtuneError
-from ptune.rundir import write_atomic, write_json
+from ptune.rundir import refuse_inside_run, write_atomic, write_json
 
 FORMATS = ("peft",)
 PEFT_VERSION = "0.21.2"  # the file format written: PEFT's config keys as of this release
@@ -82,18 +82,20 @@ NO_EQUIVALENT = {
 }
 
 
-def export_run(run: str, fmt: str = "peft", out: str | None = None, which: str = "adapter") -> Path:
+def export_run(run: str, fmt: str = "peft", out: str | None = None, which: str = "adapter",
+               trust_remote_code: bool = False) -> Path:
     """Write run's adapter `which` as a PEFT adapter directory `out`. Returns out.
 
     Every check comes before the first write; the files go into a hidden sibling directory that
     is renamed to `out` at the end, so a refusal or a crash leaves no `out` behind.
     """
-    run_dir, cfg = load_run(run)
+    run_dir, cfg = load_run(run, trust_remote_code)
     if fmt not in FORMATS:
         raise PtuneError(f"ptune export: format={fmt!r} is not one of {', '.join(FORMATS)}; use format=peft")
     if not out:
         raise PtuneError("ptune export needs out=<new directory>")
     out_dir = Path(out)
+    refuse_inside_run(out_dir, "out")
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         raise PtuneError(f"ptune export: out={out_dir} exists and is not an empty directory; choose a new out=")
     refuse_config(cfg.method.name, cfg.model.name, cfg.model.kind, cfg.task.get("head", "lm"))

@@ -103,14 +103,14 @@ class Pool:
 
     # -- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, runs, which: str = "adapter") -> Pool:
+    def load(cls, runs, which: str = "adapter", trust_remote_code: bool = False) -> Pool:
         """runs: {name: run dir} or [run dir, ...] (named by the directory's name)."""
         if not isinstance(runs, dict):
             runs = {Path(r).name: r for r in runs}
         if not runs:
             raise PtuneError("no runs to load; give at least one run directory")
         setup_logging(None)
-        configs = {name: load_run(path) for name, path in runs.items()}
+        configs = {name: load_run(path, trust_remote_code) for name, path in runs.items()}
         first = next(iter(configs))
         model = OmegaConf.to_container(configs[first][1].model, resolve=True)
         for name, (run_dir, cfg) in configs.items():
@@ -156,6 +156,10 @@ class Pool:
             missing = [f for f in fields if not isinstance(row.get(f), str)]
             if missing:
                 raise PtuneError(f"input {i} (adapter {name!r}, task {a.task.name}) needs a text field {missing[0]!r}")
+            empty = [f for f in fields if not row[f].strip()]
+            if empty:
+                raise PtuneError(f"input {i} (adapter {name!r}, task {a.task.name}) has an empty {empty[0]!r}; give it "
+                                 f"some text")
 
     def _adapter_of(self, row: dict) -> Adapter:
         return self.adapters[row.get(ADAPTER_FIELD, self.names[0])]

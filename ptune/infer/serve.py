@@ -5,19 +5,25 @@
     POST /predict    {"inputs": [{"adapter": "sst2", "sentence": "..."}, ...]}
                   -> {"outputs": [{"adapter": "sst2", "prediction": "positive"}, ...]}   (input order)
 
-Every failure is a JSON body {"error": "<one line>"} with a 4xx status, and the server goes on
-serving: malformed JSON or no "inputs" list (400), empty inputs (400), unknown adapter or a
-missing or non-text field (400, the Pool's own message), more rows than max_batch or a field
-longer than max_input_chars or a body past their product (413), no Content-Length (411), an
-unknown path (404), a method other than GET/POST on a known path (405). An unexpected exception
-inside the model call is a 500 with its one line (and the traceback in the server's log).
+Every client mistake is a JSON body {"error": "<one line>"} with a 4xx status, and the server goes
+on serving: a body that is not JSON, or JSON the decoder refuses (nesting too deep, an integer of
+thousands of digits), or no "inputs" list (400), empty inputs (400), unknown adapter or a missing,
+non-text or empty field (400, the Pool's own message), more rows than max_batch or a field longer
+than max_input_chars or a body past their product (413), no Content-Length (411), an unknown path
+(404), a method no endpoint takes (405), and what the standard library's HTTP layer itself
+answers (a garbage request line or an unsupported HTTP version 400, a URL too long 414, headers too long
+or too many 431): all JSON with a status line, never its HTML pages. A client that stops sending (request line, headers
+or body) is closed after `timeout` seconds (a body that stops is answered 408 first). An unexpected exception inside the
+model call is a 500 with its one line (and the traceback in the server's log).
 
 Concurrency: stdlib `ThreadingHTTPServer` (one thread per connection, so a slow client never
-blocks another's parsing), and ONE lock around the model call: the frozen backbone runs one
-request's mixed batch at a time, in arrival order of the lock. Rows of one request are batched
-together (Pool.predict, batch_size rows per forward, any mix of adapters); rows of different
-requests are not merged (a batching queue would be the next step, for the serving benchmark to
-justify). Localhost by default: the server has no authentication.
+blocks another's parsing), at most `max_threads` at once: a connection beyond them waits in the
+listen queue until a thread is free (backpressure, not an error). ONE lock around the model call:
+the frozen backbone runs one request's mixed batch at a time, in arrival order of the lock. Rows of
+one request are batched together (Pool.predict, batch_size rows per forward, any mix of adapters);
+rows of different requests are not merged. SIGTERM (or Ctrl-C) closes the listening socket, lets
+the requests in flight finish and answer, then exits. Localhost by default: the server has no
+authentication.
 """
 
 from __future__ import annotations
@@ -35,7 +41,12 @@ from ptune.infer.pool import ADAPTER_FIELD, Pool, parse_runs
 
 log = logging.getLogger("ptune.serve")
 
-DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch": 64, "max_input_chars": 4000, "batch_size": 16}
+DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch": 64, "max_input_chars": 4000, "batch_size": 16,
+            "max_threads": 64, "timeout": 10}
+# http.server's own refusals, as the status a client mistake gets (501 "Unsupported method": 405)
+# (and 505 "Invalid HTTP version": 400, the client's mistake like any other malformed request line)
+_LAYER_STATUS = {HTTPStatus.NOT_IMPLEMENTED: HTTPStatus.METHOD_NOT_ALLOWED,
+                 HTTPStatus.HTTP_VERSION_NOT_SUPPORTED: HTTPStatus.BAD_REQUEST}
 
 
 class Refused(Exception):
@@ -52,6 +63,10 @@ def parse_inputs(body: bytes, max_batch: int, max_input_chars: int) -> list[dict
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Refused(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise Refused(HTTPStatus.BAD_REQUEST, "the body's JSON nests too deeply; send flat rows") from None
+    except ValueError as e:  # e.g. an integer past Python's digit limit for int(str)
+        raise Refused(HTTPStatus.BAD_REQUEST, f"the body's JSON cannot be read: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
         raise Refused(HTTPStatus.BAD_REQUEST, 'the body must be {"inputs": [{"adapter": "<name>", ...fields}, ...]}')
     rows = data["inputs"]
@@ -71,9 +86,45 @@ def parse_inputs(body: bytes, max_batch: int, max_input_chars: int) -> list[dict
     return rows
 
 
+class BoundedServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most `max_threads` handler threads; a connection past them waits
+    in the listen queue. Handler threads are joined on close, so a stop answers what is in flight."""
+
+    daemon_threads = False
+    block_on_close = True
+    request_queue_size = 1024
+
+    def __init__(self, address, handler, max_threads: int):
+        self._slots = threading.BoundedSemaphore(max_threads)
+        self._closing = threading.Event()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        while not self._slots.acquire(timeout=0.2):
+            if self._closing.is_set():
+                self.shutdown_request(request)
+                return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def server_close(self):
+        self._closing.set()
+        super().server_close()  # closes the listening socket, then joins the handler threads
+
+
 def make_server(pool: Pool, host: str = DEFAULTS["host"], port: int = DEFAULTS["port"],
                 max_batch: int = DEFAULTS["max_batch"], max_input_chars: int = DEFAULTS["max_input_chars"],
-                batch_size: int = DEFAULTS["batch_size"]) -> ThreadingHTTPServer:
+                batch_size: int = DEFAULTS["batch_size"], max_threads: int = DEFAULTS["max_threads"],
+                timeout: int = DEFAULTS["timeout"]) -> BoundedServer:
     """A bound, not yet serving server (port 0: the OS picks one; see server.server_address)."""
     lock = threading.Lock()
     max_body = max_batch * (max_input_chars + 1024)  # every row at its largest, with room for field names
@@ -81,8 +132,27 @@ def make_server(pool: Pool, host: str = DEFAULTS["host"], port: int = DEFAULTS["
     class Handler(BaseHTTPRequestHandler):
         server_version = "ptune"
 
+        def setup(self):
+            self.timeout = timeout  # StreamRequestHandler puts it on the socket: every read waits at most this
+            super().setup()
+
         def log_message(self, fmt, *args):  # through logging, not raw stderr lines
             log.info("%s %s", self.address_string(), fmt % args)
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own refusals (bad request line, long headers, unknown method, ...) as
+            one-line JSON instead of its HTML page."""
+            status = _LAYER_STATUS.get(HTTPStatus(code), HTTPStatus(code))
+            line = (message or HTTPStatus(code).phrase).splitlines()[0]
+            if status == HTTPStatus.METHOD_NOT_ALLOWED:
+                line = f"method {self.command!r} is not served; use GET /health, GET /adapters, POST /predict"
+            self.close_connection = True
+            if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":  # unparsed line: answer with a status line
+                self.request_version = "HTTP/1.0"
+            try:
+                self._send(status, {"error": line})
+            except OSError:  # the client is gone
+                pass
 
         def _send(self, status: HTTPStatus, payload: dict) -> None:
             body = json.dumps(payload).encode("utf-8")
@@ -97,6 +167,9 @@ def make_server(pool: Pool, host: str = DEFAULTS["host"], port: int = DEFAULTS["
                 self._send(HTTPStatus.OK, work())
             except Refused as e:
                 self._send(e.status, {"error": str(e)})
+            except TimeoutError:
+                self.close_connection = True
+                self._send(HTTPStatus.REQUEST_TIMEOUT, {"error": f"the request body did not arrive within {timeout} s"})
             except PtuneError as e:
                 self._send(HTTPStatus.BAD_REQUEST, {"error": str(e)})
             except Exception as e:  # noqa: BLE001 -- one request fails, the server stays up
@@ -145,21 +218,22 @@ def make_server(pool: Pool, host: str = DEFAULTS["host"], port: int = DEFAULTS["
             return {"outputs": [{"adapter": r.get(ADAPTER_FIELD, default), "prediction": p}
                                 for r, p in zip(rows, preds)]}
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    return BoundedServer((host, port), Handler, max_threads)
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int, batch_size: int) -> int:
-    """Load the runs, serve until Ctrl-C or SIGTERM, then close the socket. Prints the URL once bound."""
+def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int, batch_size: int,
+          max_threads: int = DEFAULTS["max_threads"], timeout: int = DEFAULTS["timeout"], which: str = "adapter",
+          trust_remote_code: bool = False) -> int:
+    """Load the runs, serve until Ctrl-C or SIGTERM, then close the socket and answer the requests in
+    flight. Prints the URL once bound."""
 
-    pool = Pool.load(parse_runs(spec))
+    pool = Pool.load(parse_runs(spec), which, trust_remote_code)
     try:
-        server = make_server(pool, host, port, max_batch, max_input_chars, batch_size)
+        server = make_server(pool, host, port, max_batch, max_input_chars, batch_size, max_threads, timeout)
     except OSError as e:
         raise PtuneError(f"cannot listen on {host}:{port}: {e.strerror}; choose another port= (port=0: any free one)") from None
     bound_host, bound_port = server.server_address[:2]

@@ -107,7 +107,8 @@ def _mapped_verbalizer(backbone, trained_task, new_task, groups: list[list[int]]
 
 
 def evaluate_transfer(run: str, task_cfg: DictConfig, label_map: str | None = None, split: str = "dev",
-                      which: str = "adapter", batch_size: int | None = None, head_given: bool = False) -> dict:
+                      which: str = "adapter", batch_size: int | None = None, head_given: bool = False,
+                      trust_remote_code: bool = False) -> dict:
     """Score a run's adapter on another classification task (task_cfg: a composed `task` group).
 
     head_given: the user set task.head; it must then be the run's head (else the run's is used)."""
@@ -116,7 +117,7 @@ def evaluate_transfer(run: str, task_cfg: DictConfig, label_map: str | None = No
     from ptune.config import task_kwargs
     from ptune.tasks.classification import ClassificationTask
 
-    run_dir, cfg = load_run(run)
+    run_dir, cfg = load_run(run, trust_remote_code)
     trained_head = cfg.task.get("head")
     if trained_head not in ("linear", "verbalizer"):
         raise PtuneError(f"the run's task {cfg.task.name} has no classification head (task.head={trained_head}); "

@@ -76,6 +76,15 @@ class Task:
         """One answer per row (a label name or a generated text), in order."""
         raise NotImplementedError
 
+    def refuse_empty(self, rows: list[dict]) -> None:
+        """One PtuneError line for the first row whose input field is empty text: it would encode to
+        no tokens, which no head can read (every predict() and the pool call this)."""
+        for i, row in enumerate(rows):
+            for field in self.input_fields:
+                value = row.get(field)
+                if isinstance(value, str) and not value.strip():
+                    raise PtuneError(f"task {self.name}: input {i} has an empty {field!r}; give it some text")
+
     def prediction_inputs(self, tokenizer, kind: str, row: dict) -> tuple[list[int], int | None]:
         """(token ids predict() feeds the model for `row`, index of {mask} in them or None)."""
         raise PtuneError(f"task {self.name} does not answer single rows together with other adapters; run it alone")

@@ -64,10 +64,18 @@ def verbalizer_words(verbalizer, labels, key: str = "task.verbalizer") -> list[l
         if label not in verbalizer:
             raise PtuneError(f"{key} has no word for the label {label!r}; add {key}.{label}=<word>")
         words = verbalizer[label]
-        words = [words] if isinstance(words, str) else list(words or [])
+        words = [words] if isinstance(words, str) else list(words) if isinstance(words, (list, tuple)) else None
         if not words or not all(isinstance(w, str) and w.strip() for w in words):
-            raise PtuneError(f"{key}.{label}={verbalizer[label]!r}: give a non-empty word or a list of non-empty words")
+            raise PtuneError(f"{key}.{label}={verbalizer[label]!r}: give a non-empty word or a list of non-empty words "
+                             f"(quote a number: {key}.{label}='5')")
         out.append([w.strip() for w in words])
+    seen: dict[str, str] = {}
+    for label, words in zip(labels, out):
+        for w in words:
+            if w in seen and seen[w] != label:
+                raise PtuneError(f"{key}: the word {w!r} stands for both {seen[w]!r} and {label!r}, so the two classes "
+                                 f"always score the same; give each class its own words")
+            seen[w] = label
     return out
 
 
@@ -221,4 +229,5 @@ class ClassificationTask(Task):
         if missing:
             raise PtuneError(f"task {self.name}: every input row needs a {missing[0]!r} field (task.template="
                              f"{self.template.source!r})")
+        self.refuse_empty(rows)
         return [self.labels[p] for p in self.classify(method, [{**r, "label": 0} for r in rows], batch_size)]

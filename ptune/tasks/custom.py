@@ -218,6 +218,7 @@ class CustomGeneration(Task):
         missing = [f for f in self.fields if any(f not in r for r in rows)]
         if missing:
             raise PtuneError(f"task custom: every input row needs a {missing[0]!r} field")
+        self.refuse_empty(rows)
         return self._generate(method, [self.template.render(r) for r in rows], batch_size)
 
 
@@ -226,9 +227,12 @@ def Custom(*, type: str, **kw) -> Task:  # noqa: N802 -- the registry calls it l
     if type not in TYPES:
         raise PtuneError(f"task.type={type!r} is not one of {', '.join(TYPES)}")
     if type == "generation":
+        if kw.get("head") is not None:
+            raise PtuneError(f"task.head={kw['head']} is a classification head; task.type=generation writes text with "
+                             f"the LM itself: drop task.head")
         kw.pop("head", None), kw.pop("verbalizer", None), kw.pop("labels", None), kw.pop("head_dropout", None)
         return CustomGeneration(**kw)
-    return CustomClassification(**kw)
+    return CustomClassification(**{**kw, "head": kw.get("head") or "linear"})  # null: the classifier
 
 
 Custom.upgrade = Task.upgrade  # the registry calls it as on a class: nothing to upgrade

@@ -93,6 +93,7 @@ class E2E(Task):
         """One sentence per row; each row needs an `mr` field."""
         if any("mr" not in r for r in rows):
             raise PtuneError("task e2e: every input row needs an 'mr' field (a meaning representation)")
+        self.refuse_empty(rows)
         return generate_texts(method, [self.source(r["mr"]) for r in rows], batch_size=batch_size,
                               num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
                               max_source_len=self.max_source_len)

@@ -62,6 +62,7 @@ class LAMA(Task):
     name = "lama"
     metric_for_best = "p@1"
     head = "vocab"
+    input_fields = ("sub",)
 
     def __init__(self, *, template: str | None, relations: list[str] | None, max_len: int, **kw):
         super().__init__(**kw)
@@ -224,6 +225,7 @@ class LAMA(Task):
         missing = [r for r in rows if "sub" not in r]
         if missing:
             raise PtuneError("task lama: every input row needs a 'sub' field (the subject)")
+        self.refuse_empty(rows)
         from ptune.verbalizer import slot_scores
 
         tok = method.backbone.tokenizer

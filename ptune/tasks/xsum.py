@@ -105,6 +105,7 @@ class XSum(Task):
         """One summary per row; each row needs a `document` field."""
         if any(not isinstance(r.get("document"), str) for r in rows):
             raise PtuneError("task xsum: every input row needs a 'document' field (the article text)")
+        self.refuse_empty(rows)
         return self._summarize(method, [r["document"] for r in rows], batch_size)
 
     def prediction_inputs(self, tokenizer, kind: str, row: dict) -> tuple[list[int], None]:

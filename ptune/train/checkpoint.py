@@ -114,10 +114,11 @@ def save_checkpoint(root: Path, step: int, trainable: dict, optimizer_tensors: d
         for name in _FILES:
             _fsync(tmp / name)
         write_json({name: _sha256(tmp / name) for name in _FILES}, tmp / "manifest.json")
-    except OSError as e:  # disk full, quota, I/O error: the older checkpoints are untouched
+    except (OSError, SafetensorError) as e:  # disk full, quota, I/O error: the older checkpoints are untouched
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(root)
-        raise PtuneError(f"could not write checkpoint step-{step} in {root} ({e.strerror or e}); the previous "
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise PtuneError(f"could not write checkpoint step-{step} in {root} ({why}); the previous "
                          f"checkpoint {previous[-1].name if previous else '(none)'} is intact. Free space, then "
                          f"continue with: ptune train resume={root.parent}") from None
     if final.exists():  # the same step saved again (e.g. end of a resumed run): replace it
@@ -169,6 +170,21 @@ def verify(path: Path) -> str | None:
                 return f"{name} is not a JSON object"
         except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
             return f"{name} does not parse ({type(e).__name__})"
+    return None
+
+
+def finite(tensors: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
+
+
+def latest_usable(root: Path) -> Path | None:
+    """The newest checkpoint a resume can continue from: it verifies, and its trained tensors and
+    optimizer state are all finite (what the advice after a NaN names)."""
+    for path in reversed(list_checkpoints(root)):
+        if verify(path) is None:
+            saved = load_checkpoint(path)
+            if finite(saved["trainable"]) and finite(saved["optimizer"]):
+                return path
     return None
 
 

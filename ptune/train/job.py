@@ -56,6 +56,8 @@ def _claim_run_dir(accelerator, cfg: DictConfig, run_dir: Path | None) -> Path:
 def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) -> dict:
     """Run one training job into run_dir (claimed under cfg.output_dir if None). Returns summary."""
     check(cfg)
+    if not resume:
+        rundir.refuse_inside_run(cfg.output_dir, "output_dir")  # a run is never nested in another run
     reset_peak_memory()  # this job's peak, also when a sweep runs several in one process
     accelerator = _accelerator(cfg.trainer.precision)
     # Everything that can fail on bad input (model, method, data) is loaded before a run directory
@@ -102,6 +104,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     if main:
         write_adapter(run.adapter("adapter"))
         summary = _summary(cfg, method, task, backbone, state, accelerator)
+        if summary["diverged"]:
+            log.warning("training diverged: the loss went from %.4g at step 1 to %.4g at step %d without becoming "
+                        "NaN; the adapter is unlikely to be useful: lower trainer.lr", state.first_loss,
+                        state.last_loss, state.step)
         run.write_summary(summary)
         log.info("done: %s", run_dir)
     accelerator.wait_for_everyone()
@@ -111,6 +117,16 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
 def train_args(cfg: DictConfig) -> TrainArgs:
     """The loop's arguments: every TrainArgs field from the `trainer` key of the same name."""
     return TrainArgs(**{f.name: cfg.trainer[f.name] for f in dataclasses.fields(TrainArgs)})
+
+
+DIVERGED = 3.0  # a final loss above 3x the first step's (and by more than 1 nat) is reported as divergence
+
+
+def diverged(state) -> bool:
+    """True when the loss exploded without becoming NaN (e.g. trainer.lr=100: 0.7 -> 2,535): the run
+    ends normally, and summary.json, train.log and the command's last line say so."""
+    first, last = state.first_loss, state.last_loss
+    return first is not None and last is not None and last > DIVERGED * first and last - first > 1.0
 
 
 def frozen_dtype(cfg: DictConfig) -> torch.dtype | None:
@@ -156,6 +172,7 @@ def _summary(cfg, method, task, backbone, state, accelerator) -> dict:
         "train_tokens": state.train_tokens,
         "train_tokens_per_s": round(state.train_tokens / max(state.train_time_s, 1e-9), 1),
         "peak_memory_mb": round(peak_memory_mb(), 1), "final_train_loss": state.last_loss,
+        "first_train_loss": state.first_loss, "diverged": diverged(state),
         "eval": last_eval, "metric_for_best": task.metric_for_best,
         "best": state.best, "processes": accelerator.num_processes, "precision": cfg.trainer.precision,
         "device": str(accelerator.device), "torch": torch.__version__, "python": platform.python_version(),

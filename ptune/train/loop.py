@@ -63,12 +63,14 @@ class TrainState:
     train_time_s: float = 0.0
     wall_time_s: float = 0.0
     last_loss: float | None = None
+    first_loss: float | None = None  # the first step's, for the divergence report (job.diverged)
     best: dict | None = None
     history: list = field(default_factory=list)  # eval records, for summary.json
 
     def to_json(self) -> dict:
         return dict(step=self.step, train_tokens=self.train_tokens, train_time_s=self.train_time_s,
-                    wall_time_s=self.wall_time_s, last_loss=self.last_loss, best=self.best, history=self.history)
+                    wall_time_s=self.wall_time_s, last_loss=self.last_loss, first_loss=self.first_loss,
+                    best=self.best, history=self.history)
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -189,8 +191,10 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
         # never checkpoint a NaN; every process holds the same tensors, so all stop together
         if not all(bool(torch.isfinite(p).all()) for p in params.values()):
             _stop_non_finite("a trainable tensor became NaN/inf", state.step, run_dir)
+        opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer, names)
+        if not ckpt.finite(opt_tensors):  # Adam's moments overflow before the weights do
+            _stop_non_finite("the optimizer state became NaN/inf", state.step, run_dir)
         if main:
-            opt_tensors, opt_meta = ckpt.optimizer_to_flat(optimizer, names)
             ckpt.save_checkpoint(run.checkpoints, state.step, params, opt_tensors, ckpt.rng_state(),
                                  {**state.to_json(), "optimizer": opt_meta, "steps_per_epoch": steps_per_epoch,
                                   "grad_scaler": scaler.state_dict() if scaler is not None else None,
@@ -251,6 +255,8 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
 
             state.step += 1
             state.last_loss = loss
+            if state.first_loss is None:
+                state.first_loss = loss
             state.train_tokens += tokens
             step_s = time.perf_counter() - t_step
             state.train_time_s += step_s
@@ -287,10 +293,13 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
 
 def _stop_non_finite(what: str, step: int, run_dir: Path):
     """Stop before anything non-finite is saved; the checkpoints already written stay as they are."""
-    last = ckpt.latest_good(RunDir(run_dir).checkpoints)
-    raise PtuneError(f"{what} at step {step}; stopped. The last good checkpoint is "
-                     f"{last or 'none (no checkpoint yet)'}; lower trainer.lr (or use trainer.precision=fp32) and "
-                     f"continue with: ptune train resume={run_dir} trainer.lr=<lower>")
+    last = ckpt.latest_usable(RunDir(run_dir).checkpoints)
+    if last is None:
+        raise PtuneError(f"{what} at step {step}; stopped. No usable checkpoint was written before it (none yet, or "
+                         f"none with finite tensors), so there is nothing to resume: start a new run with a lower "
+                         f"trainer.lr (or trainer.precision=fp32)")
+    raise PtuneError(f"{what} at step {step}; stopped. The last good checkpoint is {last}; lower trainer.lr (or use "
+                     f"trainer.precision=fp32) and continue with: ptune train resume={run_dir} trainer.lr=<lower>")
 
 
 class _StopOnSignal:

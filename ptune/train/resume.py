@@ -6,6 +6,9 @@ A resumed run continues the saved config (config.yaml) from its last good checkp
   (more steps, a lower learning rate after a NaN, another eval cadence);
 - `model`, `method` and `task` keys must equal the saved ones: the checkpoint's tensors belong to
   them, so a different value is refused (start a new run instead), an equal one is accepted;
+  `model.trust_remote_code=true` is the exception that is needed, not merely accepted: a run
+  directory cannot grant it (ptune.build.load_run), so a run that loads a model's own code resumes
+  only when the command line says so again;
 - a key the saved config does not have is refused like an unknown key of `ptune train`.
 Values are read with the same grammar as `ptune train`'s overrides (ptune.config.override_value).
 """
@@ -24,7 +27,8 @@ FIXED = ("model", "method", "task")  # what the checkpoint's tensors belong to
 
 def resume_config(run: str, overrides: list[str]) -> tuple[RunDir, DictConfig]:
     """The run's saved config with the overrides applied as the policy above says."""
-    run_dir, cfg = load_run(run)
+    trust = any(o.partition("=")[0] == "model.trust_remote_code" and override_value(o) is True for o in overrides)
+    run_dir, cfg = load_run(run, trust_remote_code=trust)  # only the command line grants it (build.load_run)
     for o in overrides:
         key, _, value = o.partition("=")
         if key in GROUPS and key != "trainer":
@@ -34,7 +38,7 @@ def resume_config(run: str, overrides: list[str]) -> tuple[RunDir, DictConfig]:
             continue
         if key.split(".")[0] in FIXED:
             old = OmegaConf.select(cfg, key, default="<missing>")
-            if str(old) != value:
+            if old != (override_value(o) if value else None) and str(old) != value:
                 raise PtuneError(f"resume: {key}={value} differs from the run's {key}={old}; a resumed run keeps "
                                  f"its model, method and task (start a new run instead)")
             continue

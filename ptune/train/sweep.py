@@ -41,6 +41,8 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 def run_sweep(jobs: list[list[str]], configs: list[DictConfig], train, headline) -> int:
     """Train every job (its overrides, its composed config) in order; 1 if any failed, else 0.
     train(cfg, run_dir=...) is the training boundary, headline(result) its one-line result."""
+    for cfg in configs:
+        rundir.refuse_inside_run(cfg.output_dir, "output_dir")
     sweep_dir = rundir.new_run_dir(configs[0].output_dir)
     print(f"sweep: {len(jobs)} jobs in {sweep_dir}")
     records, failed = [], 0

@@ -1,0 +1,157 @@
+"""`ptune serve` under hostile clients, over a real socket on localhost (ptune/infer/serve.py).
+
+Every client mistake is a 4xx with a one-line JSON body, including what the JSON decoder raises and
+what http.server itself answers; a client that stops sending is closed after the timeout; the
+handler threads are bounded; a stop answers the requests in flight before the process exits.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ptune.cli import main
+from ptune.infer.pool import Pool
+from ptune.infer.serve import make_server
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ["train", "model=tiny-llama", "task=sst2", "method=prompt", "method.num_virtual_tokens=3",
+         "task.max_train_samples=16", "task.max_eval_samples=4", "trainer.batch_size=4", "trainer.max_steps=2",
+         "trainer.eval_every=2", "trainer.save_every=2"]
+TIMEOUT = 1  # seconds a silent client is given
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("serve")
+    assert main([*TRAIN, f"output_dir={out}"]) == 0
+    return next(out.rglob("config.yaml")).parent
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    pool = Pool.load([str(run)])
+    srv = make_server(pool, port=0, max_threads=4, timeout=TIMEOUT)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def exchange(server, raw: bytes, wait: float = 5.0) -> tuple[int, dict | None, bytes]:
+    """Send raw bytes, read until the server closes: (status, JSON body or None, raw reply)."""
+    with socket.create_connection(server.server_address[:2], timeout=wait) as s:
+        s.sendall(raw)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status = int(head.split()[1]) if head.startswith(b"HTTP/") else 0
+    try:
+        return status, json.loads(body), reply
+    except ValueError:
+        return status, None, reply
+
+
+def post(body: bytes) -> bytes:
+    return b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: " + \
+        str(len(body)).encode() + b"\r\n\r\n" + body
+
+
+CLIENT_MISTAKES = {
+    "garbage-request-line": (b"HELLO THERE\r\n\r\n", 400),
+    "binary-request-line": (b"\x00\x01\x02\xff\r\n\r\n", 400),
+    "unknown-method": (b"BREW /predict HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    "http-version": (b"GET /health HTTP/3.0\r\nHost: x\r\n\r\n", 400),
+    "long-header": (b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    "many-headers": (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n", 431),
+    "long-url": (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+    "deep-nesting": (post(b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400),
+    "huge-integer": (post(b'{"inputs": [{"sentence": "x", "n": ' + b"9" * 5000 + b"}]}"), 400),
+    "not-json": (post(b"{inputs: nope"), 400),
+    "not-utf8": (post(b'{"inputs": ["\xff\xfe"]}'), 400),
+    "empty-text": (post(b'{"inputs": [{"sentence": ""}]}'), 400),
+    "no-length": (b"POST /predict HTTP/1.1\r\nHost: x\r\n\r\n", 411),
+    "unknown-path": (b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+}
+
+
+@pytest.mark.parametrize("case", CLIENT_MISTAKES)
+def test_every_client_mistake_is_a_4xx_with_one_json_line(server, case):
+    raw, want = CLIENT_MISTAKES[case]
+    status, body, reply = exchange(server, raw)
+    assert status == want, reply[:300]
+    assert body is not None and set(body) == {"error"}, reply[:300]
+    assert body["error"] and "\n" not in body["error"]
+    # ... and the server keeps serving
+    assert exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+
+
+def test_a_body_that_stops_arriving_is_answered_408_and_closed(server):
+    t0 = time.monotonic()
+    status, body, _ = exchange(server, b"POST /predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"inputs\"")
+    assert status == 408 and "did not arrive" in body["error"]
+    assert time.monotonic() - t0 < TIMEOUT + 3
+
+
+def test_a_silent_connection_is_closed_after_the_timeout(server):
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        t0 = time.monotonic()
+        assert s.recv(1) == b""  # closed by the server, nothing sent
+        assert TIMEOUT - 0.2 < time.monotonic() - t0 < TIMEOUT + 3
+
+
+def test_handler_threads_are_bounded_and_others_wait_their_turn(server):
+    before = threading.active_count()
+    idle = [socket.create_connection(server.server_address[:2]) for _ in range(20)]  # slow-loris
+    try:
+        time.sleep(0.3)
+        assert threading.active_count() - before <= 4  # max_threads
+        t0 = time.monotonic()
+        status, _, _ = exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", wait=30)
+        assert status == 200  # served once the idle ones timed out: waiting, not refused
+        assert time.monotonic() - t0 < 5 * (TIMEOUT + 1) + 3
+    finally:
+        for s in idle:
+            s.close()
+
+
+@pytest.mark.slow
+def test_sigterm_answers_the_request_in_flight_then_exits(run, tmp_path):
+    """A real `ptune serve` process whose model call takes 2 s: SIGTERM arrives during it; the
+    client still gets its 200 and the process exits 0 (the wrapper slows Pool.predict, as
+    scripts/fault_inject.py wraps ptune's own functions; ptune has no test hooks)."""
+    wrapper = ("import sys, time\nfrom ptune.infer import pool\nreal = pool.Pool.predict\n"
+               "def slow(self, *a, **k):\n    time.sleep(2)\n    return real(self, *a, **k)\n"
+               "pool.Pool.predict = slow\nfrom ptune.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, "serve", f"run={run}", "port=0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+    try:
+        line = proc.stdout.readline()
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        result = {}
+
+        def client():
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(post(b'{"inputs": [{"sentence": "a fine film"}]}'))
+            result["reply"] = b"".join(iter(lambda: s.recv(65536), b""))
+
+        t = threading.Thread(target=client)
+        t.start()
+        time.sleep(1.0)  # the request is inside the (slowed) model call
+        proc.send_signal(signal.SIGTERM)
+        t.join(30)
+        assert proc.wait(30) == 0
+        head, _, body = result["reply"].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") and "outputs" in json.loads(body)
+    finally:
+        proc.kill()
