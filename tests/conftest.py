@@ -68,3 +68,61 @@ def crash_after_checkpoint(monkeypatch, at_step: int):
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
     return lambda: monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+
+
+# -- the tiny backbones and small batches the method tests share ------------------------------------
+def load(name):
+    """A tiny backbone, built from conf/model/<name>.yaml (random weights, fixed seed)."""
+    from ptune import models
+    from ptune.cli import compose
+
+    cfg = compose([f"model={name}"]).model
+    return models.load(cfg.name, cfg.kind, cfg.source, tiny=dict(cfg.tiny), tokenizer=cfg.tokenizer)
+
+
+def sharpened(name):
+    """A tiny backbone with its matrices redrawn ~ N(0, 0.3). BART and BERT initialise N(0, 0.02),
+    which leaves their random logits flat: whatever the input, greedy repeats one token (a wrong
+    decoding loop would pass unnoticed) and the loss has a floor 0.006 nats (BART) and 0.008
+    (BERT) below its start, measured for prompts at lr 1e-2..3e-1. T5's own scaled init (0.125 and
+    up) decodes varied tokens only at this scale too."""
+    bb = load(name)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in bb.model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return bb
+
+
+SENTENCES = ["a gorgeous , witty , seductive movie .", "dull", "the plot is nothing but boilerplate", "a triumph"]
+
+
+def class_batch(tok, texts=SENTENCES, labels=(1, 0, 0, 1), side="right"):
+    """Sentences as a classification batch (layout "class"), padded on `side`."""
+    from ptune.data import Example, collate
+
+    return collate([Example(tok(t).input_ids, [y], "class") for t, y in zip(texts, labels)], tok.pad_token_id, side)
+
+
+def best_of_two_step_beam(next_logprobs, k: int) -> list[int]:
+    """What width-k beam search over two new tokens must return, found by hand: the best two-token
+    continuation of the k best first tokens (beam search keeps exactly those after step one).
+    next_logprobs(prefix) -> (vocab,) log-probs of the token after the new tokens `prefix`.
+    (Beam search need not beat greedy: greedy's prefix can fall out of the beam.)"""
+    first = next_logprobs([])
+    paths = []
+    for t in first.topk(k).indices.tolist():
+        second = next_logprobs([t])
+        paths.append(((first[t] + second.max()).item(), [t, second.argmax().item()]))
+    return max(paths)[1]
+
+
+def encoder_count(encoder, H, E):
+    """Trainable numbers of P-tuning's prompt encoder alone, written out layer by layer."""
+    if encoder == "mlp":  # Linear(H, E) ReLU Linear(E, E) ReLU Linear(E, H)
+        return (H * E + E) + (E * E + E) + (E * H + H)
+    h = E // 2  # units per direction; each LSTM direction has 4 gates with W_ih, W_hh, b_ih, b_hh
+    layer0 = 2 * (4 * h * H + 4 * h * h + 8 * h)
+    layer1 = 2 * (4 * h * 2 * h + 4 * h * h + 8 * h)  # input is both directions of layer 0
+    return layer0 + layer1 + (E * E + E) + (E * H + H)  # + Linear(E, E) ReLU Linear(E, H)

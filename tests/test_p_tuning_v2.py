@@ -1,21 +1,22 @@
-"""Level 2: P-tuning v2 (deep prompts as key/value prefixes + a linear head) on every tiny backbone,
-prefixes on BERT through its own cache, and PEFT's prefix tuning as the reference on BERT."""
+"""Level 2: P-tuning v2 (deep prompts as key/value prefixes + a linear head) on every tiny backbone:
+defaults, counts, prefix dropout, the LM head, prefixes on BERT through its own cache, and PEFT's
+prefix tuning as the reference on BERT. What every method proves on every backbone (frozen
+weights, a falling loss, the adapter round trip, padding; P-tuning v2 with the linear head on
+every backbone): test_contract.py."""
 
 import pytest
 import torch
 
-from ptune.adapter import save_adapter, load_adapter
+from conftest import class_batch, load
 from ptune import methods
 from ptune.cli import compose
 from ptune.config import method_kwargs
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
-from ptune.heads import LinearHead, class_logits, class_loss, lm_loss, seq2seq_loss
+from ptune.heads import LinearHead, class_logits, lm_loss, seq2seq_loss
 from ptune.methods import kv
-from test_prefix import load
 
 BACKBONES = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5", "tiny-bart"]
-SENTENCES = ["a gorgeous , witty , seductive movie .", "dull", "the plot is nothing but boilerplate", "a triumph"]
 
 
 @pytest.fixture(scope="module", params=BACKBONES)
@@ -28,10 +29,6 @@ def ptv2(backbone, p=4, **kw):
     m = methods.build("p-tuning-v2", backbone, num_virtual_tokens=p, **kw)
     m.attach_head(LinearHead(backbone.dims.hidden, 2, dropout=0.1, seed=0))
     return m
-
-
-def class_batch(tok, texts=SENTENCES, labels=(1, 0, 0, 1), side="right"):
-    return collate([Example(tok(t).input_ids, [y], "class") for t, y in zip(texts, labels)], tok.pad_token_id, side)
 
 
 def test_defaults_follow_the_paper():
@@ -56,59 +53,6 @@ def test_parameter_counts(backbone):
     with_mlp = sum(p.numel() for p in ptv2(backbone, p=6, projection=True).prefixes.parameters())
     mlp = sum(6 * d.hidden + d.hidden * 512 + 512 + 513 * s.width for s in m.stacks)
     assert with_mlp == mlp
-
-
-def test_prompts_alone_move_the_classifier_and_weights_stay_frozen(backbone):
-    """The head is fixed here (unit-scale weights, so that the pooled state can move the logits): the
-    fall of the loss comes from the prompts reaching the pooled state."""
-    m = ptv2(backbone)
-    with torch.no_grad():
-        m.head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
-    m.head.requires_grad_(False)
-    frozen = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    batch = class_batch(backbone.tokenizer)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=5e-2)
-    losses = []
-    for _ in range(8):
-        loss, n = class_loss(m, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        (loss / n).backward()
-        assert all(p.grad is None for p in backbone.model.parameters())
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.prefixes.parameters())
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item() / n)
-    assert losses[-1] < losses[0] - 0.2
-    for k, v in backbone.model.state_dict().items():
-        assert torch.equal(v, frozen[k]), f"frozen weight {k} changed"
-
-
-def test_adapter_roundtrip_gives_identical_logits(backbone, tmp_path):
-    m = ptv2(backbone)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
-    m2 = ptv2(load(backbone.name))
-    _, tensors = load_adapter(tmp_path / "adapter")
-    m2.load_adapter_tensors(tensors)
-    m2.head.load_state_dict(m.head.state_dict())  # train.py saves and restores the head beside the prefix
-    batch = class_batch(backbone.tokenizer)
-    with torch.no_grad():
-        assert torch.equal(class_logits(m, batch["input_ids"], batch["attention_mask"]),
-                           class_logits(m2, batch["input_ids"], batch["attention_mask"]))
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_does_not_change_logits(backbone, side):
-    m = ptv2(backbone)
-    tok = backbone.tokenizer
-    with torch.no_grad():
-        batch = class_batch(tok, side=side)
-        full = class_logits(m, batch["input_ids"], batch["attention_mask"])
-        for i, text in enumerate(SENTENCES):
-            alone = class_batch(tok, [text], [0])
-            torch.testing.assert_close(full[i], class_logits(m, alone["input_ids"], alone["attention_mask"])[0],
-                                       atol=1e-5, rtol=1e-5)
 
 
 def test_prefix_dropout_only_in_training(backbone):

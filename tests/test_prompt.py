@@ -1,4 +1,6 @@
-"""Level 2 (+ a level-4 resume check): prompt tuning on tiny decoder-only backbones (GPT-2, Llama)."""
+"""Level 2 (+ a level-4 resume check): prompt tuning on tiny decoder-only backbones (GPT-2, Llama):
+counts, PEFT's prompt tuning, the initialisations. What every method proves on every backbone
+(frozen weights, a falling loss, the adapter round trip, padding, greedy and beam): test_contract.py."""
 
 import json
 
@@ -6,31 +8,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, peft_greedy
+from conftest import TINY, load, peft_greedy
 from ptune.adapter import save_adapter, load_adapter
-from ptune import methods, models
+from ptune import methods
 from ptune.train import checkpoint
-from ptune.cli import compose, main
-from ptune.data import Example, collate
+from ptune.cli import main
 from ptune.errors import PtuneError
-from ptune.heads import lm_loss
 from ptune.methods.prompt import common_token_ids
 
 BACKBONES = ["tiny-gpt2", "tiny-llama"]
-
-
-# load, toy_batch and logits repeat tests/test_prefix.py's: a little duplication keeps each file standalone
-def load(name):
-    cfg = compose([f"model={name}"]).model
-    return models.load(cfg.name, cfg.kind, cfg.source, tiny=dict(cfg.tiny), tokenizer=cfg.tokenizer)
-
-
-def toy_batch(tok, texts=("name : Eagle | food : French", "name : Mill"), targets=(" The Eagle serves French food.", " The Mill.")):
-    exs = []
-    for s, t in zip(texts, targets):
-        s_ids, t_ids = tok(s).input_ids, tok(t).input_ids + [tok.eos_token_id]
-        exs.append(Example(s_ids + t_ids, [-100] * len(s_ids) + t_ids))
-    return exs
 
 
 def logits(method, input_ids, attention_mask):
@@ -61,110 +47,12 @@ def test_parameter_counts(backbone):
     assert list(m.trainable_tensors()) == ["prompt"]  # checkpoints and adapters share the name
 
 
-def test_training_touches_only_the_prompt_and_loss_falls(backbone):
+def test_an_adapter_of_another_length_is_refused(backbone, tmp_path):
     m = prompt(backbone)
-    frozen = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    batch = collate(toy_batch(backbone.tokenizer), backbone.tokenizer.pad_token_id)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss, n = lm_loss(m, **batch)
-        (loss / n).backward()
-        assert all(p.grad is None for p in backbone.model.parameters())
-        assert m.prompt.grad is not None and m.prompt.grad.abs().sum() > 0
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item() / n)
-    # A soft prompt reaches the real tokens only through attention over LayerNorm'ed (scale-free)
-    # inputs, so on these random 2-layer models it moves the loss far less than a prefix does (~1
-    # nat): measured drops 0.08 (GPT-2) and 0.16 (Llama) nats in 30 steps, plateau 0.10 / 0.18 after
-    # 200 steps at any lr in 1e-2..1. Initial prompts (vocab vs random) differ by 0.01-0.03 nats, so 0.05 is
-    # learning, not noise; the 0.5-nat bar of test_prefix.py is out of this method's reach here.
-    assert losses[-1] < losses[0] - 0.05
-    for k, v in backbone.model.state_dict().items():
-        assert torch.equal(v, frozen[k]), f"frozen weight {k} changed"
-
-
-def test_adapter_roundtrip_gives_identical_logits(backbone, tmp_path):
-    m = prompt(backbone)
-    with torch.no_grad():
-        m.prompt.add_(torch.randn_like(m.prompt) * 0.1)
     save_adapter(tmp_path / "adapter", m.adapter_tensors(), m.adapter_config())
-    m2 = prompt(load(backbone.name), init="random")  # different starting values, then the adapter
     _, tensors = load_adapter(tmp_path / "adapter")
-    m2.load_adapter_tensors(tensors)
-    assert not list(m2.trainable_tensors())  # the loaded prompt is for inference only
-    batch = collate(toy_batch(backbone.tokenizer), backbone.tokenizer.pad_token_id)
-    with torch.no_grad():
-        a = logits(m, batch["input_ids"], batch["attention_mask"])
-        b = logits(m2, batch["input_ids"], batch["attention_mask"])
-    assert torch.equal(a, b)
     with pytest.raises(PtuneError, match="num_virtual_tokens"):
         prompt(backbone, p=6).load_adapter_tensors(tensors)
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_does_not_change_logits(backbone, side):
-    m = prompt(backbone)
-    exs = toy_batch(backbone.tokenizer)
-    pad = backbone.tokenizer.pad_token_id
-    batch = collate(exs, pad, padding_side=side)
-    with torch.no_grad():
-        full = logits(m, batch["input_ids"], batch["attention_mask"])[:, m.p:]  # real positions only
-        for i, e in enumerate(exs):
-            alone = collate([e], pad)
-            ref = logits(m, alone["input_ids"], alone["attention_mask"])[0, m.p:]
-            rows = batch["attention_mask"][i].bool()
-            torch.testing.assert_close(full[i][rows], ref, atol=1e-5, rtol=1e-5)
-
-
-def test_generate_matches_step_by_step_greedy(backbone):
-    m = prompt(backbone)
-    tok = backbone.tokenizer
-    exs = toy_batch(tok)
-    batch = collate(exs, tok.pad_token_id, padding_side="left")
-    new = m.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=5, do_sample=False,
-                     num_beams=1, eos_token_id=None, pad_token_id=tok.pad_token_id)
-    assert new.shape == (2, 5)  # new tokens only
-    for i, e in enumerate(exs):
-        seq = torch.tensor([e.input_ids])
-        for _ in range(5):
-            with torch.no_grad():
-                nxt = logits(m, seq, torch.ones_like(seq))[0, -1].argmax()
-            seq = torch.cat([seq, nxt.view(1, 1)], 1)
-        assert new[i].tolist() == seq[0, len(e.input_ids):].tolist()
-
-
-def best_of_two_step_beam(next_logprobs, k: int) -> list[int]:
-    """What width-k beam search over two new tokens must return, found by hand: the best two-token
-    continuation of the k best first tokens (beam search keeps exactly those after step one).
-    next_logprobs(prefix) -> (vocab,) log-probs of the token after the new tokens `prefix`.
-    (Beam search need not beat greedy: greedy's prefix can fall out of the beam.)"""
-    first = next_logprobs([])
-    paths = []
-    for t in first.topk(k).indices.tolist():
-        second = next_logprobs([t])
-        paths.append(((first[t] + second.max()).item(), [t, second.argmax().item()]))
-    return max(paths)[1]
-
-
-def test_beam_search_through_inputs_embeds(backbone):
-    """Width-3 beam search over two steps returns the best path it can see (computed by hand, from
-    left-padded rows); num_return_sequences gives the beams in order."""
-    m = prompt(backbone)
-    tok = backbone.tokenizer
-    batch = collate(toy_batch(tok), tok.pad_token_id, padding_side="left")
-    kw = dict(max_new_tokens=2, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
-    beams = m.generate(batch["input_ids"], batch["attention_mask"], **kw)
-    two = m.generate(batch["input_ids"], batch["attention_mask"], num_return_sequences=2, **kw)
-    assert beams.shape == (2, 2) and two.shape == (4, 2) and torch.equal(two[::2], beams)
-    for i in range(2):
-        def next_logprobs(prefix, i=i):
-            ids = torch.cat([batch["input_ids"][i], torch.tensor(prefix, dtype=torch.long)]).view(1, -1)
-            mask = torch.cat([batch["attention_mask"][i], torch.ones(len(prefix), dtype=torch.long)]).view(1, -1)
-            with torch.no_grad():
-                return logits(m, ids, mask)[0, -1].log_softmax(-1)
-        assert beams[i].tolist() == best_of_two_step_beam(next_logprobs, 3)
 
 
 @pytest.mark.parametrize("name", BACKBONES)

@@ -1,5 +1,8 @@
-"""Level 2 and 4: encoder-decoder backbones (tiny T5, tiny BART) with hard-prompt and fine-tune, the
-seq2seq loss and generation path, E2E as seq2seq examples, and fine-tune on a masked backbone (BERT)."""
+"""Level 2 and 4: encoder-decoder backbones (tiny T5, tiny BART) with hard-prompt and fine-tune: the
+seq2seq loss and batched text generation, E2E as seq2seq examples, fine-tune's selection of tensors
+on them and on a masked backbone (BERT) with the task's linear head. What every method proves on
+every backbone (frozen weights, a falling loss, the adapter round trip, padding, greedy and beam):
+test_contract.py; the tie of a loaded fine-tuned head: test_fine_tune.py."""
 
 import copy
 import json
@@ -7,23 +10,21 @@ import json
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, load
 from ptune.adapter import save_adapter, load_adapter
 from ptune import methods, tasks
 from ptune.cli import main
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
 from ptune.generate import encode_sources, generate_texts, special_wrap
-from ptune.heads import LinearHead, class_logits, class_loss, seq2seq_forward, seq2seq_loss
+from ptune.heads import LinearHead, class_logits, seq2seq_loss
 from ptune.heads import loss as head_loss
-from test_prefix import load
 
 BACKBONES = ["tiny-t5", "tiny-bart"]
 # The top decoder blocks and final decoder norm of each, written out by hand so that the generic
 # search in fine_tune.find_blocks is checked against an independent answer. BART is post-LN: its
 # decoder has no final norm (layernorm_embedding, registered after the layers, runs before them).
 LAYOUT = {"tiny-t5": ("decoder.block", "decoder.final_layer_norm"), "tiny-bart": ("model.decoder.layers", None)}
-GREEDY = dict(do_sample=False, num_beams=1, eos_token_id=None, forced_eos_token_id=None)
 
 
 @pytest.fixture(scope="module", params=BACKBONES)
@@ -39,24 +40,6 @@ def toy_examples(tok, sources=("name : Eagle | food : French", "name : Mill", "n
                  targets=("The Eagle serves French food.", "The Mill.", "Punter is by the river, near a bridge.")):
     src = encode_sources(tok, list(sources), 64, "seq2seq")
     return [Example(s, tok(t).input_ids + [tok.eos_token_id], "seq2seq") for s, t in zip(src, targets)]
-
-
-def decoder_logits(method, batch):
-    """(batch, tgt, vocab): the decoder's logits for the batch's labels, through ptune's seq2seq path."""
-    dec = method.backbone.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    return seq2seq_forward(method, batch["input_ids"], batch["attention_mask"], dec).logits
-
-
-def sgd_steps(method, batch, steps, lr=1e-2, loss_fn=seq2seq_loss):
-    opt = torch.optim.AdamW(method.trainable_tensors().values(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss, n = loss_fn(method, **batch)
-        (loss / n).backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item() / n)
-    return losses
 
 
 # -- the seq2seq loss ------------------------------------------------------------------------------
@@ -150,109 +133,7 @@ def test_parameter_counts(backbone, trainable, k):
     assert "lm_head.weight" not in stored  # tied: stored once, under the shared embedding's name
 
 
-# about 11.0 -> 10.6 (head) and -> 7.4 (top-1) nats in 4 steps on tiny-t5; BART moves more
-@pytest.mark.parametrize("trainable, k, fall", [("head", 2, 0.3), ("top-k", 1, 2.0)])
-def test_training_changes_only_the_selected_tensors_and_loss_falls(trainable, k, fall):
-    for name in BACKBONES:
-        bb = load(name)
-        m = fine_tune(bb, trainable, k)
-        before = {n: t.clone() for n, t in bb.model.state_dict().items()}
-        losses = sgd_steps(m, collate(toy_examples(bb.tokenizer), bb.tokenizer.pad_token_id), 4)
-        assert losses[-1] < losses[0] - fall, (name, losses)
-        selected = {id(p) for p in m.trainable_tensors().values()}
-        for n, p in bb.model.named_parameters(remove_duplicate=False):
-            assert torch.equal(p, before[n]) != (id(p) in selected), f"{name} {n}"
-            assert p.grad is None or id(p) in selected
-        for n, b in bb.model.named_buffers():
-            assert torch.equal(b, before[n]), n
-
-
-@pytest.mark.parametrize("name", BACKBONES)
-def test_full_fine_tuning_loss_falls(name):
-    bb = load(name)
-    losses = sgd_steps(fine_tune(bb, "all"), collate(toy_examples(bb.tokenizer), bb.tokenizer.pad_token_id), 4)
-    assert losses[-1] < losses[0] - 2.5, losses  # about 11.0 -> 6.6 (T5), 10.9 -> 8.0 (BART)
-
-
-@pytest.mark.parametrize("trainable, k", [("all", 2), ("top-k", 1)])
-def test_adapter_roundtrip_gives_identical_logits(trainable, k, tmp_path):
-    for name in BACKBONES:
-        bb = load(name)
-        m = fine_tune(bb, trainable, k)
-        with torch.no_grad():
-            for p in m.trainable_tensors().values():
-                p.add_(torch.randn_like(p) * 0.1)
-        save_adapter(tmp_path / name, m.adapter_tensors(), m.adapter_config())
-        config, tensors = load_adapter(tmp_path / name)
-        assert (config["trainable"], config["k"], config["tied_head"]) == (trainable, k, True)
-        fresh = load(name)
-        batch = collate(toy_examples(bb.tokenizer), bb.tokenizer.pad_token_id)
-        with torch.no_grad():
-            untouched = decoder_logits(fine_tune(fresh, trainable, k), batch)
-            m2 = fine_tune(fresh, trainable, k)
-            m2.load_adapter_tensors(tensors)
-            a, b = decoder_logits(m, batch), decoder_logits(m2, batch)
-        model = fresh.model
-        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
-        assert model.get_encoder().embed_tokens.weight is model.get_input_embeddings().weight
-        assert not torch.equal(a, untouched)
-        assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("method", ["hard-prompt", "fine-tune"])
-def test_padding_does_not_change_logits(backbone, method):
-    """Sources and targets of three lengths: each row alone == inside a left- or right-padded batch
-    (BART's absolute encoder positions included: real tokens are moved first)."""
-    m = methods.build(method, backbone)
-    exs = toy_examples(backbone.tokenizer)
-    pad = backbone.tokenizer.pad_token_id
-    with torch.no_grad():
-        for side in ("left", "right"):
-            batch = collate(exs, pad, padding_side=side)
-            full = decoder_logits(m, batch)
-            for i, e in enumerate(exs):
-                ref = decoder_logits(m, collate([e], pad))[0]
-                torch.testing.assert_close(full[i, : len(e.labels)], ref, atol=1e-5, rtol=1e-5)
-
-
 # -- generation -------------------------------------------------------------------------------------
-def step_by_step(method, example, n):
-    """Greedy decoding by hand: n argmax steps of the decoder, from the model's start token."""
-    model = method.backbone.model
-    src = torch.tensor([example.input_ids])
-    dec = torch.tensor([[model.config.decoder_start_token_id]])
-    for _ in range(n):
-        with torch.no_grad():
-            nxt = seq2seq_forward(method, src, torch.ones_like(src), dec).logits[0, -1].argmax()
-        dec = torch.cat([dec, nxt.view(1, 1)], 1)
-    return dec[0, 1:].tolist()
-
-
-@pytest.mark.parametrize("method", ["hard-prompt", "fine-tune"])
-def test_greedy_and_beam_generate_new_tokens_only(backbone, method):
-    m = methods.build(method, backbone)
-    tok = backbone.tokenizer
-    exs = toy_examples(tok)
-    kw = dict(max_new_tokens=5, pad_token_id=tok.pad_token_id)
-    expected = [step_by_step(m, e, 5) for e in exs]
-    for side in ("left", "right"):  # generate_texts right-pads; the contract allows left padding too
-        batch = collate(exs, tok.pad_token_id, padding_side=side)
-        greedy = m.generate(batch["input_ids"], batch["attention_mask"], **kw, **GREEDY)
-        assert greedy.tolist() == expected  # (3, 5): new tokens only, no decoder start token
-    beams = m.generate(batch["input_ids"], batch["attention_mask"], **kw, **{**GREEDY, "num_beams": 3})
-    assert beams.shape == (3, 5)
-
-    def score(new, i):  # log-probability of the new tokens given the source
-        labels = new.view(1, -1)
-        single = {"input_ids": batch["input_ids"][i:i + 1], "attention_mask": batch["attention_mask"][i:i + 1],
-                  "labels": labels}
-        with torch.no_grad():
-            return -seq2seq_loss(m, **single)[0].item()
-
-    for i in range(3):
-        assert score(beams[i], i) >= score(greedy[i], i) - 1e-4
-
-
 def test_generate_texts_batched_equals_one_by_one(backbone):
     """Right-padded sources in a batch give each row the text it gets alone (BART included, whose
     encoder positions would shift under left padding)."""
@@ -291,7 +172,7 @@ def bert_batch(tok, side="right"):
 
 
 @pytest.mark.parametrize("trainable, k", [("all", 1), ("head", 1), ("top-k", 1)])
-def test_masked_fine_tune_trains_the_encoder_selection_and_the_task_head(trainable, k):
+def test_masked_fine_tune_selects_the_encoder_tensors_and_the_task_head(trainable, k):
     bb = load("tiny-bert")
     m = bert_fine_tune(bb, trainable, k)
     model = bb.model
@@ -306,23 +187,10 @@ def test_masked_fine_tune_trains_the_encoder_selection_and_the_task_head(trainab
             "top-k": sum(p.numel() for p in layers[-k:].parameters())}[trainable]
     assert sum(p.numel() for p in trained.values()) == body + bb.dims.hidden * 2 + 2
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
-    before = {n: t.clone() for n, t in model.state_dict().items()}
-    head_before = {n: t.clone() for n, t in m.head.state_dict().items()}
-    _, batch = bert_batch(bb.tokenizer)
-    # The encoder's layers memorize the four examples (about 0.69 -> 0.01 nats). A random tiny BERT's
-    # [CLS] states differ by ~1% of their norm, so the head alone barely moves the loss: its case
-    # checks only what changes (test_classification trains a linear probe on tiny-llama).
-    losses = sgd_steps(m, batch, 12 if trainable != "head" else 2, lr=3e-3, loss_fn=class_loss)
-    assert trainable == "head" or losses[-1] < losses[0] - 0.5
-    selected = {id(p) for p in trained.values()}
-    for n, p in model.named_parameters(remove_duplicate=False):  # aliases too (the MLM decoder's tied weight)
-        assert torch.equal(p, before[n]) != (id(p) in selected), n
-        assert p.grad is None or id(p) in selected
-    assert all(not torch.equal(t, head_before[n]) for n, t in m.head.state_dict().items())
 
 
-def test_masked_fine_tune_roundtrip_and_padding(tmp_path):
-    from ptune.adapter import adapter_tensors, load_adapter_tensors
+def test_masked_fine_tune_adapter_holds_the_selection_and_the_head(tmp_path):
+    from ptune.adapter import adapter_tensors
 
     bb = load("tiny-bert")
     m = bert_fine_tune(bb, "top-k", 1)
@@ -334,22 +202,12 @@ def test_masked_fine_tune_roundtrip_and_padding(tmp_path):
     save_adapter(tmp_path, tensors, m.adapter_config())
     config, tensors = load_adapter(tmp_path)
     assert config["task_head"] and config["blocks"] == "bert.encoder.layer (2 blocks)"
-    m2 = bert_fine_tune(load("tiny-bert"), "top-k", 1)
-    load_adapter_tensors(m2, tensors)  # train.py's path: head.* split off, the rest to the method
     m3 = bert_fine_tune(load("tiny-bert"), "top-k", 1)
     m3.load_adapter_tensors(tensors)  # the method alone takes head.* too
-    exs, batch = bert_batch(bb.tokenizer)
+    _, batch = bert_batch(bb.tokenizer)
     with torch.no_grad():
         a = class_logits(m, batch["input_ids"], batch["attention_mask"])
-        assert torch.equal(a, class_logits(m2, batch["input_ids"], batch["attention_mask"]))
         assert torch.equal(a, class_logits(m3, batch["input_ids"], batch["attention_mask"]))
-        for side in ("left", "right"):  # positions come from the mask: left pads move nothing
-            _, padded = bert_batch(bb.tokenizer, side)
-            full = class_logits(m, padded["input_ids"], padded["attention_mask"])
-            for i, e in enumerate(exs):
-                alone = collate([e], bb.tokenizer.pad_token_id)
-                torch.testing.assert_close(full[i], class_logits(m, alone["input_ids"], alone["attention_mask"])[0],
-                                           atol=1e-5, rtol=1e-5)
 
 
 # -- the CLI end to end ------------------------------------------------------------------------------
