@@ -1,5 +1,6 @@
 """Test setup: offline, data from ../shared/data, tiny models only (built in-process)."""
 
+import json
 import os
 from pathlib import Path
 
@@ -20,6 +21,16 @@ TINY = ["task.max_train_samples=64", "task.max_eval_samples=6", "task.max_new_to
 
 # metrics.jsonl fields that measure time: they differ between two identical runs
 TIMING = {"tokens_per_s", "eval_time_s", "step_s"}
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +81,41 @@ def crash_after_checkpoint(monkeypatch, at_step: int):
     return lambda: monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
 
 
+# -- resumed == uninterrupted: what two runs of one job must share -----------------------------------
+# the tensor files of a finished 6-step run (TINY) that a resumed run must reproduce bit for bit
+RUN_TENSORS = ("adapter/adapter_model.safetensors", "adapter_best/adapter_model.safetensors",
+               "checkpoints/step-6/trainable.safetensors", "checkpoints/step-6/optimizer.safetensors")
+SUMMARY_SAME = ("steps", "final_train_loss", "eval", "best", "train_tokens")  # summary.json keys that must agree
+
+
+def assert_same_tensors(ref, run, names=RUN_TENSORS):
+    """Each safetensors file `names` holds the same tensors, bit for bit, in run directories ref and run."""
+    from safetensors.torch import load_file
+
+    for name in names:
+        a, b = load_file(ref / name), load_file(run / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def metrics_of(run) -> list[dict]:
+    """metrics.jsonl of a run directory, without the fields that measure time."""
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_summary(ref, run):
+    s_ref, s_run = (json.loads((r / "summary.json").read_text()) for r in (ref, run))
+    for key in SUMMARY_SAME:
+        assert s_ref[key] == s_run[key], key
+
+
+def assert_same_run(ref, run, names=RUN_TENSORS):
+    """The uninterrupted run `ref` and `run` agree bit for bit (timings aside): tensors, metrics, summary."""
+    assert_same_tensors(ref, run, names)
+    assert metrics_of(ref) == metrics_of(run)
+    assert_same_summary(ref, run)
+
+
 # -- the tiny backbones and small batches the method tests share ------------------------------------
 def load(name):
     """A tiny backbone, built from conf/model/<name>.yaml (random weights, fixed seed)."""
@@ -78,6 +124,18 @@ def load(name):
 
     cfg = compose([f"model={name}"]).model
     return models.load(cfg.name, cfg.kind, cfg.source, tiny=dict(cfg.tiny), tokenizer=cfg.tokenizer)
+
+
+def pytest_generate_tests(metafunc):
+    """A test that takes `backbone` runs once per name in its module's BACKBONES."""
+    if "backbone" in metafunc.fixturenames and hasattr(metafunc.module, "BACKBONES"):
+        metafunc.parametrize("backbone", metafunc.module.BACKBONES, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def backbone(request):
+    """The tiny backbone request.param names, built once per test module."""
+    return load(request.param)
 
 
 def sharpened(name):
@@ -118,6 +176,29 @@ def best_of_two_step_beam(next_logprobs, k: int) -> list[int]:
     return max(paths)[1]
 
 
+# Where each tiny generating model keeps its blocks and final norm (its decoder's, on T5 and BART),
+# written out by hand so that the generic search in fine_tune.find_blocks is checked against an
+# independent answer. BART is post-LN: its decoder has no final norm (layernorm_embedding,
+# registered after the layers, runs before them).
+LAYOUT = {"tiny-gpt2": ("transformer.h", "transformer.ln_f"), "tiny-llama": ("model.layers", "model.norm"),
+          "tiny-t5": ("decoder.block", "decoder.final_layer_norm"), "tiny-bart": ("model.decoder.layers", None)}
+
+
+def expected_names(backbone, trainable, k) -> set[str]:
+    """State-dict names fine-tune should train, from LAYOUT (tied head: the embedding's name)."""
+    model = backbone.model
+    first = {id(p): n for n, p in model.named_parameters()}
+    head = {first[id(p)] for p in model.get_output_embeddings().parameters()}
+    if trainable == "all":
+        return set(first.values())
+    if trainable == "head":
+        return head
+    blocks_path, norm_path = LAYOUT[backbone.name]
+    n = len(model.get_submodule(blocks_path))
+    tops = tuple(f"{blocks_path}.{i}." for i in range(n - k, n)) + ((norm_path + ".",) if norm_path else ())
+    return {name for name in first.values() if name.startswith(tops)} | head
+
+
 def encoder_count(encoder, H, E):
     """Trainable numbers of P-tuning's prompt encoder alone, written out layer by layer."""
     if encoder == "mlp":  # Linear(H, E) ReLU Linear(E, E) ReLU Linear(E, H)
@@ -126,3 +207,74 @@ def encoder_count(encoder, H, E):
     layer0 = 2 * (4 * h * H + 4 * h * h + 8 * h)
     layer1 = 2 * (4 * h * 2 * h + 4 * h * h + 8 * h)  # input is both directions of layer 0
     return layer0 + layer1 + (E * E + E) + (E * H + H)  # + Linear(E, E) ReLU Linear(E, H)
+
+
+# -- adapters of several runs on one backbone (test_multi, test_serve) ------------------------------
+# name -> overrides: different methods, prompt lengths (2..6), heads and tasks on one backbone
+CAUSAL = {
+    "lin": ["method=prompt", "method.num_virtual_tokens=3", "task=sst2"],
+    "v2": ["method=p-tuning-v2", "method.num_virtual_tokens=2", "task=sst2"],
+    "pt": ["method=p-tuning", "method.num_virtual_tokens=2", "task=sst2"],
+    "verb_prefix": ["method=prefix", "method.num_virtual_tokens=5", "task=sst2", "task.head=verbalizer"],
+    "verb_prompt": ["method=prompt", "method.num_virtual_tokens=4", "task=sst2", "task.head=verbalizer"],
+    "gen_prompt": ["method=prompt", "method.num_virtual_tokens=4", "task=e2e", "task.max_new_tokens=8"],
+    "gen_prefix": ["method=prefix", "method.num_virtual_tokens=6", "task=e2e", "task.max_new_tokens=6"],
+    "hard": ["method=hard-prompt", "task=sst2", "task.head=verbalizer"],  # nothing of its own: no slots
+}
+MRS = ["name[The Eagle], food[French], area[riverside]", "name[X]", "name[Blue Spice], eatType[pub]"]
+
+
+def run_config(model: str, overrides: list[str]):
+    from ptune.cli import compose
+
+    return compose([f"model={model}", *overrides])
+
+
+def randomize(method, seed: int) -> None:
+    """Adapter tensors of a trained size: N(0, 1) (a fresh head draws N(0, 0.02), which hides mistakes)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+
+
+def build_pool(model: str, specs: dict):
+    """A ptune.infer.pool.Pool of one adapter per spec (random tensors), all on one backbone."""
+    from ptune.build import build, build_backbone
+    from ptune.infer.pool import Adapter, Pool
+
+    backbone, adapters = None, {}
+    for i, (name, overrides) in enumerate(specs.items()):
+        cfg = run_config(model, overrides)
+        backbone = backbone or build_backbone(cfg)
+        _, method, task = build(cfg, backbone)
+        randomize(method, i)
+        adapters[name] = Adapter(name, method, task)
+    return Pool(backbone, adapters)
+
+
+def make_run(directory, model: str, overrides: list[str], seed: int):
+    """A finished run's directory (config.yaml + adapter/) with random adapter tensors."""
+    from omegaconf import OmegaConf
+
+    from ptune.adapter import adapter_tensors, save_adapter
+    from ptune.build import build
+
+    cfg = run_config(model, overrides)
+    _, method, task = build(cfg)
+    randomize(method, seed)
+    directory.mkdir(parents=True)
+    (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    config = {**method.adapter_config(), "base_model": cfg.model.name, "task": cfg.task.name}
+    save_adapter(directory / "adapter", adapter_tensors(method), config)
+    return directory
+
+
+class Marker:
+    """A pickle whose loading creates a file: proof that something unpickled it."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

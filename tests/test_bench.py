@@ -1,17 +1,14 @@
 """scripts/bench.py --quick runs both tools on every method and writes its report (its speed is not tested)."""
 
-import importlib.util
 import json
 
 import pytest
 
-from conftest import ROOT
+from conftest import load_script
 
 
 def test_quick_bench_runs_every_method_in_both_tools(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     out = tmp_path / "quick"
     assert bench.main(["--quick", "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
@@ -35,9 +32,7 @@ def test_quick_bench_on_a_classifier_runs_peft_sequence_classification(tmp_path)
     same encoder, ptune its linear head; both report accuracy and a dev loss on the same examples. (PEFT 0.21's
     prefix tuning refuses BERT under transformers 5.24, "Model does not support past key values": the real bench
     reports that as the PEFT row.)"""
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     out = tmp_path / "quick-sst2"
     assert bench.main(["--quick", "--config", "tiny-sst2", "--methods", "prompt,fine-tune", "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
@@ -51,9 +46,7 @@ def test_quick_bench_on_a_classifier_runs_peft_sequence_classification(tmp_path)
 
 def test_quick_scaling_writes_table_json_and_plot(tmp_path):
     """--scaling: ptune alone, prompt vs prefix against prompt length, batch and sequence length (tiny-llama)."""
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     out = tmp_path / "scaling"
     assert bench.main(["--quick", "--scaling", "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())

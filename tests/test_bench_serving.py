@@ -1,16 +1,13 @@
 """scripts/bench_serving.py --quick serves 8 adapters mixed and switched in both tools and writes
 its report; what it checks (mixed == single, ptune == PEFT) is asserted, its speed is not."""
 
-import importlib.util
 import json
 
-from conftest import ROOT
+from conftest import load_script
 
 
 def test_quick_serving_bench_runs_and_reports(tmp_path, data_dir):
-    spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "scripts" / "bench_serving.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_serving")
     out = tmp_path / "serving"
     # prompt only (the method whose mixed batches pad; prefix runs the same harness): ~half a minute
     assert bench.main(["--quick", "--methods", "prompt", "--sorted-window", "2", "--out", str(out)]) == 0

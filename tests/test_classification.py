@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import crash_after_checkpoint
 from ptune.adapter import save_adapter, load_adapter
 from ptune import tasks
-from ptune.train import checkpoint
 from ptune.cli import compose, main
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
@@ -277,17 +277,9 @@ def test_resume_restores_the_head_bit_for_bit(in_tmp, data_dir, monkeypatch):
     args = ["train", "model=tiny-llama", "method=prompt", "method.num_virtual_tokens=4", *SMALL, "trainer.save_every=1"]
     assert main(args) == 0
     full = run_dir(in_tmp)
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(root, step, *a, **kw):  # "kill" the run right after its step-1 checkpoint
-        path = real_save(root, step, *a, **kw)
-        if step == 1:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    restore = crash_after_checkpoint(monkeypatch, 1)  # "kill" the run right after its step-1 checkpoint
     assert main(args) == 130
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    restore()
     [broken] = [p for p in (in_tmp / "outputs").glob("*/*") if p != full]
     assert {"head.weight", "head.bias"} <= set(load_file(broken / "checkpoints/step-1/trainable.safetensors"))
     assert main(["train", f"resume={broken}"]) == 0

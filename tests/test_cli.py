@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TIMING, TINY, crash_after_checkpoint
+from conftest import TINY, assert_same_run, crash_after_checkpoint
 from ptune import rundir
 from ptune.train import checkpoint
 from ptune.cli import main
@@ -72,19 +72,7 @@ def test_resumed_equals_uninterrupted(in_tmp, data_dir, monkeypatch):
     assert main(["train", f"resume={broken}"]) == 0
     assert run_dirs(in_tmp) == sorted([full, broken])  # resumed in place, no new directory
 
-    for name in ("adapter/adapter_model.safetensors", "adapter_best/adapter_model.safetensors",
-                 "checkpoints/step-6/trainable.safetensors", "checkpoints/step-6/optimizer.safetensors"):
-        a, b = load_file(full / name), load_file(broken / name)
-        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), name
-
-    def metrics(run):
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    assert metrics(full) == metrics(broken)
-    s_full, s_broken = (json.loads((r / "summary.json").read_text()) for r in (full, broken))
-    for key in ("steps", "final_train_loss", "eval", "best", "train_tokens"):
-        assert s_full[key] == s_broken[key], key
+    assert_same_run(full, broken)  # tensors bit for bit, metrics, summary
 
 
 def test_resume_refuses_a_changed_model_and_keeps_the_run(in_tmp, data_dir, capsys):

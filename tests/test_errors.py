@@ -17,9 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, Marker
 from ptune.cli import main
-from test_reliability import Marker
 
 BASE = ["train", "model=tiny-gpt2", *TINY, "trainer.max_steps=2", "trainer.eval_every=2"]
 SST2 = ["train", "model=tiny-bert", "task=sst2", "method=fine-tune", "trainer.max_steps=2", "trainer.batch_size=4",

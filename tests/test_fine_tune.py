@@ -10,42 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TIMING, TINY, load
+from conftest import LAYOUT, TINY, assert_same_run, crash_after_checkpoint, expected_names, load
 from ptune.adapter import save_adapter, load_adapter
 from ptune import methods
-from ptune.train import checkpoint
 from ptune.cli import main
 from ptune.errors import PtuneError
 
 BACKBONES = ["tiny-gpt2", "tiny-llama"]
-# Where each tiny model keeps its blocks and final norm, written out by hand so that the generic
-# search in fine_tune.find_blocks is checked against an independent answer.
-LAYOUT = {"tiny-gpt2": ("transformer.h", "transformer.ln_f"), "tiny-llama": ("model.layers", "model.norm")}
 MODES = [("all", 2), ("head", 2), ("top-k", 1), ("top-k", 2)]
-
-
-@pytest.fixture(scope="module", params=BACKBONES)
-def backbone(request):
-    return load(request.param)
 
 
 def fine_tune(backbone, trainable="all", k=2):
     return methods.build("fine-tune", backbone, trainable=trainable, k=k)
-
-
-def expected_names(backbone, trainable, k) -> set[str]:
-    """State-dict names that should train, from the hand-written layout (tied head: the embedding's name)."""
-    model = backbone.model
-    blocks_path, norm_path = LAYOUT[backbone.name]
-    first = {id(p): n for n, p in model.named_parameters()}
-    head = {first[id(p)] for p in model.get_output_embeddings().parameters()}
-    if trainable == "all":
-        return set(first.values())
-    if trainable == "head":
-        return head
-    n = len(model.get_submodule(blocks_path))
-    tops = tuple(f"{blocks_path}.{i}." for i in range(n - k, n))
-    return {name for name in first.values() if name.startswith(tops + (norm_path + ".",))} | head
 
 
 @pytest.mark.parametrize("trainable, k", MODES)
@@ -122,34 +98,17 @@ def test_cli_resumed_equals_uninterrupted(in_tmp, data_dir, monkeypatch):
     args = ["train", "method=fine-tune", "method.trainable=top-k", "method.k=1", "model=tiny-llama", *TINY, *short]
     assert main(args) == 0
     [full] = sorted(p for p in (in_tmp / "outputs").glob("*/*") if p.is_dir())
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(root, step, *a, **kw):
-        path = real_save(root, step, *a, **kw)
-        if step == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    restore = crash_after_checkpoint(monkeypatch, 2)
     assert main(args) == 130
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    restore()
     [broken] = [p for p in (in_tmp / "outputs").glob("*/*") if p.is_dir() and p != full]
     assert main(["train", f"resume={broken}"]) == 0
 
     names = expected_names(load("tiny-llama"), "top-k", 1)
-    for name in ("adapter/adapter_model.safetensors", "adapter_best/adapter_model.safetensors",
-                 "checkpoints/step-4/trainable.safetensors", "checkpoints/step-4/optimizer.safetensors"):
-        a, b = load_file(full / name), load_file(broken / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    files = ("adapter/adapter_model.safetensors", "adapter_best/adapter_model.safetensors",
+             "checkpoints/step-4/trainable.safetensors", "checkpoints/step-4/optimizer.safetensors")
+    assert_same_run(full, broken, files)  # tensors, metrics, summary
+    for name in files:
         if "optimizer" not in name:
-            assert set(a) == names, name
+            assert set(load_file(full / name)) == names, name
     assert json.loads((full / "adapter/adapter_config.json").read_text())["trainable"] == "top-k"
-
-    def metrics(run):
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    assert metrics(full) == metrics(broken)
-    s_full, s_broken = (json.loads((r / "summary.json").read_text()) for r in (full, broken))
-    for key in ("steps", "final_train_loss", "eval", "best", "train_tokens"):
-        assert s_full[key] == s_broken[key], key

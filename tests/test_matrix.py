@@ -6,15 +6,11 @@ test_contract.py's, for every registered method on every tiny backbone; PEFT's e
 method's own counts stay in the per-method files.
 """
 
-import importlib.util
-
 import pytest
 
-from conftest import ROOT, load
+from conftest import ROOT, load, load_script
 
-_spec = importlib.util.spec_from_file_location("param_table", ROOT / "scripts" / "param_table.py")
-param_table = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(param_table)
+param_table = load_script("param_table")
 
 BACKBONES = ["tiny-gpt2", "tiny-llama", "tiny-t5", "tiny-bart", "tiny-bert"]
 

@@ -7,30 +7,17 @@ import json
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from ptune.adapter import save_adapter
+from conftest import CAUSAL, MRS, build_pool, make_run, run_config
 from ptune.infer import mixed
-from ptune.cli import compose, main
+from ptune.cli import main
 from ptune.data import collate
 from ptune.errors import PtuneError
 from ptune.heads import class_logits
 from ptune.infer.pool import Adapter, Pool, parse_runs
-from ptune.adapter import adapter_tensors
 from ptune.build import build, build_backbone
 from ptune.verbalizer import slot_scores
 
-# name -> overrides: different methods, prompt lengths (2..6), heads and tasks on one backbone
-CAUSAL = {
-    "lin": ["method=prompt", "method.num_virtual_tokens=3", "task=sst2"],
-    "v2": ["method=p-tuning-v2", "method.num_virtual_tokens=2", "task=sst2"],
-    "pt": ["method=p-tuning", "method.num_virtual_tokens=2", "task=sst2"],
-    "verb_prefix": ["method=prefix", "method.num_virtual_tokens=5", "task=sst2", "task.head=verbalizer"],
-    "verb_prompt": ["method=prompt", "method.num_virtual_tokens=4", "task=sst2", "task.head=verbalizer"],
-    "gen_prompt": ["method=prompt", "method.num_virtual_tokens=4", "task=e2e", "task.max_new_tokens=8"],
-    "gen_prefix": ["method=prefix", "method.num_virtual_tokens=6", "task=e2e", "task.max_new_tokens=6"],
-    "hard": ["method=hard-prompt", "task=sst2", "task.head=verbalizer"],  # nothing of its own: no slots
-}
 ENCODER = {
     "lin": ["method=prompt", "method.num_virtual_tokens=3", "task=sst2"],
     "v2": ["method=p-tuning-v2", "method.num_virtual_tokens=5", "task=sst2"],
@@ -38,30 +25,6 @@ ENCODER = {
     "verb_prompt": ["method=prompt", "method.num_virtual_tokens=4", "task=sst2", "task.head=verbalizer"],
 }
 SENTENCES = ["a fine movie", "dull , long and the most boring film ever made", "wow", "not good at all, really not"]
-MRS = ["name[The Eagle], food[French], area[riverside]", "name[X]", "name[Blue Spice], eatType[pub]"]
-
-
-def _config(model: str, overrides: list[str]):
-    return compose([f"model={model}", *overrides])
-
-
-def _randomize(method, seed: int) -> None:
-    """Adapter tensors of a trained size: N(0, 1) (a fresh head draws N(0, 0.02), which hides mistakes)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in method.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-
-
-def build_pool(model: str, specs: dict) -> Pool:
-    backbone, adapters = None, {}
-    for i, (name, overrides) in enumerate(specs.items()):
-        cfg = _config(model, overrides)
-        backbone = backbone or build_backbone(cfg)
-        _, method, task = build(cfg, backbone)
-        _randomize(method, i)
-        adapters[name] = Adapter(name, method, task)
-    return Pool(backbone, adapters)
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +157,7 @@ def test_bad_rows_are_one_line_errors(causal, rows, message):
 
 
 def test_what_cannot_share_a_backbone_is_refused(causal, encoder):
-    cfg = _config("tiny-llama", ["method=fine-tune", "task=sst2"])
+    cfg = run_config("tiny-llama", ["method=fine-tune", "task=sst2"])
     _, method, task = build(cfg, causal.backbone)
     with pytest.raises(PtuneError, match="method=fine-tune cannot share a frozen backbone"):
         Pool(causal.backbone, {"ft": Adapter("ft", method, task)})
@@ -215,18 +178,6 @@ def test_parse_runs():
 
 
 # -- run directories: Pool.load and `ptune predict run=a,b` ----------------------------------------
-def make_run(directory, model: str, overrides: list[str], seed: int):
-    """A finished run's directory (config.yaml + adapter/) with random adapter tensors."""
-    cfg = _config(model, overrides)
-    _, method, task = build(cfg)
-    _randomize(method, seed)
-    directory.mkdir(parents=True)
-    (directory / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    config = {**method.adapter_config(), "base_model": cfg.model.name, "task": cfg.task.name}
-    save_adapter(directory / "adapter", adapter_tensors(method), config)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("runs")
@@ -285,7 +236,7 @@ REAL = {
 def test_real_backbones_mixed_equals_alone(model, data_dir):
     backbone, adapters = None, {}
     for name, overrides in REAL[model].items():
-        cfg = _config(model, overrides)
+        cfg = run_config(model, overrides)
         backbone = backbone or build_backbone(cfg)
         _, method, task = build(cfg, backbone)
         adapters[name] = Adapter(name, method, task)

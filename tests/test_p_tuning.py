@@ -5,27 +5,19 @@ uninterrupted through the CLI). What every method proves on every backbone (froz
 falling loss, the adapter round trip, padding, greedy and beam, P-tuning's soft positions
 included): test_contract.py."""
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TIMING, TINY, encoder_count, load
+from conftest import TINY, assert_same_tensors, crash_after_checkpoint, encoder_count, load, metrics_of
 from ptune.adapter import save_adapter, load_adapter
 from ptune import methods
-from ptune.train import checkpoint
 from ptune.cli import main
 from ptune.errors import PtuneError
 from ptune.methods.p_tuning import insert_soft
 
 BACKBONES = ["tiny-gpt2", "tiny-llama"]
 ENCODERS = ["lstm", "mlp"]
-
-
-@pytest.fixture(scope="module", params=BACKBONES)
-def backbone(request):
-    return load(request.param)
 
 
 def ptuning(backbone, p=5, **kw):
@@ -164,28 +156,12 @@ def test_resumed_equals_uninterrupted(in_tmp, data_dir, monkeypatch):
     args = ["train", "model=tiny-gpt2", "method=p-tuning", *TINY, "task.metrics=[bleu]"]
     assert main(args) == 0
     [full] = sorted(p for p in (in_tmp / "outputs").glob("*/*") if p.is_dir())
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(root, step, *a, **kw):
-        path = real_save(root, step, *a, **kw)
-        if step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    restore = crash_after_checkpoint(monkeypatch, 3)
     assert main(args) == 130
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    restore()
     broken = next(p for p in (in_tmp / "outputs").glob("*/*") if p.is_dir() and p != full)
     assert main(["train", f"resume={broken}"]) == 0
     assert list(load_file(full / "adapter/adapter_model.safetensors")) == ["prompt"]
     assert "lstm_head.weight_ih_l0" in load_file(full / "checkpoints/step-6/trainable.safetensors")
-    for name in ("adapter/adapter_model.safetensors", "adapter_best/adapter_model.safetensors",
-                 "checkpoints/step-6/trainable.safetensors", "checkpoints/step-6/optimizer.safetensors"):
-        a, b = load_file(full / name), load_file(broken / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-
-    def metrics(run):
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    assert metrics(full) == metrics(broken)
+    assert_same_tensors(full, broken)
+    assert metrics_of(full) == metrics_of(broken)

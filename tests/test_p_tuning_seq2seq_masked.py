@@ -13,18 +13,13 @@ from ptune.data import Example, collate
 from ptune.errors import PtuneError
 from ptune.methods.p_tuning import insert_soft
 
-ALL = ["tiny-t5", "tiny-bart", "tiny-bert"]
+BACKBONES = ["tiny-t5", "tiny-bart", "tiny-bert"]
 P = 5
 # Segments around which P soft positions go: (segments, soft positions per gap) and the target.
 # seq2seq rows are encoder sources; BERT rows are clozes whose [MASK] word is the target.
 SEQ2SEQ_ROWS = [(["name : Eagle", " | food : French"], [2, 1, 2], " The Eagle serves French food."),
                 (["name : Mill"], [1, 4], " The Mill.")]
 BERT_ROWS = [(["a great , moving film .", "it was [MASK] ."], [2, 2, 1], "good"), (["dull .", "it was [MASK] ."], [1, 3, 1], "bad")]
-
-
-@pytest.fixture(scope="module", params=ALL)
-def backbone(request):
-    return load(request.param)
 
 
 def ptuning(backbone, p=P, **kw):
@@ -108,7 +103,7 @@ def test_masked_models_do_not_generate():
         m.generate(ids, torch.ones_like(ids), max_new_tokens=2)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", BACKBONES)
 @pytest.mark.parametrize("encoder", ["lstm", "mlp"])
 def test_matches_peft_p_tuning(name, encoder):
     """PEFT's P_TUNING with the same encoder weights gives the same logits (unpadded, prepended).

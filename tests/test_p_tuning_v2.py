@@ -19,11 +19,6 @@ from ptune.methods import kv
 BACKBONES = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5", "tiny-bart"]
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
-def backbone(request):
-    return load(request.param)
-
-
 def ptv2(backbone, p=4, **kw):
     torch.manual_seed(0)
     m = methods.build("p-tuning-v2", backbone, num_virtual_tokens=p, **kw)

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import TINY, TIMING, crash_after_checkpoint
+from conftest import TINY, assert_same_tensors, crash_after_checkpoint, metrics_of
 from ptune.cli import compose, main
 from ptune.build import build
 from ptune.train.job import frozen_dtype
@@ -102,14 +102,8 @@ def test_bf16_resumed_equals_uninterrupted(in_tmp, data_dir, monkeypatch):
     broken = next(p for p in _runs(in_tmp) if p != full)
     assert main(["train", f"resume={broken}"]) == 0
     assert OmegaConf.load(broken / "config.yaml").trainer.frozen_dtype == "auto"
-    a, b = (load_file(r / "adapter/adapter_model.safetensors") for r in (full, broken))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-    def metrics(run):
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    assert metrics(full) == metrics(broken)
+    assert_same_tensors(full, broken, ("adapter/adapter_model.safetensors",))
+    assert metrics_of(full) == metrics_of(broken)
 
 
 def test_attention_auto_is_eager_under_bf16_on_cpu(data_dir):

@@ -15,11 +15,6 @@ from ptune.errors import PtuneError
 BACKBONES = ["tiny-gpt2", "tiny-llama"]
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
-def backbone(request):
-    return load(request.param)
-
-
 def prefix(backbone, p=5, **kw):
     torch.manual_seed(0)
     return methods.build("prefix", backbone, num_virtual_tokens=p, **kw)

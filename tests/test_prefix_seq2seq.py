@@ -20,11 +20,6 @@ BACKBONES = ["tiny-t5", "tiny-bart"]
 GEN = dict(do_sample=False, eos_token_id=None, forced_eos_token_id=None, max_new_tokens=5)
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
-def backbone(request):
-    return load(request.param)
-
-
 def prefix(backbone, p=4, **kw):
     torch.manual_seed(0)
     return methods.build("prefix", backbone, num_virtual_tokens=p, **kw)

@@ -6,12 +6,10 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import TINY, load, peft_greedy
+from conftest import TINY, assert_same_summary, assert_same_tensors, crash_after_checkpoint, load, peft_greedy
 from ptune.adapter import save_adapter, load_adapter
 from ptune import methods
-from ptune.train import checkpoint
 from ptune.cli import main
 from ptune.errors import PtuneError
 from ptune.methods.prompt import common_token_ids
@@ -22,11 +20,6 @@ BACKBONES = ["tiny-gpt2", "tiny-llama"]
 def logits(method, input_ids, attention_mask):
     """(batch, p + seq, vocab): virtual positions included."""
     return method.backbone.model(**method.model_inputs(input_ids, attention_mask)).logits
-
-
-@pytest.fixture(scope="module", params=BACKBONES)
-def backbone(request):
-    return load(request.param)
 
 
 def prompt(backbone, p=5, **kw):
@@ -129,23 +122,11 @@ def test_resumed_equals_uninterrupted(in_tmp, data_dir, monkeypatch):
     summary = json.loads((full / "summary.json").read_text())
     assert summary["trainable_params"] == summary["stored_params"] == 4 * 64  # p * hidden of tiny-gpt2
 
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(root, step, *a, **kw):  # "kill" the run right after its step-3 checkpoint
-        path = real_save(root, step, *a, **kw)
-        if step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    restore = crash_after_checkpoint(monkeypatch, 3)  # "kill" the run right after its step-3 checkpoint
     assert train() == 130
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    restore()
     broken = next(p for p in (in_tmp / "outputs").glob("*/*") if p.is_dir() and p != full)
     assert main(["train", f"resume={broken}"]) == 0
-    for name in ("adapter/adapter_model.safetensors", "checkpoints/step-6/trainable.safetensors",
-                 "checkpoints/step-6/optimizer.safetensors"):
-        a, b = load_file(full / name), load_file(broken / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    s_full, s_broken = (json.loads((r / "summary.json").read_text()) for r in (full, broken))
-    for key in ("steps", "final_train_loss", "eval", "best", "train_tokens"):
-        assert s_full[key] == s_broken[key], key
+    assert_same_tensors(full, broken, ("adapter/adapter_model.safetensors", "checkpoints/step-6/trainable.safetensors",
+                                       "checkpoints/step-6/optimizer.safetensors"))
+    assert_same_summary(full, broken)

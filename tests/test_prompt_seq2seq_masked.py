@@ -13,16 +13,10 @@ from ptune.errors import PtuneError
 from ptune.methods.base import real_tokens_first
 from ptune.methods.prompt import common_token_ids
 
-SEQ2SEQ = ["tiny-t5", "tiny-bart"]
-ALL = SEQ2SEQ + ["tiny-bert"]
+BACKBONES = ["tiny-t5", "tiny-bart", "tiny-bert"]
 PAIRS = [("name : Eagle | food : French", " The Eagle serves French food."), ("name : Mill", " The Mill.")]
 # BERT: a cloze per row; the word at [MASK] is the target (a verbalizer-style task for the MLM head)
 CLOZES = [("a great , moving film . it was [MASK] .", "good"), ("dull . it was [MASK] .", "bad")]
-
-
-@pytest.fixture(scope="module", params=ALL)
-def backbone(request):
-    return load(request.param)
 
 
 def prompt(backbone, p=5, **kw):
@@ -87,7 +81,7 @@ def test_masked_models_do_not_generate():
         m.generate(ids, torch.ones_like(ids), max_new_tokens=2)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", BACKBONES)
 def test_matches_peft_prompt_tuning(name):
     """PEFT's PromptTuning given the same tensor gives the same logits (and greedy tokens for enc-dec).
 

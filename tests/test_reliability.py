@@ -15,23 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TIMING, TINY
+from conftest import TINY, Marker, assert_same_run, crash_after_checkpoint
 from ptune import heads
 from ptune.train import checkpoint
 from ptune.cli import main
 
 # save every 2 steps, keep 2: a run stopped after step 4 holds step-2 and step-4
 JOB = ["train", "model=tiny-gpt2", *TINY, "trainer.save_every=2"]
-
-
-class Marker:
-    """A pickle whose loading creates a file: proof that something unpickled it."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def runs(root):
@@ -42,23 +32,6 @@ def tree(directory):
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def assert_same_run(ref, run):
-    """The uninterrupted run `ref` and `run` agree bit for bit (timings aside)."""
-    for name in ("adapter/adapter_model.safetensors", "adapter_best/adapter_model.safetensors",
-                 "checkpoints/step-6/trainable.safetensors", "checkpoints/step-6/optimizer.safetensors"):
-        a, b = load_file(ref / name), load_file(run / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-
-    def metrics(r):
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
-                for line in (r / "metrics.jsonl").read_text().splitlines()]
-
-    assert metrics(ref) == metrics(run)
-    s_ref, s_run = (json.loads((r / "summary.json").read_text()) for r in (ref, run))
-    for key in ("steps", "final_train_loss", "eval", "best", "train_tokens"):
-        assert s_ref[key] == s_run[key], key
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, data_dir):
     """An uninterrupted 6-step run, and a run stopped right after its step-4 checkpoint."""
@@ -67,17 +40,9 @@ def ws(tmp_path_factory, data_dir):
     mp.chdir(root)
     assert main(JOB) == 0
     [ref] = runs(root)
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(r, step, *a, **kw):
-        path = real_save(r, step, *a, **kw)
-        if step == 4:
-            raise KeyboardInterrupt  # as if killed right after the write
-        return path
-
-    mp.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    restore = crash_after_checkpoint(mp, 4)  # as if killed right after the write
     assert main(JOB) == 130
-    mp.setattr(checkpoint, "save_checkpoint", real_save)
+    restore()
     [stopped] = [r for r in runs(root) if r != ref]
     assert [p.name for p in checkpoint.list_checkpoints(stopped / "checkpoints")] == ["step-2", "step-4"]
     yield root, ref, stopped

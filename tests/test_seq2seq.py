@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY, load
+from conftest import LAYOUT, TINY, expected_names, load
 from ptune.adapter import save_adapter, load_adapter
 from ptune import methods, tasks
 from ptune.cli import main
@@ -21,15 +21,6 @@ from ptune.heads import LinearHead, class_logits, seq2seq_loss
 from ptune.heads import loss as head_loss
 
 BACKBONES = ["tiny-t5", "tiny-bart"]
-# The top decoder blocks and final decoder norm of each, written out by hand so that the generic
-# search in fine_tune.find_blocks is checked against an independent answer. BART is post-LN: its
-# decoder has no final norm (layernorm_embedding, registered after the layers, runs before them).
-LAYOUT = {"tiny-t5": ("decoder.block", "decoder.final_layer_norm"), "tiny-bart": ("model.decoder.layers", None)}
-
-
-@pytest.fixture(scope="module", params=BACKBONES)
-def backbone(request):
-    return load(request.param)
 
 
 def fine_tune(backbone, trainable="all", k=2):
@@ -96,20 +87,6 @@ def test_e2e_examples_per_backbone_kind(data_dir):
 
 
 # -- fine-tune: which tensors train ----------------------------------------------------------------
-def expected_names(backbone, trainable, k) -> set[str]:
-    model = backbone.model
-    first = {id(p): n for n, p in model.named_parameters()}
-    head = {first[id(p)] for p in model.get_output_embeddings().parameters()}
-    if trainable == "all":
-        return set(first.values())
-    if trainable == "head":
-        return head
-    blocks_path, norm_path = LAYOUT[backbone.name]
-    n = len(model.get_submodule(blocks_path))
-    tops = tuple(f"{blocks_path}.{i}." for i in range(n - k, n)) + ((norm_path + ".",) if norm_path else ())
-    return {name for name in first.values() if name.startswith(tops)} | head
-
-
 @pytest.mark.parametrize("trainable, k", [("all", 2), ("head", 2), ("top-k", 1), ("top-k", 2)])
 def test_parameter_counts(backbone, trainable, k):
     model, d = backbone.model, backbone.dims

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from ptune.infer.serve import make_server
-from test_multi import CAUSAL, MRS, build_pool, make_run
+from conftest import CAUSAL, MRS, build_pool, make_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
