@@ -220,11 +220,17 @@ def _adapter(key: str, text: str) -> str:
 
 # Every key the run-loading commands take, with its check (None: any text). A command names the
 # keys it takes and their defaults; a key shared by several commands is checked the same way in each.
+def _text(key: str, text: str) -> str:
+    if not text.strip():
+        raise PtuneError(f"{key}={text!r} is invalid: give a value")
+    return text
+
+
 COMMAND_KEYS = {
-    "run": None, "adapter": _adapter, "split": None, "batch_size": _whole(1), "output": None, "input": None,
-    "out": None, "format": None, "task": None, "label_map": None, "ensemble": None,
-    "host": None, "port": _whole(0, 65535), "max_batch": _whole(1), "max_input_chars": _whole(1),
-    "max_threads": _whole(1), "timeout": _whole(1), "trust_remote_code": _bool,
+    "run": None, "adapter": _adapter, "split": _text, "batch_size": _whole(1, LIMITS["trainer.eval_batch_size"]),
+    "output": None, "input": None, "out": None, "format": None, "task": None, "label_map": None, "ensemble": None,
+    "host": _text, "port": _whole(0, 65535), "max_batch": _whole(1, 100_000), "max_input_chars": _whole(1, 10**8),
+    "max_threads": _whole(1, 10_000), "timeout": _whole(1, 3600), "trust_remote_code": _bool,
 }
 # What every run-loading command takes: the run, which adapter, batch size, and whether the model's
 # own code may run (only ever from the command line: ptune.build.load_run).

@@ -165,7 +165,9 @@ def test_resume_reads_overrides_with_trains_grammar(copy):
 
 # -- every command validates like train: one table of keys and bad values ---------------------------
 BAD_VALUES = {
-    "batch_size": ["-1", "0", "abc", "1.5", ""],
+    "batch_size": ["-1", "0", "abc", "1.5", "", "99999999999"],
+    "split": ["", " "],
+    "host": [""],
     "adapter": ["adapter_worst", "../x"],
     "trust_remote_code": ["yes", "1"],
     "port": ["-1", "70000", "http"],
@@ -175,11 +177,11 @@ BAD_VALUES = {
     "timeout": ["0", "1.5"],
 }
 COMMANDS = {  # command -> (the keys it takes from BAD_VALUES, its other arguments)
-    "eval": (["batch_size", "adapter", "trust_remote_code"], lambda r, rows: []),
+    "eval": (["batch_size", "adapter", "trust_remote_code", "split"], lambda r, rows: []),
     "predict": (["batch_size", "adapter", "trust_remote_code"],
                 lambda r, rows: [f"input={rows}", f"output={rows.parent / 'p.jsonl'}"]),
-    "serve": (["batch_size", "adapter", "trust_remote_code", "port", "max_batch", "max_input_chars", "max_threads",
-               "timeout"], lambda r, rows: ["port=0"]),
+    "serve": (["batch_size", "adapter", "trust_remote_code", "host", "port", "max_batch", "max_input_chars",
+               "max_threads", "timeout"], lambda r, rows: ["port=0"]),
     "export": (["adapter", "trust_remote_code"], lambda r, rows: [f"out={rows.parent / 'peft'}"]),
 }
 CASES = [(c, k, v) for c, (keys, _) in COMMANDS.items() for k in keys for v in BAD_VALUES[k]]
