@@ -69,7 +69,7 @@ def train_help(overrides: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _headline(result: dict) -> str:
+def headline(result: dict) -> str:
     """Run directory and headline metric; empty on processes other than rank 0 (no summary)."""
     if result.get("summary") is None:
         return ""
@@ -90,32 +90,30 @@ def _print(text: str) -> None:
 
 
 def cmd_train(argv: list[str]) -> int:
+    from ptune.train import hydra_app
     from ptune.train.job import train
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    overrides = [a for a in argv if a not in ("-m", "--multirun")]
-    bad = [a for a in overrides if a.startswith("-") or "=" not in a]
+    resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)
+    if resume and multirun:
+        raise PtuneError("resume= and -m cannot be combined; resume one run directory at a time")
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1  # else one job of several processes (rank 0 claims)
+    if hydra_app.uses_hydra(argv) and single:  # -m, hydra.* overrides, --cfg/--info/-sc: Hydra's application
+        return hydra_app.run(argv)
+    if multirun:
+        raise PtuneError("-m sweeps launch their own jobs; run each job under accelerate launch separately, or use "
+                         "a launcher whose jobs are several processes (docs/sweeps.md)")
+    bad = [a for a in argv if a.startswith("-") or "=" not in a]
     if bad:
         raise PtuneError(f"unexpected argument {bad[0]!r}; arguments are key=value overrides (see ptune train --help)")
-    resume = next((o.partition("=")[2] for o in overrides if o.startswith("resume=")), None)
     if resume:
-        if multirun:
-            raise PtuneError("resume= and -m cannot be combined; resume one run directory at a time")
         from ptune.train.resume import resume_config
 
-        run_dir, cfg = resume_config(resume, [o for o in overrides if not o.startswith("resume=")])
-        _print(_headline(train(cfg, run_dir=run_dir, resume=True)))
+        run_dir, cfg = resume_config(resume, [a for a in argv if not a.startswith("resume=")])
+        _print(headline(train(cfg, run_dir=run_dir, resume=True)))
         return 0
-    if not multirun:
-        _print(_headline(train(compose(overrides))))
-        return 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise PtuneError("-m sweeps run one process; launch each job separately under accelerate launch")
-    from ptune.train.sweep import expand_sweep, run_sweep
-
-    jobs = expand_sweep(overrides)
-    configs = [compose(job) for job in jobs]  # every job's config is checked before the first runs
-    return run_sweep(jobs, configs, train, _headline)
+    _print(headline(train(compose(argv))))
+    return 0
 
 
 def cmd_eval(argv: list[str]) -> int:

@@ -21,6 +21,7 @@ from ptune.errors import PtuneError
 _ROOT_CONF = Path(__file__).resolve().parent.parent / "conf"
 CONF_DIR = _ROOT_CONF if (_ROOT_CONF / "train.yaml").exists() else Path(__file__).resolve().parent / "conf"
 GROUPS = ("method", "model", "task", "trainer")
+TRACKERS = ("tensorboard", "mlflow", "trackio", "wandb")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -55,8 +56,9 @@ def _check_groups(overrides: list[str]) -> None:
                     raise PtuneError(f"unknown {key} {v!r}; choose one of: {', '.join(options(key))}")
 
 
-def compose(overrides: list[str]):
-    """The composed config for one job. Raises PtuneError with one line on any problem."""
+def compose(overrides: list[str], hydra: bool = False):
+    """The composed config for one job (with Hydra's own node under `hydra` when hydra=True).
+    Raises PtuneError with one line on any problem."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -65,7 +67,7 @@ def compose(overrides: list[str]):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name="train", overrides=overrides)
+            return hydra_compose(config_name="train", overrides=overrides, return_hydra_config=hydra)
     except Exception as e:  # Hydra's messages are several lines; keep the one that names the problem
         raise PtuneError(_hydra_message(e, overrides)) from None
 
@@ -176,8 +178,21 @@ def check(cfg: DictConfig) -> None:
     _need(t.get("attention", "sdpa") in ATTENTIONS, "trainer.attention", t.get("attention"),
           f"choose one of {', '.join(ATTENTIONS)}")
     _need(t.schedule in SCHEDULES, "trainer.schedule", t.schedule, f"choose one of {', '.join(SCHEDULES)}")
+    trackers = trackers_of(cfg)
+    _need(all(x in TRACKERS for x in trackers), "trainer.log_with", t.get("log_with"),
+          f"choose from {', '.join(TRACKERS)} (a name or a list), or null")
+    _need(t.get("tracker_dir") is None or isinstance(t.get("tracker_dir"), str), "trainer.tracker_dir",
+          t.get("tracker_dir"), "must be a folder path or null")
     _int_at_least(cfg, "task.max_train_samples", 1, optional=True)
     _int_at_least(cfg, "task.max_eval_samples", 1, optional=True)
+
+
+def trackers_of(cfg: DictConfig) -> list[str]:
+    """trainer.log_with as a list of tracker names ([] for null)."""
+    value = cfg.trainer.get("log_with")
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value) if OmegaConf.is_list(value) else [value]
 
 
 def _kwargs(group: DictConfig) -> dict:
@@ -262,7 +277,7 @@ def command_args(command: str, argv: list[str], keys: dict[str, str | None], req
 # -- a saved config.yaml: untrusted input ----------------------------------------------------------
 # Keys a saved config may lack: configs written before they existed, read with .get() and their old
 # meaning (build.attention: sdpa; job.frozen_dtype: fp32) or filled from conf/ by the builders.
-OPTIONAL_SAVED = {"trainer.attention", "trainer.frozen_dtype"}
+OPTIONAL_SAVED = {"trainer.attention", "trainer.frozen_dtype", "trainer.log_with", "trainer.tracker_dir"}
 TOP_LEVEL = {"method", "model", "task", "trainer", "output_dir", "resume"}
 
 

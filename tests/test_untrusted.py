@@ -253,7 +253,7 @@ def test_an_empty_input_text_is_one_line(run, tmp_path, capsys, text):
     (["task.head=verbalizer", "task.verbalizer.positive=5"], "task.verbalizer.positive=5"),
     (["method.num_virtual_tokens=100000000"], "must be at most 10,000"),
     (["+task.decoding=beam"], "unknown key 'task.decoding'"),
-    (["+trainer.log_with=mlflow"], "unknown key 'trainer.log_with'"),
+    (["+trainer.log_to=mlflow"], "unknown key 'trainer.log_to'"),
 ])
 def test_a_setting_that_cannot_work_is_refused(tmp_path, capsys, overrides, words):
     assert main(["train", *SST2, f"output_dir={tmp_path}", *overrides]) == 2

@@ -19,6 +19,7 @@ from ptune.config import check
 from ptune.errors import PtuneError
 from ptune.rundir import RunDir
 from ptune.train import checkpoint as ckpt
+from ptune.train import trackers
 from ptune.train.loop import TrainArgs, check_step_size, fit, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger("ptune")
@@ -56,6 +57,7 @@ def _claim_run_dir(accelerator, cfg: DictConfig, run_dir: Path | None) -> Path:
 def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) -> dict:
     """Run one training job into run_dir (claimed under cfg.output_dir if None). Returns summary."""
     check(cfg)
+    trackers.require(cfg)
     if not resume:
         rundir.refuse_inside_run(cfg.output_dir, "output_dir")  # a run is never nested in another run
     reset_peak_memory()  # this job's peak, also when a sweep runs several in one process
@@ -99,7 +101,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
                   **head_config(method, task.label_words())}
         save_adapter(directory, adapter_tensors(method), config)
 
-    state = fit(method, task, examples, args, accelerator, run_dir, resume_from, on_adapter=write_adapter)
+    tracked = trackers.start(cfg, run_dir, main)
+    try:
+        state = fit(method, task, examples, args, accelerator, run_dir, resume_from, on_adapter=write_adapter,
+                    trackers=tracked)
+    finally:
+        tracked.finish()
     summary = None
     if main:
         write_adapter(run.adapter("adapter"))

@@ -133,10 +133,11 @@ def check_step_size(n_examples: int, batch_size: int, grad_accum: int, world: in
 
 
 def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, resume_from: Path | None = None,
-        on_adapter=None) -> TrainState:
+        on_adapter=None, trackers=None) -> TrainState:
     """Train `method` on `examples`; evaluate and checkpoint into run_dir. Returns the final state.
 
-    on_adapter(directory) writes the adapter of the current method into `directory`.
+    on_adapter(directory) writes the adapter of the current method into `directory`; trackers
+    (ptune.train.trackers.Trackers) get every metrics.jsonl record too.
     """
     run = RunDir(run_dir)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
@@ -146,6 +147,12 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay) if params else None
     pad_id = method.backbone.tokenizer.pad_token_id
     metrics = run.metrics_log()
+
+    def write(record: dict) -> None:  # metrics.jsonl is the source of truth; trackers get the same record
+        metrics.write(record)
+        if trackers is not None:
+            trackers.log(record)
+
     # fp16 autocast needs loss scaling (bf16 and fp32 do not); its state is part of the checkpoint.
     scaler = torch.amp.GradScaler(device.type) if accelerator.mixed_precision == "fp16" else None
 
@@ -177,7 +184,7 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
                 scores, records = task.evaluate(method, args.eval_split, args.eval_batch_size)
             record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "split": args.eval_split,
                       **{f"eval/{k}": v for k, v in scores.items()}, "eval_time_s": round(time.perf_counter() - t0, 2)}
-            metrics.write(record)
+            write(record)
             state.history.append({"step": state.step, "metrics": scores})
             key = task.metric_for_best
             if _is_better(scores.get(key), state.best, key, task.greater_is_better):
@@ -269,7 +276,7 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
                           "step_s": round(step_s, 4)}  # this step alone (forward, backward, update)
                 if grad_norm is not None:
                     record["grad_norm"] = float(grad_norm)
-                metrics.write(record)
+                write(record)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 t_log, tok_log = time.perf_counter(), 0
             if state.step % args.eval_every == 0 or state.step == args.max_steps:

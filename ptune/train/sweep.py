@@ -14,9 +14,6 @@ import itertools
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from ptune import rundir
 from ptune.errors import PtuneError
 from ptune.rundir import write_atomic
 
@@ -36,31 +33,6 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
         else:
             axes.append([o.input_line])
     return [list(combo) for combo in itertools.product(*axes)]
-
-
-def run_sweep(jobs: list[list[str]], configs: list[DictConfig], train, headline) -> int:
-    """Train every job (its overrides, its composed config) in order; 1 if any failed, else 0.
-    train(cfg, run_dir=...) is the training boundary, headline(result) its one-line result."""
-    for cfg in configs:
-        rundir.refuse_inside_run(cfg.output_dir, "output_dir")
-    sweep_dir = rundir.new_run_dir(configs[0].output_dir)
-    print(f"sweep: {len(jobs)} jobs in {sweep_dir}")
-    records, failed = [], 0
-    for i, (job, cfg) in enumerate(zip(jobs, configs)):
-        record = {"job": i, "overrides": job, "run_dir": "", "summary": None, "error": None}
-        try:
-            result = train(cfg, run_dir=rundir.claim(sweep_dir, str(i)))
-            record.update(run_dir=result["run_dir"], summary=result["summary"])
-            print(headline(result))
-        except PtuneError as e:
-            failed += 1
-            record["error"] = str(e)
-            print(f"error: job {i} ({' '.join(job)}): {e}", file=sys.stderr)
-        records.append(record)
-        write_sweep_summary(sweep_dir, records)
-    print(f"sweep summary: {sweep_dir / 'summary.md'}")
-    sweep_report(sweep_dir)
-    return 1 if failed else 0
 
 
 def sweep_report(sweep_dir) -> None:
