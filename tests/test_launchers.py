@@ -151,3 +151,11 @@ def test_an_mlflow_file_store_holds_the_runs_params_and_metrics(tmp_path, data_d
         assert (run / "params" / "trainer.lr").read_text() == "0.001"
         loss = (run / "metrics" / "loss").read_text().split()
         assert len((run / "metrics" / "loss").read_text().splitlines()) == 2 and float(loss[1]) > 0
+
+
+def test_a_ray_sweep(tmp_path, data_dir):
+    """hydra/launcher=ray on a local Ray, where the optional plugin is installed (docs/sweeps.md)."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    pytest.importorskip("ray")
+    assert main(["train", "-m", "hydra/launcher=ray", *JOB, "method.num_virtual_tokens=1,2", f"output_dir={tmp_path}"]) == 0
+    assert len(summary_rows(sweep_dir(tmp_path))) == 2

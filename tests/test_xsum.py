@@ -95,7 +95,7 @@ def test_tiny_train_then_eval_writes_rouge(in_tmp, data_dir, capsys, model, meth
     if model == "tiny-llama":  # ptune predict on a file of articles
         (in_tmp / "docs.jsonl").write_text(json.dumps({"document": "The council approved a new park."}) + "\n")
         assert main(["predict", f"run={run}", "input=docs.jsonl"]) == 0
-        [row] = [json.loads(line) for line in (run / "predictions/docs.jsonl").read_text().splitlines()]
+        [row] = [json.loads(line) for line in (in_tmp / "docs.predictions.jsonl").read_text().splitlines()]
         assert isinstance(row["prediction"], str) and "\n" not in row["prediction"]
         (in_tmp / "bad.jsonl").write_text(json.dumps({"text": "no document field"}) + "\n")
         assert main(["predict", f"run={run}", "input=bad.jsonl"]) == 2

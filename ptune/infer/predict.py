@@ -1,8 +1,9 @@
 """`ptune predict run=<spec> input=<file>`: one JSON line per input row, its fields and `prediction`.
 
-One run whose rows name no adapter is answered by that run's task alone (`predict_run`, output
-under the run's predictions/ by default); several runs, or rows that name their adapter, go
-through a Pool of adapters on one backbone (ptune.infer.pool).
+One run whose rows name no adapter is answered by that run's task alone (`predict_run`); several
+runs, or rows that name their adapter, go through a Pool of adapters on one backbone
+(ptune.infer.pool). Either way the output goes where `output_path` says: never into a run
+directory (predict only reads runs), by default beside the input without overwriting anything.
 """
 
 from __future__ import annotations
