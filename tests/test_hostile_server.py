@@ -155,3 +155,24 @@ def test_sigterm_answers_the_request_in_flight_then_exits(run, tmp_path):
         assert head.startswith(b"HTTP/1.0 200") and "outputs" in json.loads(body)
     finally:
         proc.kill()
+
+
+def test_the_commands_server_keys_reach_the_server(run, monkeypatch):
+    """ptune serve's max_threads=, timeout=, max_batch=, max_input_chars=, batch_size= and adapter= are
+    what the server is built with (not accepted and dropped)."""
+    from ptune.infer import serve as serve_module
+
+    seen = {}
+
+    def fake(pool, host, port, max_batch, max_input_chars, batch_size, max_threads, timeout):
+        seen.update(host=host, port=port, max_batch=max_batch, max_input_chars=max_input_chars,
+                    batch_size=batch_size, max_threads=max_threads, timeout=timeout, pool=pool)
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(serve_module, "make_server", fake)
+    argv = ["serve", f"run={run}", "port=0", "max_threads=3", "timeout=7", "max_batch=5", "max_input_chars=99",
+            "batch_size=2", "adapter=adapter_best"]
+    assert main(argv) == 2  # the fake refuses to bind: one line, after the keys were handed over
+    assert {k: v for k, v in seen.items() if k != "pool"} == dict(host="127.0.0.1", port=0, max_batch=5,
+                                                                  max_input_chars=99, batch_size=2, max_threads=3,
+                                                                  timeout=7)

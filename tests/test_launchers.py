@@ -99,6 +99,8 @@ def test_cfg_job_prints_the_config_and_writes_nothing(in_tmp, capsys):
     (["-m", "hydra/launcher=nope"], "hydra/launcher/nope"),
     (["-m", "method.num_virtual_tokens=2,0"], "method.num_virtual_tokens=0 is invalid"),  # job 1 bad: none trains
     (["trainer.log_with=neptune"], "trainer.log_with='neptune' is invalid"),
+    (["-m", "method.num_virtual_tokens=1,2", "--cfg", "job"], "--cfg prints one job's config"),
+    (["hydra.sweep.dir=x", "method.num_virtual_tokens=1,2"], "a comma-separated value is a sweep: add -m"),
 ])
 def test_bad_overrides_are_one_line_before_any_job(in_tmp, capsys, argv, words):
     assert main(["train", *JOB, *argv]) == 2
@@ -159,3 +161,11 @@ def test_a_ray_sweep(tmp_path, data_dir):
     pytest.importorskip("ray")
     assert main(["train", "-m", "hydra/launcher=ray", *JOB, "method.num_virtual_tokens=1,2", f"output_dir={tmp_path}"]) == 0
     assert len(summary_rows(sweep_dir(tmp_path))) == 2
+
+
+def test_tracker_dir_puts_the_tracker_files_there(tmp_path, data_dir):
+    elsewhere = tmp_path / "tb"
+    assert main(["train", *JOB, "trainer.log_with=tensorboard", f"trainer.tracker_dir={elsewhere}",
+                 f"output_dir={tmp_path / 'out'}"]) == 0
+    assert list((elsewhere / "tensorboard").rglob("events.out.tfevents.*"))
+    assert not list((tmp_path / "out").rglob("events.out.tfevents.*"))

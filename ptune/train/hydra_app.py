@@ -103,10 +103,13 @@ def prepare(argv: list[str]) -> tuple[list[str], list[str], bool]:
     if any(o.startswith("resume=") for o in overrides):
         raise PtuneError("resume= continues one run directory: ptune train resume=<dir> [trainer.* overrides], "
                          "without -m or hydra.* overrides")
-    if flags and not multirun:  # --cfg, --info, shell completion: Hydra prints, nothing runs or is written
-        compose([o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
-        return flags, overrides, multirun
     sweep, fixed = _sweeps(overrides)
+    if flags:  # --cfg, --info, shell completion: Hydra prints, nothing runs or is written
+        if multirun:
+            raise PtuneError(f"{flags[0]} prints one job's config and runs nothing: drop -m and the swept values "
+                             f"(Hydra takes one of -m, --cfg, --info, --shell-completion)")
+        compose([o for o in fixed if not o.startswith(("hydra.", "hydra/"))])
+        return flags, overrides, multirun
     if sweep and not multirun:
         raise PtuneError("a comma-separated value is a sweep: add -m (ptune train -m ...), or quote it / use [a,b] "
                          "for a list")
@@ -150,6 +153,12 @@ def run(argv: list[str]) -> int:
     from hydra import main as hydra_main
 
     flags, overrides, multirun = prepare(argv)
+    if multirun and not flags:  # the sweep as typed, for its report (a search's trials are not a grid)
+        import shlex
+
+        where = Path(_given(overrides, "hydra.sweep.dir"))
+        where.mkdir(parents=True, exist_ok=True)
+        rundir.write_atomic(where / "command.txt", "ptune train " + " ".join(shlex.quote(a) for a in argv) + "\n")
     app = hydra_main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(task)
     saved = sys.argv
     sys.argv = ["ptune train", *(["-m"] if multirun else []), *flags, *overrides]
@@ -158,7 +167,7 @@ def run(argv: list[str]) -> int:
         app()
     finally:
         sys.argv = saved
-    if flags and not multirun:
+    if flags:
         return 0
     if multirun:
         records = read_jobs(Path(_given(overrides, "hydra.sweep.dir")))

@@ -248,7 +248,7 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, str | None]:
     metric = metric_name(finished)
     s0 = finished[0].summary
     out = [f"# Sweep report: {sweep_dir.name}", "",
-           f"`{command(jobs)}`", "",
+           f"`{command(jobs, sweep_dir)}`", "",
            f"{len(jobs)} job(s), {len(jobs) - len(finished)} failed; {s0.get('model')} / {s0.get('task')}, "
            f"{s0.get('device')}, {s0.get('precision')}, torch {s0.get('torch')}; varying: "
            f"{', '.join(k for k in (x, *groups) if k) or 'nothing'}.",
@@ -256,10 +256,10 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, str | None]:
            f"Metric: {metric or '–'} on the task's dev split ({_eval_size(finished)}).", ""]
     out += table(jobs, [k for k in (x, *groups) if k], metric, sweep_dir)
     if len(finished) > 1:
-        out += ["", "The jobs of a sweep run one after another in one process; each job's *peak MB* is its own "
-                "(ptune.train.loop.reset_peak_memory at its start: peak RSS on CPU, counted from the memory the process "
-                "held then, max allocated on GPU). Runs made before 2026-11-30's fix report the sweep's high-water "
-                "mark instead. Tokens/s are wall-clock rates: other load on the machine lowers them."]
+        out += ["", "Each job's *peak MB* is its own (ptune.train.loop.reset_peak_memory at its start: peak RSS on CPU, "
+                "counted from the memory its process held then, max allocated on GPU). Runs made before 2026-11-30's "
+                "fix report the sweep's high-water mark instead. Tokens/s are wall-clock rates: other load on the "
+                "machine, parallel jobs of the same sweep included (hydra/launcher=joblib), lowers them."]
     why = None
     try:
         images = []
@@ -280,8 +280,12 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, str | None]:
     return report, why
 
 
-def command(jobs: list[Job]) -> str:
-    """The sweep's command line as it can be typed again: each key with its values in job order."""
+def command(jobs: list[Job], sweep_dir: Path | None = None) -> str:
+    """The sweep's command line: as it was typed (command.txt, written when the sweep starts), else
+    rebuilt from the jobs, each key with its values in job order (a basic sweep's grid)."""
+    typed = Path(sweep_dir) / "command.txt" if sweep_dir is not None else None
+    if typed is not None and typed.is_file():
+        return typed.read_text().strip()
     keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
     parts = []
     for k in keys:
