@@ -88,15 +88,20 @@ def parse_inputs(body: bytes, max_batch: int, max_input_chars: int) -> list[dict
 
 class BoundedServer(ThreadingHTTPServer):
     """ThreadingHTTPServer with at most `max_threads` handler threads; a connection past them waits
-    in the listen queue. Handler threads are joined on close, so a stop answers what is in flight."""
+    in the listen queue. On close the requests in flight are given `drain_s` seconds to finish and
+    answer (their threads are joined up to then; they are daemon threads, so a stuck one cannot keep
+    the process from exiting)."""
 
-    daemon_threads = False
-    block_on_close = True
+    daemon_threads = True
+    block_on_close = False
     request_queue_size = 1024
 
-    def __init__(self, address, handler, max_threads: int):
+    def __init__(self, address, handler, max_threads: int, drain_s: float):
         self._slots = threading.BoundedSemaphore(max_threads)
         self._closing = threading.Event()
+        self._active: set[threading.Thread] = set()
+        self._active_lock = threading.Lock()
+        self.drain_s = drain_s
         super().__init__(address, handler)
 
     def process_request(self, request, client_address):
@@ -111,14 +116,27 @@ class BoundedServer(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request, client_address):
+        me = threading.current_thread()
+        with self._active_lock:
+            self._active.add(me)
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._active_lock:
+                self._active.discard(me)
             self._slots.release()
 
     def server_close(self):
+        """Stop accepting (the listening socket closes), then let the requests in flight answer."""
+        import time
+
         self._closing.set()
-        super().server_close()  # closes the listening socket, then joins the handler threads
+        super().server_close()
+        deadline = time.monotonic() + self.drain_s
+        with self._active_lock:
+            active = list(self._active)
+        for t in active:
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def make_server(pool: Pool, host: str = DEFAULTS["host"], port: int = DEFAULTS["port"],
@@ -218,7 +236,7 @@ def make_server(pool: Pool, host: str = DEFAULTS["host"], port: int = DEFAULTS["
             return {"outputs": [{"adapter": r.get(ADAPTER_FIELD, default), "prediction": p}
                                 for r, p in zip(rows, preds)]}
 
-    return BoundedServer((host, port), Handler, max_threads)
+    return BoundedServer((host, port), Handler, max_threads, drain_s=timeout + 5)
 
 
 def _interrupt(signum, frame):
