@@ -176,3 +176,17 @@ def test_the_commands_server_keys_reach_the_server(run, monkeypatch):
     assert {k: v for k, v in seen.items() if k != "pool"} == dict(host="127.0.0.1", port=0, max_batch=5,
                                                                   max_input_chars=99, batch_size=2, max_threads=3,
                                                                   timeout=7)
+
+
+def test_ctrl_c_stops_a_server_started_with_sigint_ignored(run, tmp_path):
+    """A background job (a shell's `&`, some supervisors) starts with SIGINT ignored, and Python then
+    installs no KeyboardInterrupt handler: ptune serve installs its own, so Ctrl-C still stops it."""
+    proc = subprocess.Popen([sys.executable, "-m", "ptune", "serve", f"run={run}", "port=0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert "serving 1 adapter(s)" in proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()

@@ -258,6 +258,10 @@ def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int,
     print(f"serving {len(pool.names)} adapter(s) ({', '.join(pool.names)}) at http://{bound_host}:{bound_port} "
           f"(Ctrl-C stops)", flush=True)
     if threading.current_thread() is threading.main_thread():  # a process manager's SIGTERM stops it like Ctrl-C
+        # Ctrl-C too, explicitly: a process started in the background (a shell's `&`, some supervisors) inherits
+        # SIGINT ignored or blocked, and Python then installs no KeyboardInterrupt handler of its own.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
