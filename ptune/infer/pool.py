@@ -5,7 +5,7 @@
         -> ["positive", "X is a ..."]                               # one answer per row, in order
 
 `Pool.load` reads every run's config.yaml, checks that all use the same backbone (the whole
-`model` config) and a method that leaves it untouched (`Method.shares_backbone`: prompt, p-tuning,
+`model` config) and a method that leaves it untouched (`Method.acts_on` other than "weights": prompt, p-tuning,
 prefix, p-tuning-v2, hard-prompt), builds the backbone ONCE and each run's method, task and head on it (methods keep
 the backbone outside their module tree, `method._backbone`, so K methods share one copy), and
 loads each adapter. Rows then go through `ptune.infer.mixed`: one forward per batch whatever the mix of

@@ -49,11 +49,6 @@ class Method(nn.Module):
     def backbone(self) -> Backbone:
         return self._backbone[0]
 
-    @property
-    def shares_backbone(self) -> bool:
-        """True when the backbone's weights stay untouched, so several adapters can share one copy."""
-        return self.acts_on != "weights"
-
     # -- what serving and export read ----------------------------------------------------------
     def soft_prompt(self) -> torch.Tensor:
         """(p, hidden) float32: the soft embeddings an `acts_on == "input"` method puts before the tokens."""
