@@ -35,6 +35,10 @@ commands:
   export    write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it):
             ptune export run=<run dir> out=<new dir> [format=peft] [adapter=adapter|adapter_best]
   report    a sweep's table and plots (report.md + PNGs in the sweep dir): ptune report <sweep dir>
+            (mean +- std over task.few_shot_seed / trainer.seed when a sweep varies them)
+  search    find a prompt with nothing trained (docs/few-shot.md), written as ptune train overrides:
+            ptune search label-words|template|autoprompt task=sst2 task.few_shot=16 [search.<key>=...]
+            resume one: ptune search resume=<search dir>
 
 `ptune train --help` lists the config groups, their options and keys.
 Errors are one line; set PTUNE_TRACEBACK=1 to see the traceback."""
@@ -78,6 +82,10 @@ def headline(result: dict) -> str:
     value = (s.get("eval") or {}).get(key)
     shown = f"{value:.4f}" if isinstance(value, float) else value
     line = f"run: {result['run_dir']}\n{s.get('task')} dev {key}: {shown}  (final train loss {s.get('final_train_loss')})"
+    test = s.get("test")
+    if test:  # the few-shot protocol's reported number: the dev-selected adapter on the dataset's dev split
+        value = test["metrics"].get(key)
+        line += f"\n{s.get('task')} test {key}: {value:.4f}  ({test['adapter']}, {test['examples']} examples)"
     if s.get("diverged"):
         line += (f"\nwarning: training diverged (loss {s['first_train_loss']:.4g} at step 1, {s['final_train_loss']:.4g} at "
                  f"the end); lower trainer.lr")
@@ -208,7 +216,17 @@ def cmd_export(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve, "export": cmd_export,
+def cmd_search(argv: list[str]) -> int:
+    from ptune import search
+
+    summary = search.run(argv)
+    best = summary["best"]
+    print(f"search: {summary['dir']}\nfound ({best.get('split')} accuracy {best.get('accuracy', float('nan')):.4f}, "
+          f"{summary['candidates_scored']} candidates, {summary['wall_time_s']:.1f} s): {summary['overrides']}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "search": cmd_search, "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve, "export": cmd_export,
             "report": cmd_report}
 
 

@@ -155,6 +155,13 @@ def check_keys(cfg: DictConfig) -> None:
         extra = sorted(str(k) for k in cfg[group] if k not in known)
         if extra:
             raise PtuneError(f"unknown key '{group}.{extra[0]}'; `ptune train --help` lists the keys of each group")
+    if "search" in cfg:  # ptune search's own group (conf/search/<name>.yaml)
+        name = cfg.search.get("name") if isinstance(cfg.search, DictConfig) else None
+        if name not in options("search"):
+            raise PtuneError(f"search.name={name!r} is not a ptune search ({', '.join(options('search'))})")
+        extra = sorted(str(k) for k in cfg.search if k not in _known_keys("search", name))
+        if extra:
+            raise PtuneError(f"unknown key 'search.{extra[0]}'; conf/search/{name}.yaml lists the search's keys")
 
 
 def check(cfg: DictConfig) -> None:
@@ -278,7 +285,7 @@ def command_args(command: str, argv: list[str], keys: dict[str, str | None], req
 # Keys a saved config may lack: configs written before they existed, read with .get() and their old
 # meaning (build.attention: sdpa; job.frozen_dtype: fp32) or filled from conf/ by the builders.
 OPTIONAL_SAVED = {"trainer.attention", "trainer.frozen_dtype", "trainer.log_with", "trainer.tracker_dir"}
-TOP_LEVEL = {"method", "model", "task", "trainer", "output_dir", "resume"}
+TOP_LEVEL = {"method", "model", "task", "trainer", "output_dir", "resume", "search"}  # search: `ptune search` only
 
 
 def _interpolations(node, path: str = ""):

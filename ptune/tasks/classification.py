@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ptune import fewshot
 from ptune.data import Example, collate, subsample
 from ptune.errors import PtuneError
 from ptune.tasks.base import Task
@@ -88,8 +89,11 @@ class ClassificationTask(Task):
     metrics: tuple[str, ...] = ("accuracy",)
 
     def __init__(self, *, template: str | None, head: str, verbalizer: dict | None, head_dropout: float, max_len: int,
-                 **kw):
+                 few_shot: int | None, few_shot_seed: int, **kw):
         super().__init__(**kw)
+        fewshot.check(few_shot, few_shot_seed, self.max_train_samples)
+        self.few_shot, self.few_shot_seed = few_shot, few_shot_seed
+        self._few: tuple[list[dict], list[dict]] | None = None
         if head not in HEADS:
             raise PtuneError(f"task.head={head!r} is not one of {', '.join(HEADS)}; use task.head=linear or verbalizer")
         if head == "lm":
@@ -111,9 +115,36 @@ class ClassificationTask(Task):
         self.keep_soft = False  # set by bind(): only p-tuning places prompts at {soft} slots
         self._mask_id: int | None = None
 
-    def rows(self, split: str) -> list[dict]:
-        """Rows of a split in file order: the text fields and `label` (an int class index)."""
+    def split_rows(self, split: str) -> list[dict]:
+        """Rows of one of the dataset's own splits (train, dev) in file order: the text fields and
+        `label` (an int class index)."""
         raise NotImplementedError
+
+    def rows(self, split: str) -> list[dict]:
+        """Rows of a split as ptune uses it. Without task.few_shot: the dataset's own split. With it
+        (ptune.fewshot, LM-BFF's protocol): train = K per class drawn from the training split, dev = K
+        per class more from the rest of it, test = the dataset's dev split (the reported number)."""
+        if self.few_shot is None:
+            if split == "test" and "test" not in self.own_splits:
+                raise PtuneError(f"task {self.name}: split=test is the reported split of the few-shot protocol (the "
+                                 f"dataset's dev split); set task.few_shot=K, or use split=dev")
+            return self.split_rows(split)
+        if split == "test":
+            return self.split_rows("dev")
+        if split not in ("train", "dev"):
+            raise PtuneError(f"task {self.name} with task.few_shot={self.few_shot} has splits train, dev (both drawn "
+                             f"from the training split) and test (the dataset's dev split), not {split!r}")
+        if self._few is None:
+            self._few = fewshot.split(self.split_rows("train"), len(self.labels), self.few_shot, self.few_shot_seed,
+                                      self.labels)
+        return list(self._few[0] if split == "train" else self._few[1])
+
+    own_splits: tuple[str, ...] = ("train", "dev")
+
+    @property
+    def report_split(self) -> str | None:
+        """The split a finished run is scored on after training (the few-shot protocol's test), or None."""
+        return "test" if self.few_shot is not None else None
 
     def label_words(self) -> list:
         """Per class, its verbalizer words (or its name under a linear head): prompt init=labels embeds them."""

@@ -137,7 +137,7 @@ class CustomClassification(ClassificationTask):
             self._cache[split] = read_records(self.files[split], [*self.fields, self.label_column], key)
         return self._cache[split]
 
-    def rows(self, split: str) -> list[dict]:
+    def split_rows(self, split: str) -> list[dict]:
         out = []
         for n, r in enumerate(self._read(split), start=1):
             label = r[self.label_column].strip()
@@ -230,7 +230,11 @@ def Custom(*, type: str, **kw) -> Task:  # noqa: N802 -- the registry calls it l
         if kw.get("head") is not None:
             raise PtuneError(f"task.head={kw['head']} is a classification head; task.type=generation writes text with "
                              f"the LM itself: drop task.head")
-        kw.pop("head", None), kw.pop("verbalizer", None), kw.pop("labels", None), kw.pop("head_dropout", None)
+        if kw.get("few_shot") is not None:
+            raise PtuneError(f"task.few_shot={kw['few_shot']} draws K examples per class; task.type=generation has no "
+                             f"classes: use task.max_train_samples")
+        for key in ("head", "verbalizer", "labels", "head_dropout", "few_shot", "few_shot_seed"):
+            kw.pop(key, None)
         return CustomGeneration(**kw)
     return CustomClassification(**{**kw, "head": kw.get("head") or "linear"})  # null: the classifier
 

@@ -28,7 +28,7 @@ class SST2(ClassificationTask):
     default_template = {"linear": "{sentence}", "verbalizer": "{sentence} It was {mask} ."}
     default_verbalizer = {"negative": "terrible", "positive": "great"}
 
-    def rows(self, split: str) -> list[dict]:
+    def split_rows(self, split: str) -> list[dict]:
         if split not in _HUB_SPLITS:
             raise PtuneError(f"task sst2 has no labelled split {split!r} (GLUE hides the test labels); use split=dev")
         path = self.local_file("sst2", f"{split}.tsv")

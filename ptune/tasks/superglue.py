@@ -29,7 +29,7 @@ NLI_CAUSAL = "{premise} Question: {hypothesis} ? Answer: {mask} ."
 
 
 class SuperGlueTask(ClassificationTask):
-    def rows(self, split: str) -> list[dict]:
+    def split_rows(self, split: str) -> list[dict]:
         if split not in _FILES:
             raise PtuneError(f"task {self.name} has no labelled split {split!r} (SuperGLUE hides the test labels); "
                              f"use split=dev")

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ptune import models, rundir
-from ptune.adapter import adapter_tensors, head_config, save_adapter
+from ptune.adapter import WEIGHTS, adapter_tensors, head_config, load_adapter, load_adapter_tensors, save_adapter
 from ptune.build import build, setup_logging
 from ptune.config import check
 from ptune.errors import PtuneError
@@ -111,6 +111,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     if main:
         write_adapter(run.adapter("adapter"))
         summary = _summary(cfg, method, task, backbone, state, accelerator)
+        split = getattr(task, "report_split", None)
+        if split is not None:  # the few-shot protocol: the adapter chosen on dev, scored on test
+            summary["test"] = score_report_split(method, task, run, split, cfg.trainer.eval_batch_size, accelerator)
+            log.info("%s (%s, %d examples): %s", split, summary["test"]["adapter"], summary["test"]["examples"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in summary["test"]["metrics"].items()))
         if summary["diverged"]:
             log.warning("training diverged: the loss went from %.4g at step 1 to %.4g at step %d without becoming "
                         "NaN; the adapter is unlikely to be useful: lower trainer.lr", state.first_loss,
@@ -119,6 +124,22 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
         log.info("done: %s", run_dir)
     accelerator.wait_for_everyone()
     return {"run_dir": str(run_dir), "summary": summary}
+
+
+def score_report_split(method, task, run: RunDir, split: str, batch_size: int, accelerator) -> dict:
+    """Score the adapter selected on dev (adapter_best; the final one when no evaluation improved)
+    on `split` and write eval_<split>.json + predictions/<split>.jsonl, as `ptune eval` would.
+    The method is left holding that adapter (the final one is already written)."""
+    which = "adapter_best" if (run.adapter("adapter_best") / WEIGHTS).is_file() else "adapter"
+    _, tensors = load_adapter(run.adapter(which))
+    load_adapter_tensors(method, tensors)
+    method.backbone.model.eval()
+    with accelerator.autocast():
+        scores, records = task.evaluate(method, split, batch_size)
+    out = {"run": str(run.path), "split": split, "adapter": which, "examples": len(records), "metrics": scores}
+    run.write_eval(split, out)
+    run.write_predictions(split, records)
+    return out
 
 
 def train_args(cfg: DictConfig) -> TrainArgs:

@@ -29,6 +29,9 @@ from ptune.errors import PtuneError
 from ptune.rundir import write_atomic
 
 PLOTS = ("metric", "train_tokens_per_s", "peak_memory_mb")
+# Keys that only re-draw the same experiment (data split, initialisation, order): jobs that differ
+# in nothing else are one setting, reported as mean and standard deviation over them.
+SEED_KEYS = ("task.few_shot_seed", "trainer.seed", "task.subsample_seed", "model.init_seed")
 
 
 @dataclass
@@ -99,11 +102,16 @@ def _number(value: str | None) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def seed_keys(jobs: list[Job]) -> list[str]:
+    """The varying keys that are seeds (SEED_KEYS): the report aggregates over them."""
+    return [k for k in varying_keys(jobs) if k in SEED_KEYS]
+
+
 def choose_axes(jobs: list[Job]) -> tuple[str | None, list[str]]:
-    """(x key, the other varying keys). x is the first varying key whose every value is a number
-    (e.g. method.num_virtual_tokens); without one, the first varying key (as categories); None
-    when nothing varies."""
-    keys = varying_keys(jobs)
+    """(x key, the other varying keys), seeds left out (aggregated over). x is the first varying key
+    whose every value is a number (e.g. method.num_virtual_tokens); without one, the first varying
+    key (as categories); None when nothing else varies."""
+    keys = [k for k in varying_keys(jobs) if k not in SEED_KEYS]
     numeric = [k for k in keys if all(_number(j.overrides.get(k)) is not None for j in jobs)]
     x = numeric[0] if numeric else (keys[0] if keys else None)
     return x, [k for k in keys if k != x]
@@ -119,7 +127,9 @@ def job_values(job: Job, metric: str | None) -> dict:
     final = (s.get("eval") or {}).get(metric) if metric else None
     best = s.get("best") or {}
     best_value = (best.get("metrics") or {}).get(metric) if metric else None
+    test = ((s.get("test") or {}).get("metrics") or {}).get(metric) if metric else None
     return {"metric": final if isinstance(final, (int, float)) else None,
+            "test": test if isinstance(test, (int, float)) else None,
             "best": best_value if isinstance(best_value, (int, float)) else None, "best_step": best.get("step"),
             "train_tokens_per_s": s.get("train_tokens_per_s"), "peak_memory_mb": s.get("peak_memory_mb"),
             "trainable_params": s.get("trainable_params"), "steps": s.get("steps"), "wall_time_s": s.get("wall_time_s")}
@@ -136,7 +146,8 @@ def _fmt(v, digits: int = 4) -> str:
 def table(jobs: list[Job], keys: list[str], metric: str | None, sweep_dir: Path) -> list[str]:
     """Markdown lines: one row per job; a failed job shows its error in the status column."""
     m = metric or "metric"
-    head = ["job", *keys, f"{m} (final)", f"{m} (best @ step)", "train tokens/s", "peak MB", "trainable",
+    tested = any(job_values(j, metric)["test"] is not None for j in jobs)
+    head = ["job", *keys, f"{m} (final)", f"{m} (best @ step)", *([f"test {m}"] if tested else []), "train tokens/s", "peak MB", "trainable",
             "steps", "wall s", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for j in jobs:
@@ -145,10 +156,103 @@ def table(jobs: list[Job], keys: list[str], metric: str | None, sweep_dir: Path)
         link = f"[{j.run_dir.name}]({_relative(j.run_dir, sweep_dir)})" if j.run_dir else str(j.index)
         status = "ok" if j.error is None else "failed: " + j.error.replace("|", "\\|")
         cells = [link, *[j.overrides.get(k, "") for k in keys], _fmt(v["metric"]), best,
+                 *([_fmt(v["test"])] if tested else []),
                  _fmt(v["train_tokens_per_s"], 0), _fmt(v["peak_memory_mb"], 0), _fmt(v["trainable_params"]),
                  _fmt(v["steps"]), _fmt(v["wall_time_s"], 1), status]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+@dataclass
+class Setting:
+    """The jobs of one setting (same values of every non-seed key), aggregated over their seeds."""
+
+    overrides: dict[str, str]  # the non-seed varying keys
+    jobs: list[Job]
+
+    def stat(self, key: str, metric: str | None) -> tuple[float, float, int] | None:
+        """(mean, standard deviation, n) of job_values()[key] over the finished jobs, None if none has it.
+        The deviation is the population one (numpy.std, ddof=0), as LM-BFF's reported numbers."""
+        values = [v for j in self.jobs if j.error is None and (v := job_values(j, metric)[key]) is not None]
+        if not values:
+            return None
+        mean = sum(values) / len(values)
+        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), len(values)
+
+
+def settings(jobs: list[Job]) -> list[Setting]:
+    """Jobs grouped by their non-seed varying keys, in first-seen order."""
+    keys = [k for k in varying_keys(jobs) if k not in SEED_KEYS]
+    out: dict[tuple, Setting] = {}
+    for j in jobs:
+        values = tuple(j.overrides.get(k, "") for k in keys)
+        out.setdefault(values, Setting(dict(zip(keys, values)), [])).jobs.append(j)
+    return list(out.values())
+
+
+def _pm(stat, digits: int = 4) -> str:
+    return "–" if stat is None else f"{stat[0]:.{digits}f} ± {stat[1]:.{digits}f}"
+
+
+def seed_table(jobs: list[Job], metric: str | None) -> list[str]:
+    """Markdown lines: one row per setting, mean ± std over its seeds (test where scored, dev final)."""
+    m = metric or "metric"
+    groups = settings(jobs)
+    keys = list(groups[0].overrides) if groups else []
+    tested = any(g.stat("test", metric) for g in groups)
+    head = [*keys, "seeds (finished / jobs)", *([f"test {m}"] if tested else []), f"dev {m} (final)", f"dev {m} (best)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        done = sum(1 for j in g.jobs if j.error is None)
+        cells = [*g.overrides.values(), f"{done} / {len(g.jobs)}", *([_pm(g.stat("test", metric))] if tested else []),
+                 _pm(g.stat("metric", metric)), _pm(g.stat("best", metric))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_seeds(jobs: list[Job], x: str | None, groups: list[str], metric: str | None, path: Path) -> bool:
+    """The metric (test where scored, else dev final) against x, mean with ±std error bars over the
+    seeds, one line per value of the other keys; False when no job has the value."""
+    from matplotlib.figure import Figure
+
+    key = "test" if any(job_values(j, metric)["test"] is not None for j in jobs) else "metric"
+    done = [j for j in jobs if j.error is None]
+    numeric = x is not None and all(_number(j.overrides.get(x)) is not None for j in done)
+    categories = list(dict.fromkeys(j.overrides.get(x, "") for j in done)) if x else []
+    lines: dict[str, list[tuple[float, tuple]]] = {}
+    for g in settings(jobs):
+        stat = g.stat(key, metric)
+        if stat is None:
+            continue
+        label = ", ".join(f"{k}={g.overrides.get(k, '')}" for k in groups) or "all settings"
+        xv = 0 if x is None else _number(g.overrides[x]) if numeric else categories.index(g.overrides.get(x, ""))
+        lines.setdefault(label, []).append((xv, stat))
+    if not lines:
+        return False
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.add_subplot()
+    xs_all = []
+    for label, points in lines.items():
+        points.sort(key=lambda p: p[0])
+        xs = [p[0] for p in points]
+        xs_all += xs
+        ax.errorbar(xs, [p[1][0] for p in points], yerr=[p[1][1] for p in points], marker="o", capsize=4, label=label)
+    if numeric and log_scale(xs_all):
+        ax.set_xscale("log")
+    if numeric:
+        ticks = sorted(set(xs_all))
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+    elif x is not None:
+        ax.set_xticks(range(len(categories)), categories)
+    seeds = ", ".join(seed_keys(jobs))
+    ax.set_xlabel(x or "")
+    ax.set_ylabel(f"{metric} ({'test' if key == 'test' else 'dev, final'}), mean ± std over {seeds}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -251,10 +355,16 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, str | None]:
            f"`{command(jobs, sweep_dir)}`", "",
            f"{len(jobs)} job(s), {len(jobs) - len(finished)} failed; {s0.get('model')} / {s0.get('task')}, "
            f"{s0.get('device')}, {s0.get('precision')}, torch {s0.get('torch')}; varying: "
-           f"{', '.join(k for k in (x, *groups) if k) or 'nothing'}.",
+           f"{', '.join(k for k in (x, *groups, *seed_keys(jobs)) if k) or 'nothing'}.",
            f"x axis: `{x or 'job'}`; one line per {', '.join(f'`{g}`' for g in groups) or 'sweep'}. "
            f"Metric: {metric or '–'} on the task's dev split ({_eval_size(finished)}).", ""]
-    out += table(jobs, [k for k in (x, *groups) if k], metric, sweep_dir)
+    seeds = seed_keys(jobs)
+    if seeds:
+        out += [f"Over {', '.join(f'`{k}`' for k in seeds)}: mean ± standard deviation (population, ddof=0, as "
+                f"LM-BFF) of the finished jobs of each setting.", ""]
+        out += seed_table(jobs, metric)
+        out += ["", "Every job:", ""]
+    out += table(jobs, [k for k in (x, *groups, *seeds) if k], metric, sweep_dir)
     if len(finished) > 1:
         out += ["", "Each job's *peak MB* is its own (ptune.train.loop.reset_peak_memory at its start: peak RSS on CPU, "
                 "counted from the memory its process held then, max allocated on GPU). Runs made before 2026-11-30's "
@@ -265,7 +375,9 @@ def write_report(sweep_dir: str | Path) -> tuple[Path, str | None]:
         images = []
         for which in PLOTS:
             name = f"report_{metric if which == 'metric' else which}.png"
-            if plot(jobs, x, groups, metric, which, sweep_dir / name):
+            draw = plot_seeds if which == "metric" and seeds else None
+            if (draw(jobs, x, groups, metric, sweep_dir / name) if draw else
+                    plot(jobs, x, groups, metric, which, sweep_dir / name)):
                 images.append(name)
     except Exception as e:  # a plot is a convenience: the table stands without it
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
