@@ -129,8 +129,8 @@ def assignment_accuracy(logp: torch.Tensor, labels: torch.Tensor, per_class: lis
         scores = logp[:, chosen]  # (rows, m, n_classes)
         acc = (scores.argmax(-1) == labels[:, None]).float().mean(0)
         acc[~distinct] = -1.0
-        top = torch.topk(acc, min(n, len(idx)))
-        best += [(float(a), int(idx[i])) for a, i in zip(top.values, top.indices) if a >= 0]
+        top = torch.argsort(-acc, stable=True)[:n]  # ties in candidate order (rank of class 0's word first)
+        best += [(float(acc[i]), int(idx[i])) for i in top if acc[i] >= 0]
         best.sort(key=lambda x: (-x[0], x[1]))
         best = best[:n]
     out = []

@@ -1,0 +1,151 @@
+"""The few-shot table of docs/results.md: every row's commands over the data seeds, run one after
+another, each result appended to <out>/results.jsonl as it comes (a rerun skips what is there), and
+the table rewritten after every run.
+
+    python scripts/fewshot_table.py --task sst2 --rows zero-shot,linear,pet --seeds 13,21,42,87,100
+
+Every command is printed in the table as it ran (`{seed}` and `{found}` filled in per seed); a row
+whose search is per seed runs `ptune search ...` first and passes its overrides.txt to `ptune train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PTUNE = [sys.executable, "-m", "ptune"]
+COMMON = "model=smollm2-135m task={task} task.few_shot=16 task.few_shot_seed={seed}"
+TRAIN = "trainer.max_steps={steps} trainer.eval_every=10 trainer.save_every=1000 trainer.batch_size=8"
+FT = "method=fine-tune trainer.lr=3e-5"
+PROMPT = "method=prompt method.num_virtual_tokens=10 trainer.lr=0.03"
+
+# name: (label, search command or None, train command)
+ROWS = {
+    "zero-shot": ("zero-shot, manual template and words (method=hard-prompt)", None,
+                  "method=hard-prompt task.head=verbalizer"),
+    "linear": ("fine-tuning, linear head", None, f"{FT} task.head=linear {TRAIN}"),
+    "pet": ("prompt-based fine-tuning, manual template and words (PET / LM-BFF)", None,
+            f"{FT} task.head=verbalizer {TRAIN}"),
+    "label-words": ("prompt-based fine-tuning, searched label words (LM-BFF auto L)",
+                    "search label-words search.k=30 search.n=20", f"{FT} {{found}} {TRAIN}"),
+    "template": ("prompt-based fine-tuning, searched template (LM-BFF auto T, ptune's causal variant)",
+                 "search template", f"{FT} {{found}} {TRAIN}"),
+    "demos": ("prompt-based fine-tuning + demonstrations (random, 1 set in training, 4 at test)", None,
+              f"{FT} task.head=verbalizer task.demonstrations=random task.demo_sets=4 {TRAIN}"),
+    "demos-zero-shot": ("zero-shot + demonstrations (random, 4 sets)", None,
+                        "method=hard-prompt task.head=verbalizer task.demonstrations=random task.demo_sets=4"),
+    "autoprompt": ("AutoPrompt triggers, nothing trained", "search autoprompt", "method=hard-prompt {found}"),
+    "prompt": ("prompt tuning (10 tokens), manual template", None, f"{PROMPT} task.head=verbalizer {TRAIN}"),
+    "prompt-template": ("prompt tuning (10 tokens), searched template", "search template",
+                        f"{PROMPT} {{found}} {TRAIN}"),
+}
+
+
+def run(cmd: list[str], log) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    log.write("$ ptune " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+    log.flush()
+    p = subprocess.run([*PTUNE, *cmd], stdout=subprocess.PIPE, stderr=log, text=True)
+    log.write(p.stdout)
+    if p.returncode != 0:
+        raise RuntimeError(f"ptune {' '.join(cmd[:2])} failed with exit {p.returncode}")
+    return p.stdout, time.perf_counter() - t0
+
+
+def line_value(stdout: str, prefix: str) -> str:
+    return next(x.partition(prefix)[2].strip() for x in stdout.splitlines() if x.startswith(prefix))
+
+
+def one(task: str, row: str, seed: int, steps: int, out: Path, log) -> dict:
+    _, search, train = ROWS[row]
+    common = COMMON.format(task=task, seed=seed)
+    found, search_s, search_cmd = "", None, None
+    if search:
+        search_cmd = f"{search} {common} output_dir={out}/searches"
+        stdout, search_s = run(shlex.split(search_cmd), log)
+        sdir = Path(line_value(stdout, "search:"))
+        found = (sdir / "overrides.txt").read_text().strip()
+    train_cmd = f"train {common} {train.format(steps=steps, found=found)} output_dir={out}/runs".replace("{steps}", str(steps))
+    train_cmd = train_cmd.replace("{found}", found)
+    stdout, train_s = run(shlex.split(train_cmd), log)
+    run_dir = Path(line_value(stdout, "run:"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for heavy in ("checkpoints", "adapter", "adapter_best"):  # fine-tune's are the whole model: 0.5-1.5 GB a run
+        path = run_dir / heavy
+        if path.is_dir() and sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) > 50e6:
+            shutil.rmtree(path)
+    return {"task": task, "row": row, "seed": seed, "test": summary["test"]["metrics"], "dev": summary["eval"],
+            "run_dir": str(run_dir), "search_s": search_s, "train_s": round(train_s, 1),
+            "search_cmd": f"ptune {search_cmd}" if search_cmd else None, "train_cmd": f"ptune {train_cmd}"}
+
+
+def table(results: list[dict]) -> str:
+    out = []
+    for task in dict.fromkeys(r["task"] for r in results):
+        rs = [r for r in results if r["task"] == task]
+        metrics = list(rs[0]["test"])
+        out += [f"### {task} (SmolLM2-135M, K=16, test = the dataset's full dev split)", "",
+                "| row | seeds | " + " | ".join(f"test {m} (mean ± std)" for m in metrics) +
+                " | search s (mean) | train+eval s (mean) |", "|---|---|" + "---|" * (len(metrics) + 2)]
+        for row in dict.fromkeys(r["row"] for r in rs):
+            group = [r for r in rs if r["row"] == row]
+            cells = []
+            for m in metrics:
+                v = [r["test"][m] for r in group]
+                mean = sum(v) / len(v)
+                std = math.sqrt(sum((x - mean) ** 2 for x in v) / len(v))
+                cells.append(f"{mean:.4f} ± {std:.4f}")
+            search = [r["search_s"] for r in group if r["search_s"] is not None]
+            s = f"{sum(search) / len(search):.0f}" if search else "–"
+            seeds = ",".join(str(r["seed"]) for r in group)
+            out.append(f"| {ROWS[row][0]} | {seeds} | " + " | ".join(cells) +
+                       f" | {s} | {sum(r['train_s'] for r in group) / len(group):.0f} |")
+        out += ["", "Commands (seed 13; the other seeds change task.few_shot_seed):", ""]
+        for row in dict.fromkeys(r["row"] for r in rs):
+            r = next(r for r in rs if r["row"] == row)
+            out += [f"- {ROWS[row][0]}:"] + ([f"  `{r['search_cmd']}` then"] if r["search_cmd"] else []) + \
+                   [f"  `{r['train_cmd']}`"]
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--rows", default="zero-shot,linear,pet")
+    ap.add_argument("--seeds", default="13,21,42,87,100")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--out", default="/tmp/fewshot")
+    a = ap.parse_args()
+    out = Path(a.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    store = out / "results.jsonl"
+    results = [json.loads(x) for x in store.read_text().splitlines()] if store.is_file() else []
+    with open(out / "commands.log", "a") as log:
+        for row in a.rows.split(","):
+            for seed in [int(s) for s in a.seeds.split(",")]:
+                if any(r["task"] == a.task and r["row"] == row and r["seed"] == seed for r in results):
+                    continue
+                try:
+                    r = one(a.task, row, seed, a.steps, out, log)
+                except RuntimeError as e:
+                    print(f"{a.task} {row} seed {seed}: {e}", flush=True)
+                    break
+                results.append(r)
+                with open(store, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+                (out / "table.md").write_text(table(results) + "\n")
+                print(f"{a.task} {row} seed {seed}: test {r['test']} ({r['train_s']} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
