@@ -335,3 +335,17 @@ def test_search_refusals_are_one_line(args, msg, in_tmp, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and msg in err[0], err
     assert not (in_tmp / "outputs").exists() or not any((in_tmp / "outputs").rglob("result.yaml"))
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-t5", "tiny-bart", "tiny-llama"])
+def test_label_word_search_on_every_backbone_kind(model, tmp_path):
+    """Masked, seq2seq (decoder's first piece) and causal backbones: the found words are single
+    whole-word tokens of that tokenizer, and the found verbalizer trains."""
+    assert cli.main(["search", "label-words", f"model={model}", "task=sst2", "task.few_shot=4", "search.k=4",
+                     "search.n=3", f"output_dir={tmp_path}/s"]) == 0
+    [sdir] = list((tmp_path / "s").glob("*/*"))
+    found = json.loads((sdir / "summary.json").read_text())["found"]["verbalizer"]
+    assert set(found) == {"negative", "positive"} and all(len(ws) == 1 for ws in found.values())
+    assert cli.main(["train", f"model={model}", "task=sst2", "task.few_shot=4", "method=prompt",
+                     *shlex.split((sdir / "overrides.txt").read_text()), "trainer.max_steps=1", "trainer.batch_size=4",
+                     "task.max_eval_samples=4", f"output_dir={tmp_path}/t"]) == 0
