@@ -282,9 +282,11 @@ def test_found_words_are_the_best_assignment_by_hand(lw_search):
     assert acc == json.loads((lw_search / "summary.json").read_text())["best"]["accuracy"]
 
 
-def test_the_overrides_train(lw_search, tmp_path):
+@pytest.mark.parametrize("method", ["prompt", "p-tuning", "fine-tune"])
+def test_the_overrides_train(lw_search, tmp_path, method):
+    """Searched label words compose with the methods (the table's P-tuning / PET rows)."""
     args = shlex.split((lw_search / "overrides.txt").read_text())
-    assert cli.main(["train", "model=tiny-gpt2", "task=sst2", "task.few_shot=4", "method=prompt", *args,
+    assert cli.main(["train", "model=tiny-gpt2", "task=sst2", "task.few_shot=4", f"method={method}", *args,
                      "trainer.max_steps=2", "trainer.batch_size=4", "task.max_eval_samples=8",
                      f"output_dir={tmp_path}"]) == 0
 
