@@ -28,6 +28,7 @@ import torch
 from ptune import fewshot
 from ptune.data import Example, collate, subsample
 from ptune.errors import PtuneError
+from ptune.tasks import demonstrations as demos
 from ptune.tasks.base import Task
 from ptune.templates import Template
 
@@ -89,7 +90,8 @@ class ClassificationTask(Task):
     metrics: tuple[str, ...] = ("accuracy",)
 
     def __init__(self, *, template: str | None, head: str, verbalizer: dict | None, head_dropout: float, max_len: int,
-                 few_shot: int | None, few_shot_seed: int, **kw):
+                 few_shot: int | None, few_shot_seed: int, demonstrations: str | None, demo_sets: int,
+                 demo_encoder: str, **kw):
         super().__init__(**kw)
         fewshot.check(few_shot, few_shot_seed, self.max_train_samples)
         self.few_shot, self.few_shot_seed = few_shot, few_shot_seed
@@ -114,6 +116,10 @@ class ClassificationTask(Task):
                                                list(self.labels))
         self.keep_soft = False  # set by bind(): only p-tuning places prompts at {soft} slots
         self._mask_id: int | None = None
+        demos.check(demonstrations, demo_sets, demo_encoder, head)  # LM-BFF's demonstrations (tasks/demonstrations.py)
+        self.demo_sets = demo_sets
+        self.demos = demos.Demonstrations(demonstrations, demo_encoder, few_shot_seed if few_shot is not None
+                                          else self.subsample_seed) if demonstrations else None
 
     def split_rows(self, split: str) -> list[dict]:
         """Rows of one of the dataset's own splits (train, dev) in file order: the text fields and
@@ -172,6 +178,8 @@ class ClassificationTask(Task):
             self._mask_id = tok.mask_token_id if tok.mask_token_id is not None else tok.pad_token_id
         else:
             self._mask_id = tok.mask_token_id  # a linear head reads the mask token where there is one
+        if self.demos is not None:  # causal: demonstrations before the query; `similar` loads its encoder
+            self.demos.bind(backbone.kind)
 
     @property
     def soft_positions(self) -> bool:  # read by ptune export: prompts inside the input
@@ -192,16 +200,24 @@ class ClassificationTask(Task):
     def text(self, row: dict) -> str:
         return self.template.render(row)
 
-    def examples(self, tokenizer, rows: list[dict]) -> list[Example]:
+    def examples(self, tokenizer, rows: list[dict], demo_set: int = 0, training: bool = False) -> list[Example]:
+        """With task.demonstrations: each row with demonstration set `demo_set`; training: rows are
+        training_rows() in order, so a row never demonstrates itself."""
         layout = "slot" if self.head == "verbalizer" else "class"
         out = []
-        for r in rows:
-            enc = self.template.encode(tokenizer, r, self.max_len, keep_soft=self.keep_soft, mask_id=self._mask_id)
+        shown = self.demos.attach(self, rows, demo_set, training) if self.demos is not None else None
+        for n, r in enumerate(rows):
+            template, r = shown[n] if shown else (self.template, r)
+            enc = template.encode(tokenizer, r, self.max_len, keep_soft=self.keep_soft, mask_id=self._mask_id)
             out.append(Example(enc.ids, [r.get("label", 0)], layout, soft=enc.soft if self.keep_soft else None,
                                mask_pos=enc.mask_pos))
         return out
 
     def prediction_inputs(self, tokenizer, kind: str, row: dict) -> tuple[list[int], int | None]:
+        if self.demos is not None and self.demo_sets > 1:
+            raise PtuneError(f"task.demo_sets={self.demo_sets} scores each row {self.demo_sets} times (one per "
+                             f"demonstration set), which a mixed-adapter batch does not; run the adapter alone "
+                             f"(ptune predict run=<dir>)")
         e = self.examples(tokenizer, [{**row, "label": 0}])[0]
         return e.input_ids, e.mask_pos
 
@@ -209,23 +225,47 @@ class ClassificationTask(Task):
         """Token ids of each row, with the tokenizer's special tokens, at most max_len long."""
         return [e.input_ids for e in self.examples(tokenizer, rows)]
 
-    def train_examples(self, tokenizer, kind: str | None = None) -> list[Example]:
-        """Examples of layout "class" (linear) or "slot" (verbalizer) whatever the backbone kind."""
+    def training_rows(self) -> list[dict]:
+        """The rows training reads (the few-shot train set, or a max_train_samples subset), which
+        are also the rows demonstrations are drawn from."""
         rows = self.rows("train")
-        rows = [rows[i] for i in subsample(len(rows), self.max_train_samples, self.subsample_seed)]
-        return self.examples(tokenizer, rows)
+        return [rows[i] for i in subsample(len(rows), self.max_train_samples, self.subsample_seed)]
+
+    def train_examples(self, tokenizer, kind: str | None = None) -> list[Example]:
+        """Examples of layout "class" (linear) or "slot" (verbalizer) whatever the backbone kind;
+        with demonstrations, set 0 for every epoch (LM-BFF resamples each epoch)."""
+        return self.examples(tokenizer, self.training_rows(), training=True)
 
     # -- inference -----------------------------------------------------------------------------
     def classify(self, method, rows: list[dict], batch_size: int) -> list[int]:
-        """Predicted class index per row. Rows are batched by length (less padding), results in input order."""
+        """Predicted class index per row (the argmax of class_scores)."""
+        return self.class_scores(method, rows, batch_size).argmax(-1).tolist()
+
+    def class_scores(self, method, rows: list[dict], batch_size: int, sets: list[int] | None = None) -> torch.Tensor:
+        """(len(rows), n_classes) head scores (linear logits, verbalizer log-probs). With
+        demonstrations: the mean over demonstration sets `sets` (default 0..task.demo_sets-1) of
+        each set's scores, as LM-BFF averages over its 16 sets."""
+        tok = method.backbone.tokenizer
+        sets = sets if sets is not None else list(range(self.demo_sets if self.demos is not None else 1))
+        total = None
+        for s in sets:
+            examples = self.examples(tok, rows, demo_set=s)
+            if self.demos is not None:
+                demos.check_positions(method, [len(e.input_ids) for e in examples])
+            scores = self._scores(method, examples, batch_size)
+            total = scores if total is None else total + scores
+        return total / len(sets)
+
+    def _scores(self, method, examples: list[Example], batch_size: int) -> torch.Tensor:
+        """(len(examples), n_classes) float scores on the CPU. Batched by length (less padding),
+        results in input order."""
         from ptune.heads import class_logits
         from ptune.verbalizer import slot_scores
 
         tok = method.backbone.tokenizer
-        examples = self.examples(tok, rows)
-        order = sorted(range(len(rows)), key=lambda i: len(examples[i].input_ids))
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         device = next(method.backbone.model.parameters()).device
-        out = [0] * len(rows)
+        out = torch.zeros(len(examples), len(self.labels))
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
@@ -234,8 +274,7 @@ class ClassificationTask(Task):
                     scores = slot_scores(method, batch)
                 else:
                     scores = class_logits(method, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-                for i, pred in zip(idx, scores.argmax(-1).tolist()):
-                    out[i] = pred
+                out[torch.tensor(idx)] = scores.float().cpu()
         return out
 
     def scores(self, preds: list[int], gold: list[int]) -> dict:

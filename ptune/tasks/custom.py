@@ -233,7 +233,11 @@ def Custom(*, type: str, **kw) -> Task:  # noqa: N802 -- the registry calls it l
         if kw.get("few_shot") is not None:
             raise PtuneError(f"task.few_shot={kw['few_shot']} draws K examples per class; task.type=generation has no "
                              f"classes: use task.max_train_samples")
-        for key in ("head", "verbalizer", "labels", "head_dropout", "few_shot", "few_shot_seed"):
+        if kw.get("demonstrations") is not None:
+            raise PtuneError(f"task.demonstrations={kw['demonstrations']} shows one example per class; "
+                             f"task.type=generation has no classes: drop task.demonstrations")
+        for key in ("head", "verbalizer", "labels", "head_dropout", "few_shot", "few_shot_seed", "demonstrations",
+                    "demo_sets", "demo_encoder"):
             kw.pop(key, None)
         return CustomGeneration(**kw)
     return CustomClassification(**{**kw, "head": kw.get("head") or "linear"})  # null: the classifier
