@@ -31,10 +31,12 @@ def compose_search(kind: str, overrides: list[str]):
     zero-shot scorer is), plus conf/search/<kind>.yaml under `search`."""
     from ptune.config import check, compose
 
+    from ptune import methods
+
     module(kind)
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
-        if key == "method" and value != "hard-prompt":
+        if key == "method" and value in methods.METHODS and methods.METHODS[value].trains:
             raise PtuneError(f"ptune search scores prompts with nothing trained (method=hard-prompt); drop method={value} "
                              f"and pass what it finds to `ptune train method={value}`")
         if key == "task.head" and value != "verbalizer":
