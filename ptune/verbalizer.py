@@ -221,12 +221,18 @@ class VerbalizerHead(SlotHead):
 
     words: per class (in class-index order) the label words' piece ids, e.g.
     [[(1099,)], [(2307,), (8412, 553)]]: class 0 one single-token word, class 1 two words.
+    template, triggers: the task's template source and trigger tokens, only recorded in config()
+    (adapter_config.json, with the triggers also as text), so a run's prompt reads without its config.yaml.
     """
 
-    def __init__(self, backbone, words: list[list[tuple[int, ...]]], labels: list[str] | None = None):
+    def __init__(self, backbone, words: list[list[tuple[int, ...]]], labels: list[str] | None = None,
+                 template: str | None = None, triggers: list[str] | None = None):
         super().__init__(backbone)
         self.words = words
         self.labels = labels
+        self.prompt = {k: v for k, v in (("template", template), ("triggers", triggers)) if v is not None}
+        if triggers:  # the same as text, e.g. " atmosphere totally" for ["Ġatmosphere", "Ġtotally"]
+            self.prompt["triggers_text"] = backbone.tokenizer.convert_tokens_to_string(list(triggers))
         self.cands = sorted({w for ws in words for w in ws})
         index = {w: i for i, w in enumerate(self.cands)}
         self.class_cands = [[index[w] for w in ws] for ws in words]
@@ -253,7 +259,7 @@ class VerbalizerHead(SlotHead):
 
     def config(self) -> dict:
         return {"kind": "verbalizer", "labels": self.labels, "word_pieces": [[list(w) for w in ws] for ws in self.words],
-                "combine": "logsumexp over words of the sum of piece log-probs"}
+                "combine": "logsumexp over words of the sum of piece log-probs", **self.prompt}
 
 
 class VocabHead(SlotHead):

@@ -81,6 +81,24 @@ def crash_after_checkpoint(monkeypatch, at_step: int):
     return lambda: monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
 
 
+def crash_after_search_save(monkeypatch, n: int):
+    """Make the next `ptune search` "die" (KeyboardInterrupt) right after its n-th save of
+    search_state.json; returns a function that puts the real writer back (resumed == uninterrupted)."""
+    from ptune.search import base
+
+    real_save = base.SearchDir.save
+    calls = {"n": 0}
+
+    def save_then_crash(self, state, candidates):
+        real_save(self, state, candidates)
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(base.SearchDir, "save", save_then_crash)
+    return lambda: monkeypatch.setattr(base.SearchDir, "save", real_save)
+
+
 # -- resumed == uninterrupted: what two runs of one job must share -----------------------------------
 # the tensor files of a finished 6-step run (TINY) that a resumed run must reproduce bit for bit
 RUN_TENSORS = ("adapter/adapter_model.safetensors", "adapter_best/adapter_model.safetensors",

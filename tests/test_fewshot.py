@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import crash_after_search_save
 from ptune import cli, fewshot, tasks
 from ptune.config import compose, override_value
 from ptune.errors import PtuneError
@@ -292,18 +293,9 @@ def test_the_overrides_train(lw_search, tmp_path, method):
 
 
 def test_a_resumed_search_equals_an_uninterrupted_one(lw_search, tmp_path, monkeypatch):
-    real = base.SearchDir.save
-    calls = {"n": 0}
-
-    def save_then_die(self, state, candidates):
-        real(self, state, candidates)
-        calls["n"] += 1
-        if calls["n"] == 2:  # after the training-set ranking, before the dev scores
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(base.SearchDir, "save", save_then_die)
+    restore = crash_after_search_save(monkeypatch, 2)  # after the training-set ranking, before the dev scores
     assert cli.main(["search", "label-words", *SEARCH, f"output_dir={tmp_path}"]) == 130
-    monkeypatch.setattr(base.SearchDir, "save", real)
+    restore()
     [sdir] = list(tmp_path.glob("*/*"))
     assert not (sdir / "result.yaml").exists()
     assert cli.main(["search", f"resume={sdir}"]) == 0

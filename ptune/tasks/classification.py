@@ -30,7 +30,7 @@ from ptune.data import Example, collate, subsample
 from ptune.errors import PtuneError
 from ptune.tasks import demonstrations as demos
 from ptune.tasks.base import Task
-from ptune.templates import Template
+from ptune.templates import Template, token_ids, token_strings
 
 HEADS = ("linear", "lm", "verbalizer")
 
@@ -89,7 +89,8 @@ class ClassificationTask(Task):
     default_verbalizer: dict | None = None
     metrics: tuple[str, ...] = ("accuracy",)
 
-    def __init__(self, *, template: str | None, head: str, verbalizer: dict | None, head_dropout: float, max_len: int,
+    def __init__(self, *, template: str | None, triggers: list | None, head: str, verbalizer: dict | None,
+                 head_dropout: float, max_len: int,
                  few_shot: int | None, few_shot_seed: int, demonstrations: str | None, demo_sets: int,
                  demo_encoder: str, **kw):
         super().__init__(**kw)
@@ -109,6 +110,9 @@ class ClassificationTask(Task):
         self._template_given = template is not None
         self.template = Template(template or self.default_template.get(head, "{" + "} {".join(self.fields) + "}"))
         self.template.check_fields(self.fields, self.name)
+        self.triggers = token_strings(triggers)  # AutoPrompt's trigger tokens at the template's {trigger} slots
+        self.template.check_triggers(self.triggers)
+        self.trigger_ids: list[int] | None = None  # their ids, set by bind() (a search may write others)
         self.verbalizer = None
         if head == "verbalizer":
             self.template.require_mask("task.head=verbalizer")
@@ -171,6 +175,8 @@ class ClassificationTask(Task):
                              f"and method.num_virtual_tokens={method.p}; set method.num_virtual_tokens="
                              f"{self.template.n_soft}")
         tok = backbone.tokenizer
+        self.template.check_triggers(self.triggers)  # a search's variant may have replaced either
+        self.trigger_ids = token_ids(tok, self.triggers) if self.triggers else None
         if self.head == "verbalizer":
             verbalizer.check_backbone(backbone)
             verbalizer.check_template(self.template, backbone)
@@ -194,7 +200,8 @@ class ClassificationTask(Task):
 
         words = [[word_pieces(backbone.tokenizer, w, self.template.mask_space, f"task.verbalizer.{label}")
                   for w in ws] for label, ws in zip(self.labels, self.verbalizer)]
-        return VerbalizerHead(backbone, words, list(self.labels))
+        return VerbalizerHead(backbone, words, list(self.labels), template=self.template.source,
+                              triggers=self.triggers)
 
     # -- encoding ------------------------------------------------------------------------------
     def text(self, row: dict) -> str:
@@ -208,7 +215,8 @@ class ClassificationTask(Task):
         shown = self.demos.attach(self, rows, demo_set, training) if self.demos is not None else None
         for n, r in enumerate(rows):
             template, r = shown[n] if shown else (self.template, r)
-            enc = template.encode(tokenizer, r, self.max_len, keep_soft=self.keep_soft, mask_id=self._mask_id)
+            enc = template.encode(tokenizer, r, self.max_len, keep_soft=self.keep_soft, mask_id=self._mask_id,
+                                  triggers=self.trigger_ids)
             out.append(Example(enc.ids, [r.get("label", 0)], layout, soft=enc.soft if self.keep_soft else None,
                                mask_pos=enc.mask_pos))
         return out

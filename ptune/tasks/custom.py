@@ -165,9 +165,9 @@ class CustomGeneration(Task):
         self.label_column = label_column
         self.template = Template(template or " ".join("{" + c + "}" for c in self.fields))
         self.template.check_fields(self.fields, self.name)
-        if self.template.has_mask or self.template.n_soft:
+        if self.template.has_mask or self.template.n_soft or self.template.n_trigger:
             raise PtuneError(f"task.template={self.template.source!r}: task.type=generation continues the text; "
-                             f"{{mask}} and {{soft}} slots are for classification")
+                             f"{{mask}}, {{soft}} and {{trigger}} slots are for classification")
         self.max_len, self.max_target_len, self.max_new_tokens = max_len, max_target_len, max_new_tokens
 
     def _pairs(self, split: str) -> list[tuple[str, str]]:
