@@ -2,7 +2,8 @@
 
     adapter/ (or adapter_best/)
         adapter_model.safetensors   the method's adapter tensors (e.g. the collapsed prefix, not its MLP)
-                                    and, with a linear head, head.weight (n_classes, hidden), head.bias
+                                    and the head's: head.weight (n_classes, hidden), head.bias with a
+                                    linear or soft-verbalizer head, head.proj.weight, head.prototypes with ProtoVerb
         adapter_config.json         the method's description, base model, task, and the head's
 
 The task head is saved beside the method's tensors, as `head.*`, and split off again on load:
@@ -69,8 +70,12 @@ def load_adapter_tensors(method, tensors: dict[str, torch.Tensor]) -> None:
     saved = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
     expected = head.state_dict()
     if set(saved) != set(expected):
-        raise PtuneError("the adapter holds no linear head (head.weight, head.bias) but task.head=linear needs one; "
-                         "evaluate it with the task.head it was trained with")
+        if not hasattr(head, "config"):  # the linear head
+            raise PtuneError("the adapter holds no linear head (head.weight, head.bias) but task.head=linear needs one; "
+                             "evaluate it with the task.head it was trained with")
+        names = lambda keys: ", ".join(f"head.{k}" for k in sorted(keys)) or "none"  # noqa: E731
+        raise PtuneError(f"the adapter holds head tensors {names(saved)} and task.head={head.config()['kind']} needs "
+                         f"{names(expected)}; evaluate it with the task.head it was trained with")
     for k, v in saved.items():
         if v.shape != expected[k].shape:
             raise PtuneError(f"adapter tensor head.{k} has shape {tuple(v.shape)}, this task and model need "
@@ -86,8 +91,9 @@ def head_config(method, labels) -> dict:
     head = getattr(method, "head", None)
     if head is None:
         return {}
-    if hasattr(head, "config"):  # verbalizer / vocabulary heads: no tensors, their words
-        return {"head": head.config()}
+    if hasattr(head, "config"):  # verbalizer-type and vocabulary heads: their words (and tensors)
+        calibration = getattr(head, "calibration", None)  # task.calibrate (ptune/calibration.py)
+        return {"head": {**head.config(), **({"calibration": calibration} if calibration else {})}}
     n_classes, hidden = head.weight.shape
     return {"head": {"kind": "linear", "labels": labels, "hidden": hidden, "n_classes": n_classes,
                      "dropout": head.dropout, "tensors": "head.weight (n_classes, hidden), head.bias (n_classes,)"}}

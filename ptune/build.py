@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptune import methods, models, tasks
+from ptune import calibration, methods, models, tasks
 from ptune.adapter import load_adapter, load_adapter_tensors
 from ptune.config import load_saved, method_kwargs, task_kwargs
 from ptune.errors import PtuneError
@@ -82,8 +82,8 @@ def build(cfg: DictConfig, backbone=None):
     backbone = backbone if backbone is not None else build_backbone(cfg)
     task = tasks.build(cfg.task.name, **task_kwargs(cfg))
     kwargs = method_kwargs(cfg)
-    if kwargs.get("init") == "labels":  # prompt tuning's class-label init embeds the task's label words
-        kwargs["label_words"] = task.label_words()
+    if kwargs.get("init") == "labels":  # prompt tuning's class-label init: the label words as the verbalizer scores them
+        kwargs["label_words"] = task.init_label_words(backbone.kind)
     torch.manual_seed(cfg.trainer.seed)  # the method's initial tensors come from the run's seed
     method = methods.build(cfg.method.name, backbone, **kwargs)
     attach_head(method, task, backbone, cfg.trainer.seed)
@@ -93,14 +93,21 @@ def build(cfg: DictConfig, backbone=None):
 def attach_head(method, task, backbone, seed: int) -> None:
     """Give the method the head its task asks for (`task.head`; generation tasks have none: lm)."""
     from ptune.heads import LinearHead
+    from ptune.mask_heads import MASK_HEADS, build_head
 
     head = task.head
     if head == "lm" and backbone.kind in ("masked", "encoder"):
         raise PtuneError(f"task={task.name} generates text, which model={backbone.name} ({backbone.kind}, no "
                          f"left-to-right decoder) cannot; use a causal or seq2seq model")
     task.bind(backbone, method)  # templates checked against this backbone and method (ptune.templates)
-    if head in ("verbalizer", "vocab"):  # the LM's own word scores at the template's {mask} (ptune.verbalizer)
-        method.attach_head(task.slot_head(backbone))
+    if head in ("verbalizer", "vocab", *MASK_HEADS):  # scored at the template's {mask} (ptune.verbalizer, .mask_heads)
+        slot = build_head(task, backbone, seed) if head in MASK_HEADS else task.slot_head(backbone)
+        if any(True for _ in slot.parameters()) and not method.trains:  # as a linear head below
+            raise PtuneError(f"method={method.name} trains nothing, so with task.head={head} only the head would train, "
+                             f"on a frozen backbone; run that as method=fine-tune method.trainable=head (zero-shot label "
+                             f"words: task.head=verbalizer)")
+        slot.calibration = calibration.describe() if getattr(task, "calibrate", False) else None
+        method.attach_head(slot)
         return
     if head != "linear":
         return

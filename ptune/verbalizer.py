@@ -103,7 +103,10 @@ class SlotHead(nn.Module):
 
     def __init__(self, backbone):
         super().__init__()
-        check_backbone(backbone)
+        if self.reads_lm_head:
+            check_backbone(backbone)
+        elif backbone.kind not in (*KINDS, "encoder"):  # heads with tensors of their own (ptune/mask_heads.py)
+            raise PtuneError(f"task.head does not support model.kind={backbone.kind}")
         self.kind = backbone.kind
         tok = backbone.tokenizer
         self.mask_id = tok.mask_token_id
@@ -293,7 +296,11 @@ def slot_scores(method, batch) -> torch.Tensor:
 
 
 def slot_loss(method, batch) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the head's classes (PET) and the number of examples."""
+    """Summed cross-entropy over the head's classes (PET) and the number of examples; a head with a
+    loss of its own (ProtoVerb's contrastive losses, ptune/proto_verbalizer.py) gives it instead."""
+    head = getattr(method, "head", None)
+    if hasattr(head, "loss"):
+        return head.loss(method, batch)
     scores = slot_scores(method, batch)
     labels = batch["labels"].to(scores.device)
     return F.cross_entropy(scores, labels, reduction="sum"), labels.shape[0]

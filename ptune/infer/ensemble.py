@@ -12,7 +12,8 @@ together, each example read once per prompt *in one batch*, and their prediction
   through its own adapter); a linear-head member's own classifier reads its rows' pooled states;
 - each member's class probabilities are the softmax over its class scores: the linear head's
   logits, or the verbalizer's log P(label words | x) (so a verbalizer member's probabilities are
-  renormalised over the label words, as PET's loss is);
+  renormalised over the label words, as PET's loss is), a soft verbalizer's logits, ProtoVerb's
+  cosines (calibrated where the run set task.calibrate);
 - `vote`: the majority of the members' argmax labels (Lester et al.'s rule); a tie between classes
   with the same number of votes goes to the one of them with the largest summed probability over
   the members (then to the lower class index, torch.argmax's first maximum);
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ptune.errors import PtuneError
+from ptune.mask_heads import MASK_HEADS
 
 HOWS = ("vote", "mean")
 
@@ -77,7 +79,7 @@ def check_members(configs: dict) -> None:
                 key = next(k for k in ["name", *sorted(set(a) | set(b))] if a.get(k) != b.get(k))  # the name first
                 raise PtuneError(f"ensemble members must share {group}: {run} has {group}.{key}={b.get(key)!r}, "
                                  f"{runs[0]} has {a.get(key)!r}")
-    if first.task.get("head", "lm") not in ("linear", "verbalizer"):
+    if first.task.get("head", "lm") not in ("linear", "verbalizer", *MASK_HEADS):
         raise PtuneError(f"task={first.task.name} generates text (task.head={first.task.get('head', 'lm')}); ensembles "
                          f"combine class predictions: use a classification task (task.head=linear or verbalizer)")
 

@@ -208,6 +208,38 @@ def slot_log_probs(methods, queries: list[tuple[int, list[int], int, list]]) -> 
     return list(picked.split([len(q[3]) for q in queries]))
 
 
+@torch.no_grad()
+def mask_states(methods, queries: list[tuple[int, list[int], int, int, str]]) -> torch.Tensor:
+    """(n_queries, hidden) float32 states of soft- and proto-verbalizer rows, all in one forward.
+
+    queries: (adapter index, token row, position to read, pad id, space) as `MaskStateHead.mask_query`
+    and `.space` give them (ptune/mask_heads.py): "hidden" reads the last hidden state, "output" what
+    the LM's output embedding reads (a masked LM's MLM transform; on causal models the same state).
+    Rows are right-padded, as MaskStateHead pads them alone."""
+    from ptune.mask_heads import capture_input
+
+    backbone = methods[0].backbone
+    device = next(backbone.model.parameters()).device
+    width = max(len(q[1]) for q in queries)
+    ids = torch.full((len(queries), width), queries[0][3], dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, (_, row, _, _, _) in enumerate(queries):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    adapters = torch.tensor([q[0] for q in queries], device=device)
+    layout = mixed_inputs(methods, ids.to(device), mask.to(device), adapters)
+    model = backbone.model
+    output = torch.tensor([q[4] == "output" for q in queries], device=device)
+    if backbone.kind == "masked" and bool(output.any()):
+        with capture_input(model.get_output_embeddings()) as got:
+            hidden = model(**layout.inputs, output_hidden_states=True).hidden_states[-1]
+        hidden, out = layout.tokens(hidden), layout.tokens(got[0])
+    else:
+        hidden = out = layout.tokens(model.base_model(**layout.inputs).last_hidden_state)
+    rows, read = torch.arange(len(queries), device=device), torch.tensor([q[2] for q in queries], device=device)
+    return torch.where(output[:, None], out[rows, read], hidden[rows, read]).float()
+
+
 # -- greedy generation ---------------------------------------------------------------------------
 @torch.no_grad()
 def greedy(methods, input_ids, attention_mask, adapter_ids, max_new_tokens: list[int],

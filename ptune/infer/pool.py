@@ -14,6 +14,8 @@ adapters, each row with its own prompt or prefix, with the outputs it gets alone
 What a row's adapter answers with (its task's head, as `ptune predict` with that run alone):
 - classification, linear head: the label of its own head's logits over the pooled state;
 - classification, verbalizer head: the label whose words score best at the template's {mask};
+- classification, soft / proto verbalizer (ptune/mask_heads.py): its own head on the row's state at
+  {mask}, all such rows in one forward; task.calibrate runs: calibrated as the adapter alone;
 - generation (e2e, xsum, custom generation; causal models): greedy decoding, one line of text,
   up to the task's max_new_tokens, all generation rows of a batch decoded together.
 
@@ -36,10 +38,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ptune import methods
+from ptune import calibration, methods
 from ptune.build import build_backbone, load_run, load_trained, setup_logging
 from ptune.errors import PtuneError
 from ptune.infer import mixed
+from ptune.mask_heads import MASK_HEADS
 
 ADAPTER_FIELD = "adapter"
 
@@ -188,6 +191,7 @@ class Pool:
         out: list = [None] * len(encoded)
         linear = [i for i, e in enumerate(encoded) if self._head(e) == "linear"]
         slot = [i for i, e in enumerate(encoded) if self._head(e) == "verbalizer"]
+        learned = [i for i, e in enumerate(encoded) if self._head(e) in MASK_HEADS]
         gen = [i for i, e in enumerate(encoded) if self._head(e) == "lm"]
         if gen:
             raise PtuneError(f"input {gen[0]} belongs to a generation adapter; class_scores takes classification rows")
@@ -197,7 +201,36 @@ class Pool:
         if slot:
             for i, s in zip(slot, self._verbalizer([encoded[i] for i in slot])):
                 out[i] = s
-        return out
+        if learned:
+            for i, s in zip(learned, self._mask_heads([encoded[i] for i in learned])):
+                out[i] = s
+        return self._calibrated(encoded, out)
+
+    def _calibrated(self, encoded: list[dict], scores: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Rows of adapters trained with task.calibrate: their scores calibrated as the adapter alone
+        calibrates them (ptune/calibration.py: the content-free inputs through its own task.class_scores)."""
+        for k, name in enumerate(self.names):
+            a = self.adapters[name]
+            rows = [i for i, e in enumerate(encoded) if e["adapter"] == k]
+            if rows and getattr(a.task, "calibrate", False):
+                calibrated = calibration.apply(a.task, a.method, torch.stack([scores[i] for i in rows]), len(rows))
+                for i, s in zip(rows, calibrated):
+                    scores[i] = s
+        return scores
+
+    def _mask_heads(self, encoded: list[dict]) -> list[torch.Tensor]:
+        """Soft- and proto-verbalizer rows (ptune/mask_heads.py): every row's state at its mask in one
+        forward, then its own head; ProtoVerb with task.proto_combine adds its manual verbalizer's word
+        scores (one more forward, as verbalizer rows)."""
+        heads = [self._methods[e["adapter"]].head for e in encoded]
+        queries = [(e["adapter"], *h.mask_query(e["ids"], e["mask_pos"]), h.pad_id, h.space)
+                   for e, h in zip(encoded, heads)]
+        states = mixed.mask_states(self._methods, queries)  # (rows, hidden)
+        combined = [r for r, h in enumerate(heads) if getattr(h, "manual", None) is not None]
+        words = dict(zip(combined, self._verbalizer([encoded[r] for r in combined], manual=True))) if combined else {}
+        with torch.no_grad():
+            return [h.from_parts(states[r:r + 1], words[r][None] if r in words else None)[0].cpu()
+                    for r, h in enumerate(heads)]
 
     def _head(self, e: dict) -> str:
         return self.adapters[self.names[e["adapter"]]].head
@@ -229,17 +262,19 @@ class Pool:
                 out.append(head(pooled[r:r + 1])[0])
         return out
 
-    def _verbalizer(self, encoded: list[dict]) -> list[torch.Tensor]:
+    def _verbalizer(self, encoded: list[dict], manual: bool = False) -> list[torch.Tensor]:
+        """Word-verbalizer scores per row; manual: those of the rows' heads' own manual verbalizers."""
         queries, owners = [], []  # one forward for every query of every row
-        for r, e in enumerate(encoded):
-            head = self._methods[e["adapter"]].head
+        heads = [self._methods[e["adapter"]].head for e in encoded]
+        heads = [h.manual for h in heads] if manual else heads
+        for r, (e, head) in enumerate(zip(encoded, heads)):
             for row, targets in head.queries(e["ids"], e["mask_pos"]):
                 queries.append((e["adapter"], row, head.pad_id, targets))
                 owners.append(r)
         pieces: list[list] = [[] for _ in encoded]  # per row: (candidate, log-prob of one piece)
         for (_, _, _, targets), lp, owner in zip(queries, mixed.slot_log_probs(self._methods, queries), owners):
             pieces[owner] += [(c, v) for (_, _, c), v in zip(targets, lp.cpu())]
-        return [self._methods[e["adapter"]].head.class_scores(pieces[r]) for r, e in enumerate(encoded)]
+        return [head.class_scores(pieces[r]) for r, head in enumerate(heads)]
 
     def generate(self, inputs: list[dict]) -> list[str]:
         """Per generation row, one line of greedy text (as generate.generate_from_ids decodes it)."""
@@ -302,7 +337,7 @@ def _check_task(a: Adapter) -> None:
     if head == "lm" and getattr(a.task, "num_beams", 1) != 1:
         raise PtuneError(f"adapter {a.name!r} decodes with beam search (task.decoding=beam); several-run predict "
                          f"decodes greedily: retrain or evaluate it with task.decoding=greedy")
-    if head not in ("lm", "linear", "verbalizer"):
+    if head not in ("lm", "linear", "verbalizer", *MASK_HEADS):
         raise PtuneError(f"adapter {a.name!r}: task.head={head} is not served by several-run predict; run it alone")
     if a.task.soft_positions:
         raise PtuneError(f"adapter {a.name!r}: p-tuning with {{soft}} slots inside the template is not served by "

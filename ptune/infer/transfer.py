@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ptune.errors import PtuneError
+from ptune.mask_heads import MASK_HEADS
 
 
 def parse_label_map(spec: str | None) -> dict[str, str] | None:
@@ -119,6 +120,9 @@ def evaluate_transfer(run: str, task_cfg: DictConfig, label_map: str | None = No
 
     run_dir, cfg = load_run(run, trust_remote_code)
     trained_head = cfg.task.get("head")
+    if trained_head in MASK_HEADS:  # their class vectors / prototypes have no label map yet
+        raise PtuneError(f"task.head={trained_head}: domain transfer maps a linear or word verbalizer head's classes, "
+                         f"not learned class vectors; evaluate the run on its own task")
     if trained_head not in ("linear", "verbalizer"):
         raise PtuneError(f"the run's task {cfg.task.name} has no classification head (task.head={trained_head}); "
                          f"domain transfer maps a classifier's labels")

@@ -38,7 +38,9 @@ Initialisation (`init`, paper §3.2 and Fig. 3b):
   length p (PEFT's TEXT does the same; it tokenizes with special tokens, which adds none for
   GPT-2/SmolLM2 tokenizers);
 - `labels` (the paper's best): row i is the embedding of class i's label string (`label_words`,
-  the task's verbalizer, passed in by train.build), the mean of its token embeddings when it has
+  the task's verbalizer words as the verbalizer tokenizes them, after the template's whitespace
+  before {mask}: " terrible", so a byte-level BPE embeds the very pieces the verbalizer scores;
+  passed in by ptune.build from `task.init_label_words`), the mean of its token embeddings when it has
   several tokens; the remaining rows are sampled as for `vocab`; labels beyond p are skipped.
   Paper §3.2: "When a class label is multi-token, we average the token embeddings ... we fall
   back to our sampled vocab strategy to fill in the prompt"; the authors' `from_embedded_list`

@@ -93,6 +93,11 @@ class Task:
         """Per class its label word(s) (classification tasks); None for tasks without classes."""
         return None
 
+    def init_label_words(self, kind: str) -> list | None:
+        """What prompt tuning's method.init=labels embeds on a backbone of this kind: label_words() by
+        default (classification tasks: the words as their verbalizer tokenizes them)."""
+        return self.label_words()
+
     def bind(self, backbone, method) -> None:
         """Check the task against the backbone and method it will run with (ptune.build); nothing by default."""
 

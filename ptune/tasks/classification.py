@@ -28,11 +28,15 @@ import torch
 from ptune import fewshot
 from ptune.data import Example, collate, subsample
 from ptune.errors import PtuneError
+from ptune.mask_heads import check_options
 from ptune.tasks import demonstrations as demos
 from ptune.tasks.base import Task
 from ptune.templates import Template, token_ids, token_strings
 
-HEADS = ("linear", "lm", "verbalizer")
+HEADS = ("linear", "lm", "verbalizer", "soft-verbalizer", "proto-verbalizer")
+# heads scored at the template's {mask} (batches of layout "slot"): label words (ptune/verbalizer.py), WARP's
+# class vectors and ProtoVerb's prototypes (ptune/mask_heads.py); all read the verbalizer's default template
+SLOT_HEADS = ("verbalizer", "soft-verbalizer", "proto-verbalizer")
 
 
 # -- metrics: ptune's shipped `evaluate` modules (ptune/metrics), hand-checked in tests/test_tasks.py --
@@ -92,7 +96,7 @@ class ClassificationTask(Task):
     def __init__(self, *, template: str | None, triggers: list | None, head: str, verbalizer: dict | None,
                  head_dropout: float, max_len: int,
                  few_shot: int | None, few_shot_seed: int, demonstrations: str | None, demo_sets: int,
-                 demo_encoder: str, **kw):
+                 demo_encoder: str, calibrate: bool, proto_combine: bool, proto_dim: int, **kw):
         super().__init__(**kw)
         fewshot.check(few_shot, few_shot_seed, self.max_train_samples)
         self.few_shot, self.few_shot_seed = few_shot, few_shot_seed
@@ -107,15 +111,18 @@ class ClassificationTask(Task):
         if not (isinstance(max_len, int) and max_len >= 2):
             raise PtuneError(f"task.max_len={max_len!r} is invalid: must be an integer >= 2")
         self.head, self.head_dropout, self.max_len = head, float(head_dropout), max_len
+        self.calibrate, self.proto_combine, self.proto_dim = check_options(head, calibrate, proto_combine, proto_dim)
+        self._template_key = "verbalizer" if head in SLOT_HEADS else head  # which default_template entry applies
         self._template_given = template is not None
-        self.template = Template(template or self.default_template.get(head, "{" + "} {".join(self.fields) + "}"))
+        self.template = Template(template or self.default_template.get(self._template_key,
+                                                                       "{" + "} {".join(self.fields) + "}"))
         self.template.check_fields(self.fields, self.name)
         self.triggers = token_strings(triggers)  # AutoPrompt's trigger tokens at the template's {trigger} slots
         self.template.check_triggers(self.triggers)
         self.trigger_ids: list[int] | None = None  # their ids, set by bind() (a search may write others)
         self.verbalizer = None
-        if head == "verbalizer":
-            self.template.require_mask("task.head=verbalizer")
+        if head in SLOT_HEADS:
+            self.template.require_mask(f"task.head={head}")
             self.verbalizer = verbalizer_words(verbalizer if verbalizer is not None else self.default_verbalizer,
                                                list(self.labels))
         self.keep_soft = False  # set by bind(): only p-tuning places prompts at {soft} slots
@@ -157,8 +164,19 @@ class ClassificationTask(Task):
         return "test" if self.few_shot is not None else None
 
     def label_words(self) -> list:
-        """Per class, its verbalizer words (or its name under a linear head): prompt init=labels embeds them."""
+        """Per class, its verbalizer words (or its name under a linear head)."""
         return [ws if len(ws) > 1 else ws[0] for ws in self.verbalizer] if self.verbalizer else list(self.labels)
+
+    def init_label_words(self, kind: str) -> list:
+        """What method.init=labels embeds: each verbalizer word after the whitespace before {mask}, the
+        pieces the verbalizer scores (a byte-level BPE embeds " terrible", not "terrible"), in the template
+        bind() will choose for this backbone kind (repeated here: the method is built before bind);
+        label names as they are under a linear head."""
+        if not self.verbalizer:
+            return list(self.labels)
+        alt = self.default_template.get(f"{self._template_key}:{kind}")
+        space = (Template(alt) if alt and not self._template_given else self.template).mask_space
+        return [[space + w for w in ws] for ws in self.verbalizer]
 
     # -- the head ------------------------------------------------------------------------------
     def bind(self, backbone, method) -> None:
@@ -166,10 +184,10 @@ class ClassificationTask(Task):
         how rows are written: soft slots for p-tuning, the mask id for this backbone."""
         from ptune import verbalizer
 
-        causal_default = self.default_template.get(f"{self.head}:{backbone.kind}")
+        causal_default = self.default_template.get(f"{self._template_key}:{backbone.kind}")
         if causal_default and not self._template_given:  # e.g. NLI: a causal model cannot read past {mask}
             self.template = Template(causal_default)
-        self.keep_soft = verbalizer.takes_soft_mask(method) and self.head == "verbalizer" and self.template.n_soft > 0
+        self.keep_soft = verbalizer.takes_soft_mask(method) and self.head in SLOT_HEADS and self.template.n_soft > 0
         if self.keep_soft and self.template.n_soft != method.p:
             raise PtuneError(f"task.template={self.template.source!r} has {self.template.n_soft} {{soft}} positions "
                              f"and method.num_virtual_tokens={method.p}; set method.num_virtual_tokens="
@@ -177,8 +195,9 @@ class ClassificationTask(Task):
         tok = backbone.tokenizer
         self.template.check_triggers(self.triggers)  # a search's variant may have replaced either
         self.trigger_ids = token_ids(tok, self.triggers) if self.triggers else None
-        if self.head == "verbalizer":
-            verbalizer.check_backbone(backbone)
+        if self.head in SLOT_HEADS:
+            if self.head == "verbalizer":  # the soft and proto heads run on encoders too (ptune/mask_heads.py)
+                verbalizer.check_backbone(backbone)
             verbalizer.check_template(self.template, backbone)
             # the mask slot: [MASK] for masked LMs; any id for the others (the head rebuilds those rows)
             self._mask_id = tok.mask_token_id if tok.mask_token_id is not None else tok.pad_token_id
@@ -210,7 +229,7 @@ class ClassificationTask(Task):
     def examples(self, tokenizer, rows: list[dict], demo_set: int = 0, training: bool = False) -> list[Example]:
         """With task.demonstrations: each row with demonstration set `demo_set`; training: rows are
         training_rows() in order, so a row never demonstrates itself."""
-        layout = "slot" if self.head == "verbalizer" else "class"
+        layout = "slot" if self.head in SLOT_HEADS else "class"
         out = []
         shown = self.demos.attach(self, rows, demo_set, training) if self.demos is not None else None
         for n, r in enumerate(rows):
@@ -249,10 +268,12 @@ class ClassificationTask(Task):
         """Predicted class index per row (the argmax of class_scores)."""
         return self.class_scores(method, rows, batch_size).argmax(-1).tolist()
 
-    def class_scores(self, method, rows: list[dict], batch_size: int, sets: list[int] | None = None) -> torch.Tensor:
+    def class_scores(self, method, rows: list[dict], batch_size: int, sets: list[int] | None = None,
+                     calibrated: bool = True) -> torch.Tensor:
         """(len(rows), n_classes) head scores (linear logits, verbalizer log-probs). With
         demonstrations: the mean over demonstration sets `sets` (default 0..task.demo_sets-1) of
-        each set's scores, as LM-BFF averages over its 16 sets."""
+        each set's scores, as LM-BFF averages over its 16 sets. With task.calibrate (and calibrated):
+        contextually calibrated log-probabilities (ptune/calibration.py)."""
         tok = method.backbone.tokenizer
         sets = sets if sets is not None else list(range(self.demo_sets if self.demos is not None else 1))
         total = None
@@ -262,6 +283,10 @@ class ClassificationTask(Task):
                 demos.check_positions(method, [len(e.input_ids) for e in examples])
             scores = self._scores(method, examples, batch_size)
             total = scores if total is None else total + scores
+        if calibrated and self.calibrate:
+            from ptune import calibration
+
+            return calibration.apply(self, method, total / len(sets), batch_size)
         return total / len(sets)
 
     def _scores(self, method, examples: list[Example], batch_size: int) -> torch.Tensor:
@@ -278,7 +303,7 @@ class ClassificationTask(Task):
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 batch = collate([examples[i] for i in idx], tok.pad_token_id)
-                if self.head == "verbalizer":
+                if self.head in SLOT_HEADS:
                     scores = slot_scores(method, batch)
                 else:
                     scores = class_logits(method, batch["input_ids"].to(device), batch["attention_mask"].to(device))

@@ -239,6 +239,8 @@ def Custom(*, type: str, **kw) -> Task:  # noqa: N802 -- the registry calls it l
         for key in ("head", "verbalizer", "labels", "head_dropout", "few_shot", "few_shot_seed", "demonstrations",
                     "demo_sets", "demo_encoder"):
             kw.pop(key, None)
+        for key in ("calibrate", "proto_combine", "proto_dim"):  # the verbalizer-type heads' keys (ptune/mask_heads.py)
+            kw.pop(key, None)
         return CustomGeneration(**kw)
     return CustomClassification(**{**kw, "head": kw.get("head") or "linear"})  # null: the classifier
 
