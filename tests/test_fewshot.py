@@ -343,3 +343,16 @@ def test_label_word_search_on_every_backbone_kind(model, tmp_path):
     assert cli.main(["train", f"model={model}", "task=sst2", "task.few_shot=4", "method=prompt",
                      *shlex.split((sdir / "overrides.txt").read_text()), "trainer.max_steps=1", "trainer.batch_size=4",
                      "task.max_eval_samples=4", f"output_dir={tmp_path}/t"]) == 0
+
+
+def test_a_search_refused_after_loading_leaves_no_directory(tmp_path, capsys):
+    """A custom task's fields are known only once it is built: a placement it cannot take is refused
+    after the search directory exists, and that directory is removed again."""
+    f = tmp_path / "c.jsonl"
+    f.write_text("".join(json.dumps({"text": f"t{i}", "label": "xy"[i % 2]}) + "\n" for i in range(20)))
+    code = cli.main(["search", "template", "model=tiny-t5", "task=custom", f"task.train_file={f}", f"task.eval_file={f}",
+                     "task.few_shot=2", "task.template='{text} It was {mask} .'", "search.placements=[between]",
+                     f"output_dir={tmp_path}/out"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "between" in err[0]
+    assert not any(p.is_dir() for p in (tmp_path / "out").glob("*/*"))

@@ -13,6 +13,7 @@ is written as task keys (ptune/search/base.py): `ptune train $(cat <dir>/overrid
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 
 from ptune.errors import PtuneError
@@ -91,15 +92,23 @@ def run(argv: list[str]) -> dict:
         from ptune.search.base import Scorer
 
         scorer = Scorer(cfg)
-    _log_to(sdir)
-    return impl.search(cfg, scorer, sdir, started)
+    handler = _log_to(sdir)
+    try:
+        return impl.search(cfg, scorer, sdir, started)
+    except PtuneError:
+        if resume is None and not sdir.state.exists():  # refused before its first save: leave no empty search
+            import shutil
+
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+            shutil.rmtree(sdir.path, ignore_errors=True)
+        raise
 
 
-def _log_to(sdir) -> None:
-    import logging
-
+def _log_to(sdir) -> logging.Handler:
     root = logging.getLogger()
     handler = logging.FileHandler(sdir.log)
     handler._ptune = True
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
+    return handler
