@@ -36,6 +36,10 @@ ROWS = {
             f"{FT} task.head=verbalizer {TRAIN}"),
     "label-words": ("prompt-based fine-tuning, searched label words (LM-BFF auto L)",
                     "search label-words search.k=30 search.n=20", f"{FT} {{found}} {TRAIN}"),
+    "label-words-zero-shot": ("zero-shot, searched label words (nothing trained)",
+                              "search label-words search.k=30 search.n=20", "method=hard-prompt {found}"),
+    "template-zero-shot": ("zero-shot, searched template (nothing trained)", "search template",
+                           "method=hard-prompt {found}"),
     "template": ("prompt-based fine-tuning, searched template (LM-BFF auto T, ptune's causal variant)",
                  "search template", f"{FT} {{found}} {TRAIN}"),
     "demos": ("prompt-based fine-tuning + demonstrations (random, one set per example; LM-BFF averages 16 at test)",
@@ -125,7 +129,14 @@ def main() -> None:
     ap.add_argument("--seeds", default="13,21,42,87,100")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", default="/tmp/fewshot")
+    ap.add_argument("--merge", help="print the table of these output folders' results.jsonl (comma-separated) and exit")
     a = ap.parse_args()
+    if a.merge:
+        results = [json.loads(x) for d in a.merge.split(",") for x in (Path(d) / "results.jsonl").read_text().splitlines()]
+        order = list(ROWS)
+        results.sort(key=lambda r: (r["task"] != "sst2", order.index(r["row"]), r["seed"]))
+        print(table(results))
+        return
     out = Path(a.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
