@@ -130,6 +130,10 @@ def load_run(run: str | Path, trust_remote_code: bool = False) -> tuple[RunDir, 
         raise PtuneError(f"{run_dir} is not a ptune run directory (no config.yaml); "
                          f"pass a directory printed by `ptune train`")
     cfg = load_saved(run_dir.config)
+    if "search" in cfg:  # a `ptune search` directory: what it found is task keys, not an adapter
+        raise PtuneError(f"{run_dir} is a prompt search (ptune search {cfg.search.name}), not a training run; train "
+                         f"with what it found: ptune train {' '.join(f'{g}={cfg[g].name}' for g in ('model', 'task'))} "
+                         f"$(cat {run_dir}/overrides.txt)")
     if cfg.model.get("trust_remote_code") is True and trust_remote_code is not True:
         raise PtuneError(f"{run_dir}'s config sets model.trust_remote_code=true, which runs Python code shipped "
                          f"with the model ({cfg.model.get('name_or_path') or cfg.model.name}); a run directory cannot "

@@ -356,3 +356,16 @@ def test_a_search_refused_after_loading_leaves_no_directory(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "between" in err[0]
     assert not any(p.is_dir() for p in (tmp_path / "out").glob("*/*"))
+
+
+@pytest.mark.parametrize("command", [["eval"], ["predict", "input={rows}"], ["export", "out={tmp}/o"], ["train"]])
+def test_a_search_directory_is_not_a_run(lw_search, command, capsys, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"sentence": "fine"}\n')
+    args = [command[0], f"{'resume' if command[0] == 'train' else 'run'}={lw_search}",
+            *[c.format(rows=rows, tmp=tmp_path) for c in command[1:]]]
+    before = sorted(p.name for p in lw_search.iterdir())
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a prompt search (ptune search label-words), not a training run" in err[0], err
+    assert sorted(p.name for p in lw_search.iterdir()) == before
