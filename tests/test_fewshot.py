@@ -369,3 +369,17 @@ def test_a_search_directory_is_not_a_run(lw_search, command, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a prompt search (ptune search label-words), not a training run" in err[0], err
     assert sorted(p.name for p in lw_search.iterdir()) == before
+
+
+def test_the_results_table_script_aggregates_by_hand():
+    from conftest import load_script
+
+    t = load_script("fewshot_table")
+    results = [{"task": "sst2", "row": "pet", "seed": s, "test": {"accuracy": a}, "search_s": None, "train_s": 10.0,
+                "search_cmd": None, "train_cmd": f"ptune train seed={s}"} for s, a in ((13, 0.8), (21, 0.9))]
+    results.append({"task": "sst2", "row": "label-words", "seed": 13, "test": {"accuracy": 0.7}, "search_s": 30.0,
+                    "train_s": 12.0, "search_cmd": "ptune search label-words", "train_cmd": "ptune train x"})
+    text = t.table(results)
+    assert f"| {t.ROWS['pet'][0]} | 13,21 | 0.8500 ± 0.0500 | – | 10 |" in text
+    assert f"| {t.ROWS['label-words'][0]} | 13 | 0.7000 ± 0.0000 | 30 | 12 |" in text
+    assert "`ptune search label-words` then" in text
