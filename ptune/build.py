@@ -76,9 +76,11 @@ def attention(cfg: DictConfig) -> str:
     return "eager" if cfg.trainer.precision == "bf16" and not torch.cuda.is_available() else "sdpa"
 
 
-def build(cfg: DictConfig, backbone=None):
+def build(cfg: DictConfig, backbone=None, saved_head: dict | None = None):
     """(backbone, method, task) from a composed config. A given backbone (built from the same
-    `model` config) is used instead of loading one: several runs then share it (ptune.infer.pool)."""
+    `model` config) is used instead of loading one: several runs then share it (ptune.infer.pool).
+    saved_head: a finished run's adapter_config.json `head`, for heads built from what training
+    computed (the knowledgeable verbalizer's refined words) rather than computed again."""
     backbone = backbone if backbone is not None else build_backbone(cfg)
     task = tasks.build(cfg.task.name, **task_kwargs(cfg))
     kwargs = method_kwargs(cfg)
@@ -86,12 +88,14 @@ def build(cfg: DictConfig, backbone=None):
         kwargs["label_words"] = task.init_label_words(backbone.kind)
     torch.manual_seed(cfg.trainer.seed)  # the method's initial tensors come from the run's seed
     method = methods.build(cfg.method.name, backbone, **kwargs)
-    attach_head(method, task, backbone, cfg.trainer.seed)
+    attach_head(method, task, backbone, cfg.trainer.seed, saved_head)
     return backbone, method, task
 
 
-def attach_head(method, task, backbone, seed: int) -> None:
-    """Give the method the head its task asks for (`task.head`; generation tasks have none: lm)."""
+def attach_head(method, task, backbone, seed: int, saved: dict | None = None) -> None:
+    """Give the method the head its task asks for (`task.head`; generation tasks have none: lm).
+    saved: the head as a finished run's adapter config records it (see build)."""
+    from ptune import knowledgeable, rules
     from ptune.heads import LinearHead
     from ptune.mask_heads import MASK_HEADS, build_head
 
@@ -100,8 +104,13 @@ def attach_head(method, task, backbone, seed: int) -> None:
         raise PtuneError(f"task={task.name} generates text, which model={backbone.name} ({backbone.kind}, no "
                          f"left-to-right decoder) cannot; use a causal or seq2seq model")
     task.bind(backbone, method)  # templates checked against this backbone and method (ptune.templates)
-    if head in ("verbalizer", "vocab", *MASK_HEADS):  # scored at the template's {mask} (ptune.verbalizer, .mask_heads)
-        slot = build_head(task, backbone, seed) if head in MASK_HEADS else task.slot_head(backbone)
+    if head in ("verbalizer", "vocab", "knowledgeable", "rules", *MASK_HEADS):  # scored at {mask} (ptune.verbalizer...)
+        if head == "knowledgeable":  # expanded and refined with the method as built, or as the run saved it
+            slot = knowledgeable.build_head(task, backbone, method, saved)
+        elif head == "rules":
+            slot = rules.build_head(task, backbone)
+        else:
+            slot = build_head(task, backbone, seed) if head in MASK_HEADS else task.slot_head(backbone)
         if any(True for _ in slot.parameters()) and not method.trains:  # as a linear head below
             raise PtuneError(f"method={method.name} trains nothing, so with task.head={head} only the head would train, "
                              f"on a frozen backbone; run that as method=fine-tune method.trainable=head (zero-shot label "
@@ -144,10 +153,14 @@ def load_run(run: str | Path, trust_remote_code: bool = False) -> tuple[RunDir, 
 
 def load_trained(run_dir: RunDir, cfg: DictConfig, which: str = "adapter", backbone=None):
     """(backbone, method, task) of a finished run with its adapter `which` (adapter | adapter_best) loaded."""
-    backbone, method, task = build(cfg, backbone)
     adapter = RunDir(run_dir).adapter(which)
     if not (adapter / "adapter_model.safetensors").exists():
         raise PtuneError(f"{adapter} has no adapter_model.safetensors; the run has not finished (resume it first)")
-    _, tensors = load_adapter(adapter)
+    config, tensors = load_adapter(adapter)
+    head = config.get("head") if isinstance(config, dict) else None
+    if cfg.task.get("head") == "knowledgeable" and not isinstance(head, dict):
+        raise PtuneError(f"{adapter}/adapter_config.json holds no knowledgeable verbalizer (the refined word list "
+                         f"training saved); retrain the run")
+    backbone, method, task = build(cfg, backbone, saved_head=head)
     load_adapter_tensors(method, tensors)
     return backbone, method, task

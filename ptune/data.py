@@ -23,7 +23,8 @@ class Example:
     - seq2seq: input_ids is the encoder's source, labels the decoder's target (own length);
     - class:   labels is [class index] (one loss term per example);
     - slot:    labels is [class index] (or [token id] for LAMA), scored at `mask_pos`, the index of
-               the template's {mask} in input_ids (ptune.verbalizer).
+               the template's {mask} in input_ids (ptune.verbalizer); `masks` (optional): the index of every
+               named slot {mask:a} ... {mask:b}, in template order (the rules head, ptune/rules.py).
     `soft` (optional, input_ids' length): True at a template's {soft} positions (p-tuning).
     """
 
@@ -32,6 +33,7 @@ class Example:
     layout: str = "causal"
     soft: list[bool] | None = None
     mask_pos: int | None = None
+    masks: list[int] | None = None
 
     def n_loss_terms(self) -> int:
         """How many terms this example adds to the summed loss (the trainer normalises by the step's total)."""
@@ -49,7 +51,8 @@ def collate(examples: list[Example], pad_id: int, padding_side: str = "right") -
     `ptune.heads.loss`). labels: causal (batch, max_len) padded like input_ids; seq2seq
     (batch, max_target_len) right-padded with -100; class and slot (batch,). With examples that
     carry `soft`: soft_mask (batch, max_len) bool, padded like input_ids. slot: mask_pos (batch,),
-    each the index in the example's own ids (padding not counted, whatever the side).
+    each the index in the example's own ids (padding not counted, whatever the side); with examples
+    that carry `masks`, mask_positions (batch, n_slots), counted the same way.
     """
     layout = examples[0].layout
     if any(e.layout != layout for e in examples):
@@ -80,6 +83,8 @@ def collate(examples: list[Example], pad_id: int, padding_side: str = "right") -
         out["soft_mask"] = soft
     if layout == "slot":
         out["mask_pos"] = torch.tensor([e.mask_pos for e in examples], dtype=torch.long)
+        if examples[0].masks is not None:
+            out["mask_positions"] = torch.tensor([e.masks for e in examples], dtype=torch.long)
     return out
 
 

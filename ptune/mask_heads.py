@@ -126,10 +126,10 @@ def check_options(head: str, calibrate, proto_combine, proto_dim) -> tuple[bool,
     for key, value in (("calibrate", calibrate), ("proto_combine", proto_combine)):
         if not isinstance(value, bool):
             raise PtuneError(f"task.{key}={value!r} is invalid: write true or false")
-    if calibrate and head not in ("verbalizer", *MASK_HEADS):
+    if calibrate and head not in ("verbalizer", "knowledgeable", "rules", *MASK_HEADS):
         raise PtuneError(f"task.calibrate=true divides a verbalizer's class probabilities by those of content-free "
-                         f"inputs, and task.head={head} has no verbalizer; use task.head=verbalizer, soft-verbalizer "
-                         f"or proto-verbalizer, or task.calibrate=false")
+                         f"inputs, and task.head={head} has no verbalizer; use task.head=verbalizer, soft-verbalizer, "
+                         f"proto-verbalizer, knowledgeable or rules, or task.calibrate=false")
     if proto_combine and head != "proto-verbalizer":
         raise PtuneError(f"task.proto_combine=true averages ProtoVerb's scores with the manual verbalizer's, and "
                          f"task.head={head}; use task.head=proto-verbalizer, or task.proto_combine=false")

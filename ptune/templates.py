@@ -9,6 +9,9 @@ row of token ids.
 Slots:
 - `{name}`: the example's field `name` (an identifier), filled with its text;
 - `{mask}`: the answer slot; a verbalizer head scores its label words there (at most one per template);
+- `{mask:name}`: a named answer slot. Several may stand in one template (`{mask:a} ... {mask:b}`,
+  distinct names), read by the rules head (PTR, ptune/rules.py; task.head=rules), which gives each
+  slot its own words; an unnamed `{mask}` is the slot "mask" there. Every other head reads one slot;
 - `{soft}` / `{soft:N}`: 1 / N continuous prompt positions. p-tuning puts its prompt vectors there
   (through its `soft_mask`); methods that place their own prompts (prompt, prefix, ...) get rows
   without them (`keep_soft=False`);
@@ -41,6 +44,7 @@ _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SOFT = re.compile(r"soft(?::(\d+))?")
 _TRIGGER = re.compile(r"trigger(?::(\d+))?")
+_MASK = re.compile(r"mask(?::\s*([A-Za-z_][A-Za-z0-9_]*))?")
 
 
 def token_strings(tokens, key: str = "task.triggers") -> list[str] | None:
@@ -70,18 +74,20 @@ def token_ids(tokenizer, tokens: list[str], key: str = "task.triggers") -> list[
 @dataclass(frozen=True)
 class Part:
     kind: str  # text | field | mask | soft | trigger
-    value: str = ""  # the literal text (text) or the field name (field)
+    value: str = ""  # the literal text (text), the field name (field) or the slot's name (mask: "mask" when unnamed)
     n: int = 0  # positions (soft, trigger)
     space: str = ""  # whitespace before the part in the template (fields, mask)
 
 
 @dataclass
 class Encoded:
-    """One row: ids (seq,), soft (seq,) True at continuous-prompt positions, mask_pos (None without {mask})."""
+    """One row: ids (seq,), soft (seq,) True at continuous-prompt positions, mask_pos (None without {mask}),
+    masks: the index of every mask slot, in template order (mask_pos is the first)."""
 
     ids: list[int]
     soft: list[bool]
     mask_pos: int | None
+    masks: list[int] | None = None
 
 
 class Template:
@@ -92,8 +98,14 @@ class Template:
         self.parts = self._parse(source)
         self.fields = [p.value for p in self.parts if p.kind == "field"]
         masks = [p for p in self.parts if p.kind == "mask"]
-        if len(masks) > 1:
-            raise PtuneError(f"{key}={source!r} has {len(masks)} {{mask}} slots; a template has at most one answer slot")
+        self.mask_names = [p.value for p in masks]  # in template order; "mask" for an unnamed {mask}
+        if len(masks) > 1 and len(set(self.mask_names)) < len(masks):
+            twice = next(n for n in self.mask_names if self.mask_names.count(n) > 1)
+            what = (f"{self.mask_names.count(twice)} {{mask}} slots" if twice == "mask"
+                    else f"the slot {{mask:{twice}}} twice")
+            raise PtuneError(f"{key}={source!r} has {what}; several answer slots need distinct names, e.g. "
+                             f"{{mask:a}} ... {{mask:b}} (read by task.head=rules)")
+        self.mask_spaces = {p.value: p.space for p in masks}  # whitespace before each slot (its words follow it)
         self.has_mask = bool(masks)
         self.mask_space = masks[0].space if masks else ""
         self.n_soft = sum(p.n for p in self.parts if p.kind == "soft")
@@ -114,8 +126,9 @@ class Template:
                                  f"literal brace as {{{{ or }}}}")
             name = m.group(1).strip()
             soft = _SOFT.fullmatch(name) or _TRIGGER.fullmatch(name)
-            if name == "mask":
-                raw.append(Part("mask"))
+            named = _MASK.fullmatch(name)
+            if named:
+                raw.append(Part("mask", named.group(1) or "mask"))
             elif soft:
                 kind = name.partition(":")[0]
                 n = int(soft.group(1)) if soft.group(1) is not None else 1
@@ -126,7 +139,7 @@ class Template:
                 raw.append(Part("field", name))
             else:
                 raise PtuneError(f"{self.key}={source!r}: {{{m.group(1)}}} is not a slot; use {{field}}, {{mask}}, "
-                                 f"{{soft}}, {{soft:N}}, {{trigger}} or {{trigger:N}}")
+                                 f"{{mask:name}}, {{soft}}, {{soft:N}}, {{trigger}} or {{trigger:N}}")
         raw.append(Part("text", source[last:]))
         # merge adjacent text, then move each text's trailing whitespace onto the slot after it
         merged: list[Part] = []
@@ -171,10 +184,14 @@ class Template:
             raise PtuneError(f"{self.key}={self.source!r} has {self.n_trigger} {{trigger}} positions and {key} "
                              f"{'is null' if triggers is None else f'lists {n}'}; {fix}")
 
-    def require_mask(self, why: str) -> None:
+    def require_mask(self, why: str, several: bool = False) -> None:
+        """PtuneError unless the template has an answer slot; unless `several`, exactly one."""
         if not self.has_mask:
             raise PtuneError(f"{self.key}={self.source!r} has no {{mask}}, which {why} needs; add the answer slot, "
                              f"e.g. '{self.source} It was {{mask}} .'")
+        if len(self.mask_names) > 1 and not several:
+            raise PtuneError(f"{self.key}={self.source!r} has {len(self.mask_names)} answer slots and {why} reads one; "
+                             f"keep one {{mask}}, or score several with task.head=rules (PTR)")
 
     # -- rows ----------------------------------------------------------------------------------
     def render(self, row: dict, mask: str = "[MASK]", soft: str = "[P]", trigger: str = "[T]") -> str:
@@ -230,16 +247,16 @@ class Template:
         while sum(lengths) > budget:
             longest = max(range(len(lengths)), key=lambda i: lengths[i])
             lengths[longest] -= 1
-        ids, soft, mask_pos, k = list(before), [False] * len(before), None, 0
+        ids, soft, masks, k = list(before), [False] * len(before), [], 0
         for p, piece in pieces:
             if p.kind == "field":
                 piece = piece[:lengths[k]]
                 k += 1
             if p.kind == "mask":
-                mask_pos = len(ids)
+                masks.append(len(ids))
             ids += piece
             soft += [p.kind == "soft"] * len(piece)
         ids += after
         soft += [False] * len(after)
-        return Encoded(ids, soft, mask_pos)
+        return Encoded(ids, soft, masks[0] if masks else None, masks or None)
 

@@ -203,20 +203,24 @@ class SlotHead(nn.Module):
             for q in self._queries(row, srow, int(pos[r]), cands_of_row(r)).values():
                 queries.append((r, q))
         out: list[list] = [[] for _ in range(ids.shape[0])]
-        states = self._forward(method, [q[0] for _, q in queries], [q[1] for _, q in queries],
-                               [q[2] for _, q in queries])
-        qi, pi, toks, owners = [], [], [], []
-        for n, (r, q) in enumerate(queries):
-            for p, tok, c in q[3]:
-                qi.append(n), pi.append(p), toks.append(tok), owners.append((r, c))
+        for (r, q), picked in zip(queries, self._log_probs(method, [q for _, q in queries])):
+            out[r] += [(c, v) for (_, _, c), v in zip(q[3], picked)]
+        return out
+
+    def _log_probs(self, method, queries: list[list]) -> list[torch.Tensor]:
+        """One forward over queries [ids, soft, dec, targets [(position, token, key)]]: per query a
+        (n_targets,) tensor of log P(token at position) (shared with the rules head, ptune/rules.py)."""
+        states = self._forward(method, [q[0] for q in queries], [q[1] for q in queries], [q[2] for q in queries])
+        qi, pi, toks = [], [], []
+        for n, q in enumerate(queries):
+            for p, tok, _ in q[3]:
+                qi.append(n), pi.append(p), toks.append(tok)
         selected = states[torch.tensor(qi, device=states.device), torch.tensor(pi, device=states.device)]
         if self.kind == "causal":
             selected = method.backbone.model.get_output_embeddings()(selected)  # (n_targets, vocab)
         logp = F.log_softmax(selected.float(), dim=-1)
         picked = logp[torch.arange(len(toks), device=logp.device), torch.tensor(toks, device=logp.device)]
-        for (r, c), v in zip(owners, picked):
-            out[r].append((c, v))
-        return out
+        return list(picked.split([len(q[3]) for q in queries]))
 
 
 class VerbalizerHead(SlotHead):

@@ -79,7 +79,10 @@ def check_members(configs: dict) -> None:
                 key = next(k for k in ["name", *sorted(set(a) | set(b))] if a.get(k) != b.get(k))  # the name first
                 raise PtuneError(f"ensemble members must share {group}: {run} has {group}.{key}={b.get(key)!r}, "
                                  f"{runs[0]} has {a.get(key)!r}")
-    if first.task.get("head", "lm") not in ("linear", "verbalizer", *MASK_HEADS):
+    if first.task.get("head", "lm") == "rules":
+        raise PtuneError("task.head=rules scores several slots per row, which the one-forward ensemble does not "
+                         "serve; evaluate each run alone (ptune eval run=<dir>)")
+    if first.task.get("head", "lm") not in ("linear", "verbalizer", "knowledgeable", *MASK_HEADS):
         raise PtuneError(f"task={first.task.name} generates text (task.head={first.task.get('head', 'lm')}); ensembles "
                          f"combine class predictions: use a classification task (task.head=linear or verbalizer)")
 

@@ -13,7 +13,8 @@ adapters, each row with its own prompt or prefix, with the outputs it gets alone
 
 What a row's adapter answers with (its task's head, as `ptune predict` with that run alone):
 - classification, linear head: the label of its own head's logits over the pooled state;
-- classification, verbalizer head: the label whose words score best at the template's {mask};
+- classification, verbalizer head: the label whose words score best at the template's {mask}; the
+  knowledgeable head (KPT) the same way, with its refined words and priors as the adapter saved them;
 - classification, soft / proto verbalizer (ptune/mask_heads.py): its own head on the row's state at
   {mask}, all such rows in one forward; task.calibrate runs: calibrated as the adapter alone;
 - generation (e2e, xsum, custom generation; causal models): greedy decoding, one line of text,
@@ -45,6 +46,9 @@ from ptune.infer import mixed
 from ptune.mask_heads import MASK_HEADS
 
 ADAPTER_FIELD = "adapter"
+# heads whose rows are label-word queries at one {mask} (VerbalizerHead.queries / .class_scores): the word
+# verbalizer and the knowledgeable one (its refined words, as the adapter saved them: ptune/knowledgeable.py)
+WORD_HEADS = ("verbalizer", "knowledgeable")
 
 
 @dataclass
@@ -190,7 +194,7 @@ class Pool:
     def _class_scores(self, encoded: list[dict]) -> list[torch.Tensor]:
         out: list = [None] * len(encoded)
         linear = [i for i, e in enumerate(encoded) if self._head(e) == "linear"]
-        slot = [i for i, e in enumerate(encoded) if self._head(e) == "verbalizer"]
+        slot = [i for i, e in enumerate(encoded) if self._head(e) in WORD_HEADS]
         learned = [i for i, e in enumerate(encoded) if self._head(e) in MASK_HEADS]
         gen = [i for i, e in enumerate(encoded) if self._head(e) == "lm"]
         if gen:
@@ -337,8 +341,9 @@ def _check_task(a: Adapter) -> None:
     if head == "lm" and getattr(a.task, "num_beams", 1) != 1:
         raise PtuneError(f"adapter {a.name!r} decodes with beam search (task.decoding=beam); several-run predict "
                          f"decodes greedily: retrain or evaluate it with task.decoding=greedy")
-    if head not in ("lm", "linear", "verbalizer", *MASK_HEADS):
-        raise PtuneError(f"adapter {a.name!r}: task.head={head} is not served by several-run predict; run it alone")
+    if head not in ("lm", "linear", *WORD_HEADS, *MASK_HEADS):  # rules (PTR): several slots per row, not mixed
+        raise PtuneError(f"adapter {a.name!r}: task.head={head} is not served by several-run predict (mixed batches, "
+                         f"ensembles, serve with several runs); run it alone: ptune predict run=<dir>")
     if a.task.soft_positions:
         raise PtuneError(f"adapter {a.name!r}: p-tuning with {{soft}} slots inside the template is not served by "
                          f"several-run predict; run it alone with ptune predict run=<dir>")

@@ -120,6 +120,10 @@ def evaluate_transfer(run: str, task_cfg: DictConfig, label_map: str | None = No
 
     run_dir, cfg = load_run(run, trust_remote_code)
     trained_head = cfg.task.get("head")
+    if trained_head in ("knowledgeable", "rules"):  # refined word lists / rule tables: no label map yet
+        raise PtuneError(f"task.head={trained_head}: domain transfer maps a linear or word verbalizer head's classes, "
+                         f"not a {'refined word list' if trained_head == 'knowledgeable' else 'rule table'}; evaluate "
+                         f"the run on its own task")
     if trained_head in MASK_HEADS:  # their class vectors / prototypes have no label map yet
         raise PtuneError(f"task.head={trained_head}: domain transfer maps a linear or word verbalizer head's classes, "
                          f"not learned class vectors; evaluate the run on its own task")

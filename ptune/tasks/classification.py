@@ -14,6 +14,9 @@ language (ptune.templates) and scores a method through the head (`task.head`):
 - `verbalizer`: label words scored at the template's {mask} by the LM itself
   (ptune.verbalizer.VerbalizerHead: PET / LM-BFF / Lester / zero-shot with method=hard-prompt).
   `task.verbalizer` maps each label to a word or a list of words; {soft} slots go to p-tuning.
+- `knowledgeable`: the manual words expanded and refined (KPT, ptune/knowledgeable.py, task.kpt_*);
+- `rules`: several named slots {mask:a} ... {mask:b}, a verbalizer per slot (task.slots) and a rule
+  table from slot values to classes (task.rules) (PTR, ptune/rules.py);
 - `lm` (generation) is for generation tasks; a classification task refuses it with the fix.
 
 Input text is tokenized with the tokenizer's own special tokens ([CLS] x [SEP] for BERT, x </s>
@@ -25,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from ptune import fewshot
+from ptune import fewshot, knowledgeable
+from ptune import rules as rules_head
 from ptune.data import Example, collate, subsample
 from ptune.errors import PtuneError
 from ptune.mask_heads import check_options
@@ -33,10 +37,12 @@ from ptune.tasks import demonstrations as demos
 from ptune.tasks.base import Task
 from ptune.templates import Template, token_ids, token_strings
 
-HEADS = ("linear", "lm", "verbalizer", "soft-verbalizer", "proto-verbalizer")
+HEADS = ("linear", "lm", "verbalizer", "soft-verbalizer", "proto-verbalizer", "knowledgeable", "rules")
 # heads scored at the template's {mask} (batches of layout "slot"): label words (ptune/verbalizer.py), WARP's
-# class vectors and ProtoVerb's prototypes (ptune/mask_heads.py); all read the verbalizer's default template
-SLOT_HEADS = ("verbalizer", "soft-verbalizer", "proto-verbalizer")
+# class vectors and ProtoVerb's prototypes (ptune/mask_heads.py), KPT's expanded words (ptune/knowledgeable.py),
+# PTR's rules over several slots (ptune/rules.py); all read the verbalizer's default template
+SLOT_HEADS = ("verbalizer", "soft-verbalizer", "proto-verbalizer", "knowledgeable", "rules")
+LM_WORD_HEADS = ("verbalizer", "knowledgeable", "rules")  # read the LM's own word predictions (no encoder-only models)
 
 
 # -- metrics: ptune's shipped `evaluate` modules (ptune/metrics), hand-checked in tests/test_tasks.py --
@@ -96,7 +102,8 @@ class ClassificationTask(Task):
     def __init__(self, *, template: str | None, triggers: list | None, head: str, verbalizer: dict | None,
                  head_dropout: float, max_len: int,
                  few_shot: int | None, few_shot_seed: int, demonstrations: str | None, demo_sets: int,
-                 demo_encoder: str, calibrate: bool, proto_combine: bool, proto_dim: int, **kw):
+                 demo_encoder: str, calibrate: bool, proto_combine: bool, proto_dim: int, kpt_words, kpt_neighbours,
+                 kpt_prior_rows, kpt_threshold, kpt_relevance, kpt_calibrate, kpt_aggregate, slots, rules, **kw):
         super().__init__(**kw)
         fewshot.check(few_shot, few_shot_seed, self.max_train_samples)
         self.few_shot, self.few_shot_seed = few_shot, few_shot_seed
@@ -122,9 +129,18 @@ class ClassificationTask(Task):
         self.trigger_ids: list[int] | None = None  # their ids, set by bind() (a search may write others)
         self.verbalizer = None
         if head in SLOT_HEADS:
-            self.template.require_mask(f"task.head={head}")
+            self.template.require_mask(f"task.head={head}", several=head == "rules")
+        if head in SLOT_HEADS and head != "rules":
             self.verbalizer = verbalizer_words(verbalizer if verbalizer is not None else self.default_verbalizer,
                                                list(self.labels))
+        self.kpt = knowledgeable.check_options(kpt_words, kpt_neighbours, kpt_prior_rows, kpt_threshold, kpt_relevance,
+                                               kpt_calibrate, kpt_aggregate)
+        if head != "rules" and (slots is not None or rules is not None):
+            key = "slots" if slots is not None else "rules"
+            raise PtuneError(f"task.{key} gives the rules head its slots and rule table, and task.head={head}; use "
+                             f"task.head=rules, or set task.slots=null task.rules=null")
+        self.slot_words, self.rule_table = rules_head.check(slots, rules, self.template, list(self.labels)) \
+            if head == "rules" else (None, None)
         self.keep_soft = False  # set by bind(): only p-tuning places prompts at {soft} slots
         self._mask_id: int | None = None
         demos.check(demonstrations, demo_sets, demo_encoder, head)  # LM-BFF's demonstrations (tasks/demonstrations.py)
@@ -196,9 +212,9 @@ class ClassificationTask(Task):
         self.template.check_triggers(self.triggers)  # a search's variant may have replaced either
         self.trigger_ids = token_ids(tok, self.triggers) if self.triggers else None
         if self.head in SLOT_HEADS:
-            if self.head == "verbalizer":  # the soft and proto heads run on encoders too (ptune/mask_heads.py)
-                verbalizer.check_backbone(backbone)
-            verbalizer.check_template(self.template, backbone)
+            if self.head in LM_WORD_HEADS:  # the soft and proto heads run on encoders too (ptune/mask_heads.py)
+                verbalizer.check_backbone(backbone, f"task.head={self.head}")
+            (rules_head.check_template if self.head == "rules" else verbalizer.check_template)(self.template, backbone)
             # the mask slot: [MASK] for masked LMs; any id for the others (the head rebuilds those rows)
             self._mask_id = tok.mask_token_id if tok.mask_token_id is not None else tok.pad_token_id
         else:
@@ -237,7 +253,7 @@ class ClassificationTask(Task):
             enc = template.encode(tokenizer, r, self.max_len, keep_soft=self.keep_soft, mask_id=self._mask_id,
                                   triggers=self.trigger_ids)
             out.append(Example(enc.ids, [r.get("label", 0)], layout, soft=enc.soft if self.keep_soft else None,
-                               mask_pos=enc.mask_pos))
+                               mask_pos=enc.mask_pos, masks=enc.masks if self.head == "rules" else None))
         return out
 
     def prediction_inputs(self, tokenizer, kind: str, row: dict) -> tuple[list[int], int | None]:

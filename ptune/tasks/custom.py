@@ -241,6 +241,9 @@ def Custom(*, type: str, **kw) -> Task:  # noqa: N802 -- the registry calls it l
             kw.pop(key, None)
         for key in ("calibrate", "proto_combine", "proto_dim"):  # the verbalizer-type heads' keys (ptune/mask_heads.py)
             kw.pop(key, None)
+        for key in ("kpt_words", "kpt_neighbours", "kpt_prior_rows", "kpt_threshold", "kpt_relevance", "kpt_calibrate",
+                    "kpt_aggregate", "slots", "rules"):  # ptune/knowledgeable.py, ptune/rules.py
+            kw.pop(key, None)
         return CustomGeneration(**kw)
     return CustomClassification(**{**kw, "head": kw.get("head") or "linear"})  # null: the classifier
 
