@@ -337,6 +337,9 @@ def build_head(task, backbone, method, saved: dict | None) -> KnowledgeableHead:
                              log_priors=priors, aggregate=settings["kpt_aggregate"], record=record, **prompt)
 
 
+MAX_SAVED_WORDS = 10_000  # per class, in an adapter's saved list (untrusted input: bounded before anything is built)
+
+
 def restore(backbone, saved: dict, settings: dict, labels: list[str], prompt: dict) -> KnowledgeableHead:
     """The head as saved in adapter_config.json; one PtuneError line when the run's config now asks for
     another refinement (its word list would not be the one trained) or the saved list is malformed."""
@@ -355,7 +358,11 @@ def restore(backbone, saved: dict, settings: dict, labels: list[str], prompt: di
     ok = (isinstance(pieces, list) and len(pieces) == len(labels) and all(isinstance(ws, list) and ws for ws in pieces)
           and all(isinstance(w, list) and w and all(isinstance(t, int) and 0 <= t < vocab for t in w)
                   for ws in pieces for w in ws)
-          and (priors is None or (isinstance(priors, list) and [len(p) for p in priors] == [len(ws) for ws in pieces])))
+          and all(len(ws) <= MAX_SAVED_WORDS for ws in pieces) and all(len(w) <= 64 for ws in pieces for w in ws)
+          and (priors is None or (isinstance(priors, list) and all(isinstance(p, list) for p in priors)
+                                  and [len(p) for p in priors] == [len(ws) for ws in pieces]
+                                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                          for p in priors for v in p))))
     if not ok:
         raise PtuneError("adapter_config.json's knowledgeable head has no valid word_pieces / log_prior lists "
                          "(edited, or not ptune's); retrain the run")

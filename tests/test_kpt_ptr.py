@@ -399,3 +399,17 @@ def test_refusals_are_one_line_exit_2(in_tmp, data_dir, capsys, argv, message):
         argv = [*argv, "method=prompt"]
     one_line_error(capsys, ["train", "task.kpt_neighbours=0", *argv], message)
     assert not (in_tmp / "outputs").exists()
+
+
+@pytest.mark.parametrize("bad", [{"log_prior": [["x"]]}, {"log_prior": [[float("nan")]]},
+                                 {"word_pieces": [[[1]] * 10_001, [[2]]]}])
+def test_a_hostile_saved_word_list_is_one_line(bad):
+    """adapter_config.json is untrusted: malformed priors or an oversized list are refused before use."""
+    from ptune import knowledgeable
+    from ptune.build import build_backbone
+    from ptune.config import compose
+
+    backbone = build_backbone(compose(["model=tiny-gpt2"]))
+    saved = {"kind": "knowledgeable", "settings": {}, "word_pieces": [[[1]], [[2]]], "log_prior": [[-1.0], [-1.0]], **bad}
+    with pytest.raises(PtuneError, match="no valid word_pieces / log_prior"):
+        knowledgeable.restore(backbone, saved, {}, ["negative", "positive"], {})
