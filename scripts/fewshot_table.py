@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 PTUNE = [sys.executable, "-m", "ptune"]
-COMMON = "model=smollm2-135m task={task} task.few_shot=16 task.few_shot_seed={seed}"
+COMMON = "model={model} task={task} task.few_shot=16 task.few_shot_seed={seed}"
 TRAIN = "trainer.max_steps={steps} trainer.eval_every=10 trainer.save_every=1000 trainer.batch_size=8"
 FT = "method=fine-tune trainer.lr=3e-5"
 PROMPT = "method=prompt method.num_virtual_tokens=10 trainer.lr=0.03"
@@ -51,6 +51,25 @@ ROWS = {
     "prompt": ("prompt tuning (10 tokens), manual template", None, f"{PROMPT} task.head=verbalizer {TRAIN}"),
     "prompt-template": ("prompt tuning (10 tokens), searched template", "search template",
                         f"{PROMPT} {{found}} {TRAIN}"),
+    # verbalizers (docs/verbalizers.md)
+    "zero-shot-calibrated": ("zero-shot, manual words, contextual calibration", None,
+                             "method=hard-prompt task.head=verbalizer task.calibrate=true"),
+    "kpt-zero-shot": ("zero-shot, knowledgeable verbalizer (manual words + 10 embedding neighbours, refined)", None,
+                      "method=hard-prompt task.head=knowledgeable"),
+    "kpt-zero-shot-calibrated": ("zero-shot, knowledgeable verbalizer + contextual calibration", None,
+                                 "method=hard-prompt task.head=knowledgeable task.calibrate=true"),
+    "prompt-calibrated": ("prompt tuning (10 tokens), manual words, calibrated at evaluation", None,
+                          f"{PROMPT} task.head=verbalizer task.calibrate=true {TRAIN}"),
+    "soft": ("prompt tuning (10 tokens) + soft verbalizer (WARP)", None, f"{PROMPT} task.head=soft-verbalizer {TRAIN}"),
+    "proto": ("prompt tuning (10 tokens) + prototypical verbalizer (ProtoVerb)", None,
+              f"{PROMPT} task.head=proto-verbalizer {TRAIN}"),
+    "kpt": ("prompt tuning (10 tokens) + knowledgeable verbalizer", None, f"{PROMPT} task.head=knowledgeable {TRAIN}"),
+    "minilm-linear": ("MiniLM: prompt tuning (10 tokens) + linear head", None,
+                      f"{PROMPT} task.head=linear {TRAIN}", "minilm"),
+    "minilm-soft": ("MiniLM: prompt tuning (10 tokens) + soft verbalizer at [MASK]", None,
+                    f"{PROMPT} task.head=soft-verbalizer {TRAIN}", "minilm"),
+    "minilm-proto": ("MiniLM: prompt tuning (10 tokens) + prototypical verbalizer at [MASK]", None,
+                     f"{PROMPT} task.head=proto-verbalizer {TRAIN}", "minilm"),
 }
 
 
@@ -70,8 +89,8 @@ def line_value(stdout: str, prefix: str) -> str:
 
 
 def one(task: str, row: str, seed: int, steps: int, out: Path, log) -> dict:
-    _, search, train = ROWS[row]
-    common = COMMON.format(task=task, seed=seed)
+    _, search, train, *model = ROWS[row]
+    common = COMMON.format(task=task, seed=seed, model=model[0] if model else "smollm2-135m")
     found, search_s, search_cmd = "", None, None
     if search:
         search_cmd = f"{search} {common} output_dir={out}/searches"
@@ -97,7 +116,7 @@ def table(results: list[dict]) -> str:
     for task in dict.fromkeys(r["task"] for r in results):
         rs = [r for r in results if r["task"] == task]
         metrics = list(rs[0]["test"])
-        out += [f"### {task} (SmolLM2-135M, K=16, test = the dataset's full dev split)", "",
+        out += [f"### {task} (K=16, test = the dataset's full dev split; SmolLM2-135M unless the row says MiniLM)", "",
                 "| row | seeds | " + " | ".join(f"test {m} (mean ± std)" for m in metrics) +
                 " | search s (mean) | train+eval s (mean) |", "|---|---|" + "---|" * (len(metrics) + 2)]
         for row in dict.fromkeys(r["row"] for r in rs):
