@@ -20,7 +20,8 @@ def bpe_tok():
 def test_parts_fields_mask_and_soft():
     t = Template("{sentence} It was {mask} .")
     assert [(p.kind, p.value, p.space) for p in t.parts] == [
-        ("field", "sentence", ""), ("text", " It was", ""), ("mask", "", " "), ("text", " .", "")]
+        ("field", "sentence", ""), ("text", " It was", ""), ("mask", "mask", " "), ("text", " .", "")]  # slot name
+    assert [p.value for p in Template("{x} {mask:a} and {mask:b}").parts if p.kind == "mask"] == ["a", "b"]
     assert t.fields == ["sentence"] and t.has_mask and t.mask_space == " " and t.n_soft == 0
     t = Template("{soft:3} {sub} {soft:3} {mask} .")
     assert t.n_soft == 6 and t.fields == ["sub"]
