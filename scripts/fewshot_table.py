@@ -88,15 +88,21 @@ def line_value(stdout: str, prefix: str) -> str:
     return next(x.partition(prefix)[2].strip() for x in stdout.splitlines() if x.startswith(prefix))
 
 
-def one(task: str, row: str, seed: int, steps: int, out: Path, log) -> dict:
+def one(task: str, row: str, seed: int, steps: int, out: Path, log, reuse: list[dict]) -> dict:
     _, search, train, *model = ROWS[row]
     common = COMMON.format(task=task, seed=seed, model=model[0] if model else "smollm2-135m")
     found, search_s, search_cmd = "", None, None
     if search:
         search_cmd = f"{search} {common} output_dir={out}/searches"
-        stdout, search_s = run(shlex.split(search_cmd), log)
-        sdir = Path(line_value(stdout, "search:"))
+        done = next((r for r in reuse if r.get("search_cmd") == f"ptune {search_cmd}" and r.get("search_dir")), None)
+        if done is not None:  # the same search on the same seed ran for another row: its result, its time
+            sdir, search_s = Path(done["search_dir"]), done["search_s"]
+        else:
+            stdout, search_s = run(shlex.split(search_cmd), log)
+            sdir = Path(line_value(stdout, "search:"))
         found = (sdir / "overrides.txt").read_text().strip()
+    else:
+        sdir = None
     train_cmd = f"train {common} {train.format(steps=steps, found=found)} output_dir={out}/runs".replace("{steps}", str(steps))
     train_cmd = train_cmd.replace("{found}", found)
     stdout, train_s = run(shlex.split(train_cmd), log)
@@ -108,7 +114,8 @@ def one(task: str, row: str, seed: int, steps: int, out: Path, log) -> dict:
             shutil.rmtree(path)
     return {"task": task, "row": row, "seed": seed, "test": summary["test"]["metrics"], "dev": summary["eval"],
             "run_dir": str(run_dir), "search_s": search_s, "train_s": round(train_s, 1),
-            "search_cmd": f"ptune {search_cmd}" if search_cmd else None, "train_cmd": f"ptune {train_cmd}"}
+            "search_cmd": f"ptune {search_cmd}" if search_cmd else None, "train_cmd": f"ptune {train_cmd}",
+            "search_dir": str(sdir) if search else None}
 
 
 def table(results: list[dict]) -> str:
@@ -167,7 +174,7 @@ def main() -> None:
                 if any(r["task"] == a.task and r["row"] == row and r["seed"] == seed for r in results):
                     continue
                 try:
-                    r = one(a.task, row, seed, a.steps, out, log)
+                    r = one(a.task, row, seed, a.steps, out, log, results)
                 except RuntimeError as e:
                     print(f"{a.task} {row} seed {seed}: {e}", flush=True)
                     break
