@@ -246,3 +246,55 @@ def test_the_label_search_finds_words(model, tmp_path):
     assert len({w for ws in words.values() for w in ws}) == 4 and all(w.isalpha() for ws in words.values() for w in ws)
     args = shlex.split((sdir / "overrides.txt").read_text())
     assert cli.main(["train", f"model={model}", *TRAIN, "method=hard-prompt", *args, f"output_dir={tmp_path}/run"]) == 0
+
+
+# -- every search.* key reaches the search ---------------------------------------------------------
+def ap_cfg(*extra):
+    return compose_search("autoprompt", ["model=tiny-gpt2", *SEARCH, *extra])
+
+
+def test_num_triggers_and_init_token_shape_the_start():
+    task = tasks.build("sst2", head="verbalizer")
+    assert autoprompt.trigger_template(ap_cfg("search.num_triggers=2"), task) == "{sentence} {trigger:2} {mask} ."
+    assert autoprompt.start_token(ap_cfg("search.init_token='Ġa'")) == "Ġa"
+
+
+def test_words_only_filters_candidates(tiny_tok):
+    letters = autoprompt.allowed_tokens(tiny_tok, len(tiny_tok), True, set())
+    every = autoprompt.allowed_tokens(tiny_tok, len(tiny_tok), False, set())
+    assert int(letters.sum()) < int(every.sum())
+
+
+def test_iters_zero_keeps_the_init_token_everywhere(tmp_path):
+    assert cli.main(["search", "autoprompt", "model=tiny-gpt2", *SEARCH, "search.iters=0", "search.num_triggers=2",
+                     "search.init_token='Ġa'", f"output_dir={tmp_path}"]) == 0
+    [sdir] = list(tmp_path.glob("*/*"))
+    assert json.loads((sdir / "summary.json").read_text())["found"]["triggers"] == ["Ġa", "Ġa"]
+
+
+@pytest.mark.parametrize("extra", [["search.seed=1"], ["search.eval_batches=2"]])
+def test_seed_and_eval_batches_change_what_is_scored(extra, searches, tmp_path):
+    base_dir = searches["tiny-gpt2"]
+    assert cli.main(["search", "autoprompt", "model=tiny-gpt2", *SEARCH, *extra, f"output_dir={tmp_path}"]) == 0
+    [sdir] = list(tmp_path.glob("*/*"))
+    assert (sdir / "candidates.jsonl").read_text() != (base_dir / "candidates.jsonl").read_text()
+
+
+def test_label_steps_and_lr_reach_the_label_search(monkeypatch):
+    seen = {"lr": None, "steps": 0}
+    real = torch.optim.Adam
+
+    class Recording(real):
+        def __init__(self, params, lr):
+            seen["lr"] = lr
+            super().__init__(params, lr=lr)
+
+        def step(self, *a, **kw):
+            seen["steps"] += 1
+            return super().step(*a, **kw)
+
+    monkeypatch.setattr(autoprompt.torch.optim, "Adam", Recording)
+    cfg = ap_cfg("search.label_tokens=search", "search.label_steps=7", "search.label_lr=0.5", "search.label_k=2")
+    scorer = base.Scorer(cfg)
+    autoprompt.find_label_words(cfg, scorer, scorer.variant())
+    assert seen == {"lr": 0.5, "steps": 7}
