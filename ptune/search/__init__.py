@@ -56,7 +56,7 @@ def run(argv: list[str]) -> dict:
     from ptune import rundir
     from ptune.build import setup_logging
     from ptune.config import load_saved
-    from ptune.search.base import SearchDir, search_dir, write_config
+    from ptune.search.base import Scorer, SearchDir, search_dir, write_config
 
     resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)
     if resume is not None:
@@ -82,16 +82,10 @@ def run(argv: list[str]) -> dict:
     impl.check(cfg)  # the search's own keys, before anything is loaded or written
     setup_logging(None)
     started = time.perf_counter()
+    scorer = Scorer(cfg)  # bad model / task / template fail here, before a directory exists
     if resume is None:
-        from ptune.search.base import Scorer
-
-        scorer = Scorer(cfg)  # bad model / task / template fail here, before a directory exists
         sdir = SearchDir(rundir.new_run_dir(cfg.output_dir))
         write_config(sdir, cfg)
-    else:
-        from ptune.search.base import Scorer
-
-        scorer = Scorer(cfg)
     handler = _log_to(sdir)
     try:
         return impl.search(cfg, scorer, sdir, started)

@@ -75,7 +75,6 @@ class Scorer:
         self.cfg = cfg
         self.backbone, self.method, self.task = build(cfg)
         self.batch_size = cfg.trainer.eval_batch_size
-        self.device = next(self.backbone.model.parameters()).device
 
     def rows(self, split: str) -> list[dict]:
         return self.task.rows(split)
@@ -164,10 +163,6 @@ def finish(sdir: SearchDir, cfg: DictConfig, kind: str, found: dict, best: dict,
 def elapsed(state: dict, started: float) -> float:
     """Wall time of the search so far, over all its resumed pieces."""
     return state.get("wall_time_s", 0.0) + time.perf_counter() - started
-
-
-def to_container(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
 
 
 def write_config(sdir: SearchDir, cfg: DictConfig) -> None:
