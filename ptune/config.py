@@ -177,6 +177,8 @@ def check(cfg: DictConfig) -> None:
     _int_at_least(cfg, "trainer.seed", 0)
     t = cfg.trainer
     _number(cfg, "trainer.lr", 0, "must be a number > 0", strict=True)
+    if t.get("head_lr") is not None:
+        _number(cfg, "trainer.head_lr", 0, "must be a number > 0, or null (= trainer.lr)", strict=True)
     _number(cfg, "trainer.weight_decay", 0, "must be a number >= 0")
     _number(cfg, "trainer.max_grad_norm", 0, "must be a number >= 0 (0 turns clipping off)")
     _need(t.precision in PRECISIONS, "trainer.precision", t.precision, f"choose one of {', '.join(PRECISIONS)}")
@@ -284,7 +286,7 @@ def command_args(command: str, argv: list[str], keys: dict[str, str | None], req
 # -- a saved config.yaml: untrusted input ----------------------------------------------------------
 # Keys a saved config may lack: configs written before they existed, read with .get() and their old
 # meaning (build.attention: sdpa; job.frozen_dtype: fp32) or filled from conf/ by the builders.
-OPTIONAL_SAVED = {"trainer.attention", "trainer.frozen_dtype", "trainer.log_with", "trainer.tracker_dir"}
+OPTIONAL_SAVED = {"trainer.head_lr", "trainer.attention", "trainer.frozen_dtype", "trainer.log_with", "trainer.tracker_dir"}
 TOP_LEVEL = {"method", "model", "task", "trainer", "output_dir", "resume", "search"}  # search: `ptune search` only
 
 

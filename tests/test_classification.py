@@ -273,8 +273,10 @@ def test_cli_train_eval_predict(in_tmp, data_dir, capsys, model, method, own):
     assert "needs a 'sentence' field" in capsys.readouterr().err
 
 
-def test_resume_restores_the_head_bit_for_bit(in_tmp, data_dir, monkeypatch):
-    args = ["train", "model=tiny-llama", "method=prompt", "method.num_virtual_tokens=4", *SMALL, "trainer.save_every=1"]
+@pytest.mark.parametrize("extra", [[], ["trainer.head_lr=0.3"]])  # head_lr: two optimizer groups, saved by name
+def test_resume_restores_the_head_bit_for_bit(in_tmp, data_dir, monkeypatch, extra):
+    args = ["train", "model=tiny-llama", "method=prompt", "method.num_virtual_tokens=4", *SMALL, "trainer.save_every=1",
+            *extra]
     assert main(args) == 0
     full = run_dir(in_tmp)
     restore = crash_after_checkpoint(monkeypatch, 1)  # "kill" the run right after its step-1 checkpoint

@@ -289,6 +289,41 @@ def test_refusals_are_one_line_exit_2(in_tmp, data_dir, capsys, argv, message):
     assert not (in_tmp / "outputs").exists()
 
 
+# -- trainer.head_lr: the head's own tensors at their own rate ------------------------------------------------
+@pytest.mark.parametrize("head_lr", [None, 0.5])
+@pytest.mark.parametrize("head", ["soft-verbalizer", "proto-verbalizer", "linear"])
+def test_head_lr_moves_the_head_at_its_rate_and_the_rest_at_lr(in_tmp, data_dir, head, head_lr):
+    """Adam's first step moves a tensor by its lr times sign(grad), so after one step the largest
+    change of the head's tensors is head_lr and of the prompt lr."""
+    from safetensors.torch import load_file
+
+    model = "tiny-bert" if head == "proto-verbalizer" else "tiny-gpt2"
+    overrides = [f"model={model}", "method=prompt", "method.num_virtual_tokens=2", f"task.head={head}", *SMALL,
+                 "trainer.max_steps=1", "trainer.schedule=constant", "trainer.lr=0.001", "trainer.max_grad_norm=0",
+                 *([f"trainer.head_lr={head_lr}"] if head_lr else [])]
+    _, m, _ = build(compose(overrides))
+    start = {k: v.detach().clone() for k, v in m.trainable_tensors().items()}
+    assert main(["train", *overrides]) == 0
+    end = load_file(run_dir(in_tmp) / "adapter/adapter_model.safetensors")
+    moved = {k: (end[k] - v).abs().max().item() for k, v in start.items()}
+    want = {k: (head_lr or 0.001) if k.startswith("head.") else 0.001 for k in start}
+    assert any(k.startswith("head.") for k in moved) and "prompt" in moved
+    assert all(abs(moved[k] - want[k]) < 0.02 * want[k] for k in moved), (moved, want)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["method=prompt", "task.head=verbalizer", "trainer.head_lr=0.01"], "trainer.head_lr=0.01 is set, but this task head"),
+    (["method=fine-tune", "task.head=verbalizer", "trainer.head_lr=0.01"], "trains no tensors of its own"),
+    (["method=prompt", "task.head=linear", "trainer.head_lr=0"], "trainer.head_lr=0 is invalid: must be a number > 0"),
+    (["method=prompt", "task.head=linear", "trainer.head_lr=fast"], "trainer.head_lr"),
+])
+def test_head_lr_refusals_are_one_line_exit_2(in_tmp, data_dir, capsys, argv, message):
+    assert main(["train", "model=tiny-gpt2", "task=sst2", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (in_tmp / "outputs").exists()
+
+
 # -- prompt tuning's class-label init ------------------------------------------------------------------------
 def test_labels_init_embeds_the_pieces_the_verbalizer_scores():
     """Byte-level BPE: " terrible" (after the template's space) is not "terrible"; the init embeds the former."""

@@ -15,12 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from ptune import models, rundir
 from ptune.adapter import WEIGHTS, adapter_tensors, head_config, load_adapter, load_adapter_tensors, save_adapter
 from ptune.build import build, setup_logging
-from ptune.config import check
+from ptune.config import OPTIONAL_SAVED, check
 from ptune.errors import PtuneError
 from ptune.rundir import RunDir
 from ptune.train import checkpoint as ckpt
 from ptune.train import trackers
-from ptune.train.loop import TrainArgs, check_step_size, fit, peak_memory_mb, reset_peak_memory
+from ptune.train.loop import TrainArgs, check_step_size, fit, param_groups, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger("ptune")
 
@@ -75,6 +75,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     examples = task.train_examples(backbone.tokenizer, backbone.kind)
     check_context(method, examples)
     check_step_size(len(examples), cfg.trainer.batch_size, cfg.trainer.grad_accum, accelerator.num_processes)
+    param_groups(list(method.trainable_tensors()), train_args(cfg))  # trainer.head_lr with no head tensors: refused now
     if hasattr(task, "rows"):  # a bad evaluation file fails now, not at the first evaluation
         task.rows(cfg.trainer.eval_split)
 
@@ -144,7 +145,8 @@ def score_report_split(method, task, run: RunDir, split: str, batch_size: int, a
 
 def train_args(cfg: DictConfig) -> TrainArgs:
     """The loop's arguments: every TrainArgs field from the `trainer` key of the same name."""
-    return TrainArgs(**{f.name: cfg.trainer[f.name] for f in dataclasses.fields(TrainArgs)})
+    return TrainArgs(**{f.name: cfg.trainer.get(f.name) if f"trainer.{f.name}" in OPTIONAL_SAVED else cfg.trainer[f.name]
+                        for f in dataclasses.fields(TrainArgs)})  # OPTIONAL_SAVED: older configs lack it, None = its old meaning
 
 
 DIVERGED = 3.0  # a final loss above 3x the first step's (and by more than 1 nat) is reported as divergence

@@ -54,6 +54,7 @@ class TrainArgs:
     eval_batch_size: int
     group_by_length: bool
     eval_split: str
+    head_lr: float | None  # the task head's tensors (head.*) at this peak rate; None: lr (param_groups)
 
 
 @dataclass
@@ -83,6 +84,21 @@ def lr_at(step: int, args: TrainArgs) -> float:
     if args.schedule == "cosine":
         return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
     return args.lr * (1 - progress)
+
+
+def param_groups(names: list[str], args: TrainArgs) -> list[tuple[list[str], float]]:
+    """The optimizer's groups as (tensor names, lr scale): everything at trainer.lr, or with
+    trainer.head_lr the task head's own tensors (names `head.*`: a linear head, a soft or prototypical
+    verbalizer) in a last group at that peak rate, on the same schedule (lr_at x head_lr / lr).
+    PtuneError when head_lr is set and the head trains nothing: the key is never accepted and ignored."""
+    if args.head_lr is None:
+        return [(list(names), 1.0)]
+    head = [k for k in names if k.startswith("head.")]
+    if not head:
+        raise PtuneError(f"trainer.head_lr={args.head_lr} is set, but this task head trains no tensors of its own "
+                         f"(a linear head, task.head=soft-verbalizer or proto-verbalizer do); drop trainer.head_lr")
+    rest = [k for k in names if not k.startswith("head.")]
+    return [*([(rest, 1.0)] if rest else []), (head, args.head_lr / args.lr)]
 
 
 def peak_memory_mb() -> float:
@@ -143,8 +159,10 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
     params = method.trainable_tensors()
-    names = list(params)
-    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay) if params else None
+    groups = param_groups(list(params), args)
+    names = [k for group, _ in groups for k in group]  # the optimizer's own order: its state is saved by name
+    optimizer = torch.optim.AdamW([{"params": [params[k] for k in group], "scale": scale} for group, scale in groups],
+                                  lr=args.lr, weight_decay=args.weight_decay) if params else None
     pad_id = method.backbone.tokenizer.pad_token_id
     metrics = run.metrics_log()
 
@@ -227,7 +245,7 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
             step_indices = sorted(plan[k], key=lambda i: lengths[i])
             denom = sum(n_labels[i] for i in step_indices)  # label tokens in the whole step, all processes
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(state.step, args)
+                group["lr"] = lr_at(state.step, args) * group["scale"]
 
             loss_total = torch.zeros((), device=device)
             tokens = 0
