@@ -70,6 +70,13 @@ ROWS = {
                     f"{PROMPT} task.head=soft-verbalizer {TRAIN}", "minilm"),
     "minilm-proto": ("MiniLM: prompt tuning (10 tokens) + prototypical verbalizer at [MASK]", None,
                      f"{PROMPT} task.head=proto-verbalizer {TRAIN}", "minilm"),
+    # MiniLM fine-tuned at 3e-5 with its head at 0.01 (OpenPrompt's ProtoVerb rates): run with --steps 100
+    "minilm-ft-linear": ("MiniLM fine-tuned (lr 3e-5, head_lr 0.01, 100 steps) + linear head", None,
+                         f"{FT} trainer.head_lr=0.01 task.head=linear {TRAIN}", "minilm"),
+    "minilm-ft-soft": ("MiniLM fine-tuned (lr 3e-5, head_lr 0.01, 100 steps) + soft verbalizer at [MASK]", None,
+                       f"{FT} trainer.head_lr=0.01 task.head=soft-verbalizer {TRAIN}", "minilm"),
+    "minilm-ft-proto": ("MiniLM fine-tuned (lr 3e-5, head_lr 0.01, 100 steps) + prototypical verbalizer at [MASK]",
+                        None, f"{FT} trainer.head_lr=0.01 task.head=proto-verbalizer {TRAIN}", "minilm"),
 }
 
 
