@@ -101,6 +101,22 @@ def test_summed_beam_equals_brute_force(model, task, placement):
     assert all(narrow[0][1] >= s for _, s in narrow)  # best first
 
 
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_causal_cached_step_equals_rereading_every_prefix(model):
+    """Stepper's causal path (each row's prefix cached, only gap + label word fed) against its general
+    path (every (hypothesis, row) read whole), over the whole vocabulary, at gap lengths 0 to 3."""
+    cfg = search.compose_search("template", [f"model={model}", "task=sst2", *FAST, "task.max_len=24"])
+    scorer = base.Scorer(cfg)
+    _, progs = template.programs(scorer.backbone, scorer.variant(), scorer.rows("train")[:5], "after", 4)
+    step = template.Stepper(scorer.backbone, progs, batch_size=2)
+    odd = ((7, 8, 9, 10, 11),)  # a hypothesis of another length sends the call down the general path
+    for t in range(4):
+        hyps = [(tuple(range(100 + h, 100 + h + t)),) for h in range(3)]
+        ext, close = step(hyps)
+        ext_all, close_all = step([*hyps, odd])
+        assert torch.allclose(ext, ext_all[:3], atol=1e-4) and torch.allclose(close, close_all[:3], atol=1e-4)
+
+
 # -- the search end to end ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def t5_search(tmp_path_factory):

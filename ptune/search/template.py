@@ -47,6 +47,7 @@ Nothing here is random: a resumed search redoes an unfinished placement exactly 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import weakref
@@ -233,6 +234,8 @@ class Stepper:
         return F.log_softmax(logits.float(), -1)  # (n_read, vocab)
 
     def __call__(self, hyps):
+        if self.kind == "causal" and len({len(g) for g in hyps}) == 1 and len({len(g[-1]) for g in hyps}) == 1:
+            return self._causal(hyps)  # summed_beam's live hypotheses: one open gap, all of one length
         items = []  # (hypothesis, row, sequence, position of the next token, forced tokens)
         for h, gaps in enumerate(hyps):
             for r, p in enumerate(self.progs):
@@ -252,6 +255,50 @@ class Stepper:
                 ext[h] += logp[n, :ext.shape[1]]
                 close[h] += float(logp[torch.arange(n, n + len(w)), torch.tensor(forced)].sum())
                 n += len(w)
+        return ext, close
+
+
+    @torch.no_grad()
+    def _prefix(self, r: int):
+        """Row r's forced[0] read once: (log P(next token) after it, (vocab,); its key/value cache)."""
+        if not hasattr(self, "_prefixes"):
+            self._prefixes = {}
+        if r not in self._prefixes:
+            ids = torch.tensor([self.progs[r]["forced"][0]], device=self.device)
+            out = self.model(input_ids=ids, use_cache=True)
+            past = out.get("cache", None) or out.get("past_key_values", None)  # 5.24 renames it (ptune.methods.kv)
+            self._prefixes[r] = (F.log_softmax(out.logits[0, -1].float(), -1).cpu(), past)
+        return self._prefixes[r]
+
+    @torch.no_grad()
+    def _causal(self, hyps):
+        """The same (ext, close) as the general path for a causal LM, which rereads every row's
+        prefix for every hypothesis at every step: here each row's prefix is read once and cached,
+        and a step feeds only gap + label word (at most max_tokens + len(label) tokens) after it,
+        the row's hypotheses in batches. Position i of the concatenated log-probs predicts suffix
+        token i (i = 0 from the prefix's last position)."""
+        from ptune.methods.kv import cache_kwarg
+
+        n, t = len(hyps), len(hyps[0][-1])
+        ext = torch.zeros(n, self.model.get_output_embeddings().weight.shape[0])
+        close = torch.zeros(n, dtype=torch.float64)
+        for r, prog in enumerate(self.progs):
+            first, cache = self._prefix(r)
+            start, label = len(prog["forced"][0]), list(prog["forced"][1])
+            feed = t + len(label) - 1  # suffix tokens whose next-token distribution is read
+            for s in range(0, n, self.batch_size):
+                chunk = hyps[s:s + self.batch_size]
+                logp = first.expand(len(chunk), 1, -1)
+                if feed > 0:
+                    ids = torch.tensor([list(g[-1]) + label for g in chunk], device=self.device)[:, :feed]
+                    past = copy.deepcopy(cache)
+                    past.batch_repeat_interleave(len(chunk))
+                    pos = torch.arange(start, start + feed, device=self.device).expand(len(chunk), -1)
+                    out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(self.model): past})
+                    logp = torch.cat([logp, F.log_softmax(out.logits.float(), -1).cpu()], 1)  # (chunk, feed + 1, vocab)
+                ext[s:s + len(chunk)] += logp[:, t, :ext.shape[1]]
+                picked = logp[:, torch.arange(t, t + len(label)), torch.tensor(label)]  # (chunk, len(label))
+                close[s:s + len(chunk)] += picked.double().sum(1)
         return ext, close
 
 
