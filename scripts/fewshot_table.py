@@ -166,6 +166,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.merge:
         results = [json.loads(x) for d in a.merge.split(",") for x in (Path(d) / "results.jsonl").read_text().splitlines()]
+        results = list({(r["task"], r["row"], r["seed"]): r for r in results}.values())  # a rerun: the later folder's
         order = list(ROWS)
         results.sort(key=lambda r: (r["task"] != "sst2", order.index(r["row"]), r["seed"]))
         print(table(results))
