@@ -195,6 +195,7 @@ class Stepper:
         self.model, self.kind, self.progs = backbone.model, backbone.kind, progs
         self.pad, self.batch_size = backbone.tokenizer.pad_token_id, batch_size
         self.device = next(self.model.parameters()).device
+        self._prefixes = {}  # causal: row -> (log P(next token) after its forced[0], its KV cache), filled by _prefix
         if self.kind == "seq2seq":  # the encoder reads each row once
             ids, mask = self._pad([p["encoder"] for p in progs])
             with torch.no_grad():
@@ -257,12 +258,9 @@ class Stepper:
                 n += len(w)
         return ext, close
 
-
     @torch.no_grad()
     def _prefix(self, r: int):
         """Row r's forced[0] read once: (log P(next token) after it, (vocab,); its key/value cache)."""
-        if not hasattr(self, "_prefixes"):
-            self._prefixes = {}
         if r not in self._prefixes:
             ids = torch.tensor([self.progs[r]["forced"][0]], device=self.device)
             out = self.model(input_ids=ids, use_cache=True)
@@ -280,6 +278,7 @@ class Stepper:
         from ptune.methods.kv import cache_kwarg
 
         n, t = len(hyps), len(hyps[0][-1])
+        kwarg = cache_kwarg(self.model)  # read off the forward's signature: once per step, not per batch
         ext = torch.zeros(n, self.model.get_output_embeddings().weight.shape[0])
         close = torch.zeros(n, dtype=torch.float64)
         for r, prog in enumerate(self.progs):
@@ -294,7 +293,7 @@ class Stepper:
                     past = copy.deepcopy(cache)
                     past.batch_repeat_interleave(len(chunk))
                     pos = torch.arange(start, start + feed, device=self.device).expand(len(chunk), -1)
-                    out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(self.model): past})
+                    out = self.model(input_ids=ids, position_ids=pos, use_cache=True, **{kwarg: past})
                     logp = torch.cat([logp, F.log_softmax(out.logits.float(), -1).cpu()], 1)  # (chunk, feed + 1, vocab)
                 ext[s:s + len(chunk)] += logp[:, t, :ext.shape[1]]
                 picked = logp[:, torch.arange(t, t + len(label)), torch.tensor(label)]  # (chunk, len(label))
