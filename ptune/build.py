@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptune import calibration, methods, models, tasks
+from ptune import calibration, head_kinds, methods, models, tasks
 from ptune.adapter import load_adapter, load_adapter_tensors
 from ptune.config import load_saved, method_kwargs, task_kwargs
 from ptune.errors import PtuneError
@@ -93,39 +93,23 @@ def build(cfg: DictConfig, backbone=None, saved_head: dict | None = None):
 
 
 def attach_head(method, task, backbone, seed: int, saved: dict | None = None) -> None:
-    """Give the method the head its task asks for (`task.head`; generation tasks have none: lm).
-    saved: the head as a finished run's adapter config records it (see build)."""
-    from ptune import knowledgeable, rules
-    from ptune.heads import LinearHead
-    from ptune.mask_heads import MASK_HEADS, build_head
-
-    head = task.head
-    if head == "lm" and backbone.kind in ("masked", "encoder"):
+    """Give the method the head its task asks for (`task.head`, declared in ptune/head_kinds.py;
+    generation tasks have none: lm). saved: the head as a finished run's adapter config records it."""
+    kind = head_kinds.get(task.head)
+    if kind.generates and backbone.kind in ("masked", "encoder"):
         raise PtuneError(f"task={task.name} generates text, which model={backbone.name} ({backbone.kind}, no "
                          f"left-to-right decoder) cannot; use a causal or seq2seq model")
     task.bind(backbone, method)  # templates checked against this backbone and method (ptune.templates)
-    if head in ("verbalizer", "vocab", "knowledgeable", "rules", *MASK_HEADS):  # scored at {mask} (ptune.verbalizer...)
-        if head == "knowledgeable":  # expanded and refined with the method as built, or as the run saved it
-            slot = knowledgeable.build_head(task, backbone, method, saved)
-        elif head == "rules":
-            slot = rules.build_head(task, backbone)
-        else:
-            slot = build_head(task, backbone, seed) if head in MASK_HEADS else task.slot_head(backbone)
-        if any(True for _ in slot.parameters()) and not method.trains:  # as a linear head below
-            raise PtuneError(f"method={method.name} trains nothing, so with task.head={head} only the head would train, "
-                             f"on a frozen backbone; run that as method=fine-tune method.trainable=head (zero-shot label "
-                             f"words: task.head=verbalizer)")
-        slot.calibration = calibration.describe() if getattr(task, "calibrate", False) else None
-        method.attach_head(slot)
+    if kind.build is None:  # the LM's own output answers
         return
-    if head != "linear":
-        return
-    if not method.trains:
-        # By definition it trains nothing; with a trained head it would be a linear probe, which
-        # is fine-tune's `trainable=head` (and reported as such, with its trainable count).
-        raise PtuneError(f"method={method.name} trains nothing, so task.head=linear would train only the classifier "
-                         f"on a frozen backbone (a linear probe); run that as method=fine-tune method.trainable=head")
-    method.attach_head(LinearHead(backbone.dims.hidden, len(task.labels), task.head_dropout, seed=seed))
+    head = kind.build(task, backbone, method, seed, saved)
+    if any(True for _ in head.parameters()) and not method.trains:
+        raise PtuneError(f"method={method.name} trains nothing, so with task.head={task.head} only the head would "
+                         f"train, on a frozen backbone; run that as method=fine-tune method.trainable=head (zero-shot "
+                         f"label words: task.head=verbalizer)")
+    if kind.at_mask:  # task.calibrate, recorded in the adapter config (ptune/calibration.py)
+        head.calibration = calibration.describe() if getattr(task, "calibrate", False) else None
+    method.attach_head(head)
 
 
 def load_run(run: str | Path, trust_remote_code: bool = False) -> tuple[RunDir, DictConfig]:
@@ -158,9 +142,10 @@ def load_trained(run_dir: RunDir, cfg: DictConfig, which: str = "adapter", backb
         raise PtuneError(f"{adapter} has no adapter_model.safetensors; the run has not finished (resume it first)")
     config, tensors = load_adapter(adapter)
     head = config.get("head") if isinstance(config, dict) else None
-    if cfg.task.get("head") == "knowledgeable" and not isinstance(head, dict):
-        raise PtuneError(f"{adapter}/adapter_config.json holds no knowledgeable verbalizer (the refined word list "
-                         f"training saved); retrain the run")
+    kind = head_kinds.HEADS.get(cfg.task.get("head"))
+    if kind is not None and kind.saved_config and not isinstance(head, dict):
+        raise PtuneError(f"{adapter}/adapter_config.json holds no task.head={kind.name} head (what training computed "
+                         f"for it, such as KPT's refined word list); retrain the run")
     backbone, method, task = build(cfg, backbone, saved_head=head)
     load_adapter_tensors(method, tensors)
     return backbone, method, task

@@ -30,9 +30,6 @@ import torch
 from ptune.errors import PtuneError
 from ptune.verbalizer import SlotHead, takes_soft_mask, word_pieces
 
-MASK_HEADS = ("soft-verbalizer", "proto-verbalizer")  # task.head values built here (build_head)
-
-
 @contextmanager
 def capture_input(module):
     """Collect the first positional input of every call of `module` (a forward pre-hook)."""
@@ -121,18 +118,21 @@ class MaskStateHead(SlotHead):
         raise NotImplementedError
 
 
-def check_options(head: str, calibrate, proto_combine, proto_dim) -> tuple[bool, bool, int]:
-    """One-line refusals for task.calibrate, task.proto_combine and task.proto_dim; the checked values."""
+def check_options(kind, calibrate, proto_combine, proto_dim) -> tuple[bool, bool, int]:
+    """One-line refusals for task.calibrate, task.proto_combine and task.proto_dim under the head
+    `kind` (a ptune.head_kinds.HeadKind); the checked values."""
+    from ptune.head_kinds import names
+
     for key, value in (("calibrate", calibrate), ("proto_combine", proto_combine)):
         if not isinstance(value, bool):
             raise PtuneError(f"task.{key}={value!r} is invalid: write true or false")
-    if calibrate and head not in ("verbalizer", "knowledgeable", "rules", *MASK_HEADS):
+    if calibrate and not kind.calibrates:
         raise PtuneError(f"task.calibrate=true divides a verbalizer's class probabilities by those of content-free "
-                         f"inputs, and task.head={head} has no verbalizer; use task.head=verbalizer, soft-verbalizer, "
-                         f"proto-verbalizer, knowledgeable or rules, or task.calibrate=false")
-    if proto_combine and head != "proto-verbalizer":
+                         f"inputs, and task.head={kind.name} has no verbalizer; use task.head="
+                         f"{', '.join(names('calibrates'))}, or task.calibrate=false")
+    if proto_combine and kind.name != "proto-verbalizer":  # ProtoVerb's own keys (ptune/proto_verbalizer.py)
         raise PtuneError(f"task.proto_combine=true averages ProtoVerb's scores with the manual verbalizer's, and "
-                         f"task.head={head}; use task.head=proto-verbalizer, or task.proto_combine=false")
+                         f"task.head={kind.name}; use task.head=proto-verbalizer, or task.proto_combine=false")
     if isinstance(proto_dim, bool) or not isinstance(proto_dim, int) or proto_dim < 1:
         raise PtuneError(f"task.proto_dim={proto_dim!r} is invalid: the prototypes' dimension, an integer >= 1 "
                          f"(ProtoVerb: 64)")
@@ -144,20 +144,3 @@ def label_pieces(task, backbone) -> list[list[tuple[int, ...]]]:
     template's whitespace before {mask}; the rule of ClassificationTask.slot_head)."""
     return [[word_pieces(backbone.tokenizer, w, task.template.mask_space, f"task.verbalizer.{label}") for w in ws]
             for label, ws in zip(task.labels, task.verbalizer)]
-
-
-def build_head(task, backbone, seed: int) -> MaskStateHead:
-    """The head `task.head` names (one of MASK_HEADS) for this task and backbone."""
-    from ptune.proto_verbalizer import ProtoVerbHead
-    from ptune.soft_verbalizer import SoftVerbalizerHead
-    from ptune.verbalizer import VerbalizerHead, check_backbone
-
-    if task.head == "soft-verbalizer":
-        return SoftVerbalizerHead(backbone, label_pieces(task, backbone), list(task.labels), seed=seed)
-    if task.head != "proto-verbalizer":
-        raise PtuneError(f"task.head={task.head} is not one of {', '.join(MASK_HEADS)}")
-    manual = None
-    if task.proto_combine:
-        check_backbone(backbone, "task.proto_combine=true (the manual verbalizer's word scores beside the prototypes)")
-        manual = VerbalizerHead(backbone, label_pieces(task, backbone), list(task.labels))
-    return ProtoVerbHead(backbone, list(task.labels), dim=task.proto_dim, seed=seed, manual=manual)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptune.mask_heads import MaskStateHead
+from ptune.mask_heads import MaskStateHead, label_pieces
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -109,3 +109,15 @@ class ProtoVerbHead(MaskStateHead):
                                                     if self.manual is not None else None),
                 **({"word_pieces": [[list(w) for w in ws] for ws in self.manual.words]} if self.manual else {}),
                 "tensors": "head.proj.weight (dim, hidden), head.prototypes (n_classes, dim)"}
+
+
+def build_head(task, backbone, seed: int) -> ProtoVerbHead:
+    """task.head=proto-verbalizer: prototypes of task.proto_dim, with the manual verbalizer beside them
+    under task.proto_combine (ptune/head_kinds.py)."""
+    from ptune.verbalizer import VerbalizerHead, check_backbone
+
+    manual = None
+    if task.proto_combine:
+        check_backbone(backbone, "task.proto_combine=true (the manual verbalizer's word scores beside the prototypes)")
+        manual = VerbalizerHead(backbone, label_pieces(task, backbone), list(task.labels))
+    return ProtoVerbHead(backbone, list(task.labels), dim=task.proto_dim, seed=seed, manual=manual)

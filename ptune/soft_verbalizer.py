@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptune.mask_heads import MaskStateHead
+from ptune.mask_heads import MaskStateHead, label_pieces
 
 
 class SoftVerbalizerHead(MaskStateHead):
@@ -65,3 +65,8 @@ class SoftVerbalizerHead(MaskStateHead):
         return {"kind": "soft-verbalizer", "labels": self.labels, "space": self.space, "init": self.init,
                 "word_pieces": [[list(w) for w in ws] for ws in self.words], "hidden": d, "n_classes": n,
                 "tensors": "head.weight (n_classes, hidden), head.bias (n_classes,): logits = h_mask W^T + b"}
+
+
+def build_head(task, backbone, seed: int) -> SoftVerbalizerHead:
+    """task.head=soft-verbalizer: a class vector per label, from its label words (ptune/head_kinds.py)."""
+    return SoftVerbalizerHead(backbone, label_pieces(task, backbone), list(task.labels), seed=seed)

@@ -1,8 +1,9 @@
 """The house (docs/design.md): the rooms of the package and what may cross between them.
 
 - No module outside ptune/methods/ branches on a method's name, none outside ptune/tasks/ on a
-  task's name: components declare what they are (Method.acts_on, .p, .peft_type; Task.head,
-  .input_fields, .prediction_inputs) and callers read that.
+  task's name, none outside the heads' own files on a head's name (task.head): components declare
+  what they are (Method.acts_on, .p, .peft_type; Task.head, .input_fields, .prediction_inputs;
+  ptune.head_kinds.HeadKind) and callers read that.
 - The training wing (ptune/train/) imports nothing from the inference wing (ptune/infer/); the
   inference wing imports nothing from the training wing; no module imports another's private name.
 - Defaults live in conf/: a method's or task's constructor restates none of its YAML keys, and the
@@ -19,7 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from ptune import methods, tasks
+from ptune import head_kinds, methods, tasks
 from ptune.config import CONF_DIR, compose
 from ptune.train.job import train_args
 from ptune.train.loop import TrainArgs
@@ -61,11 +62,50 @@ def test_no_module_outside_its_room_asks_a_components_name(room, registry, owner
     assert not found, "branches on a name; let the component declare it instead:\n" + "\n".join(found)
 
 
+# the heads' own files: the registry and each head's module (ptune/head_kinds.py names them)
+HEAD_ROOM = {"ptune/head_kinds.py", "ptune/heads.py", "ptune/verbalizer.py", "ptune/mask_heads.py",
+             "ptune/soft_verbalizer.py", "ptune/proto_verbalizer.py", "ptune/knowledgeable.py", "ptune/rules.py",
+             "ptune/calibration.py"}
+
+
+def _head_names_compared(tree: ast.AST):
+    """Comparisons of something named like a head (task.head, cfg.task.get("head"), trained_head,
+    self._head(e)) with a task.head value."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        consts = [c.value for op in operands for c in ([op] if isinstance(op, ast.Constant) else
+                  op.elts if isinstance(op, (ast.Tuple, ast.List, ast.Set)) else []) if isinstance(c, ast.Constant)]
+        if any(v in head_kinds.HEADS for v in consts) and any("head" in ast.unparse(op) for op in operands
+                                                              if not isinstance(op, ast.Constant)):
+            yield node.lineno, ast.unparse(node)
+
+
+def test_no_module_outside_the_heads_asks_a_heads_name():
+    found = [f"{_rel(path)}:{line}: {text}" for path, tree in _trees() if _rel(path) not in HEAD_ROOM
+             for line, text in _head_names_compared(tree)]
+    assert not found, "branches on task.head's value; declare it in ptune/head_kinds.py instead:\n" + "\n".join(found)
+
+
+def test_every_head_room_file_exists_and_every_head_builds_from_it():
+    assert all((ROOT / f).is_file() for f in HEAD_ROOM)
+    assert set(head_kinds.CLASSIFICATION) == {"linear", "verbalizer", "soft-verbalizer", "proto-verbalizer",
+                                              "knowledgeable", "rules"}
+    for kind in head_kinds.HEADS.values():
+        assert kind.build is not None or kind.generates, kind.name
+        assert kind.served is None or kind.served in ("pooled", "words", "state", "text"), kind.name
+
+
 def test_the_name_check_finds_what_it_looks_for():
     """The check above is not vacuous: it flags the shapes of comparison it is meant to catch."""
     code = ast.parse('if method.name == "p-tuning" or cfg.task.name in ("e2e", "xsum") or kind == "prompt": pass')
     hits = list(_names_compared(code, set(methods.METHODS) | set(tasks.TASKS), ("method", "task")))
     assert len(hits) >= 3
+    code = ast.parse('if task.head == "rules" or cfg.task.get("head") in ("linear", "x") or self._head(e) != "lm" '
+                     'or "verbalizer" in state or mode == "linear": pass')
+    assert [t for _, t in _head_names_compared(code)] == [
+        "task.head == 'rules'", "cfg.task.get('head') in ('linear', 'x')", "self._head(e) != 'lm'"]
 
 
 def _imports(tree: ast.AST):

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
+from ptune import head_kinds
 from ptune.errors import PtuneError
-from ptune.mask_heads import MASK_HEADS
 
 HOWS = ("vote", "mean")
 
@@ -79,12 +79,15 @@ def check_members(configs: dict) -> None:
                 key = next(k for k in ["name", *sorted(set(a) | set(b))] if a.get(k) != b.get(k))  # the name first
                 raise PtuneError(f"ensemble members must share {group}: {run} has {group}.{key}={b.get(key)!r}, "
                                  f"{runs[0]} has {a.get(key)!r}")
-    if first.task.get("head", "lm") == "rules":
-        raise PtuneError("task.head=rules scores several slots per row, which the one-forward ensemble does not "
-                         "serve; evaluate each run alone (ptune eval run=<dir>)")
-    if first.task.get("head", "lm") not in ("linear", "verbalizer", "knowledgeable", *MASK_HEADS):
-        raise PtuneError(f"task={first.task.name} generates text (task.head={first.task.get('head', 'lm')}); ensembles "
+    head = first.task.get("head", "lm")
+    kind = head_kinds.HEADS.get(head)
+    if kind is None or not kind.classifies:
+        what = "generates text" if kind is not None and kind.generates else "has no classification head"
+        raise PtuneError(f"task={first.task.name} {what} (task.head={head}); ensembles "
                          f"combine class predictions: use a classification task (task.head=linear or verbalizer)")
+    if kind.served is None:  # the members' scores come from one mixed forward (ptune/infer/pool.py)
+        raise PtuneError(f"task.head={head} is not served by the one-forward ensemble (PTR's rules score several "
+                         f"slots per row); evaluate each run alone (ptune eval run=<dir>)")
 
 
 def member_probs(pool, names: list[str], rows: list[dict], batch_size: int) -> torch.Tensor:

@@ -62,7 +62,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ptune import methods
+from ptune import head_kinds, methods
 from ptune.build import load_run, load_trained, setup_logging
 from ptune.errors import PtuneError
 from ptune.rundir import refuse_inside_run, write_atomic, write_json
@@ -122,7 +122,7 @@ def refuse_config(method: str, model: str, kind: str, head: str | None) -> None:
         raise PtuneError(f"ptune export: method={method} on model={model} has encoder, decoder and cross-attention "
                          f"prefixes, and PEFT's seq2seq prefix tuning holds only the decoder self-attention one; "
                          f"no PEFT export")
-    if head not in (None, "lm"):
+    if head is not None and not head_kinds.get(head).generates:
         raise PtuneError(f"ptune export: task.head={head} is a classification head PEFT does not reproduce; "
                          f"PEFT export is for runs with the LM head")
     if kind not in TASK_TYPES:

@@ -39,16 +39,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ptune import calibration, methods
+from ptune import calibration, head_kinds, methods
 from ptune.build import build_backbone, load_run, load_trained, setup_logging
 from ptune.errors import PtuneError
 from ptune.infer import mixed
-from ptune.mask_heads import MASK_HEADS
 
 ADAPTER_FIELD = "adapter"
-# heads whose rows are label-word queries at one {mask} (VerbalizerHead.queries / .class_scores): the word
-# verbalizer and the knowledgeable one (its refined words, as the adapter saved them: ptune/knowledgeable.py)
-WORD_HEADS = ("verbalizer", "knowledgeable")
 
 
 @dataclass
@@ -62,14 +58,19 @@ class Adapter:
 
     @property
     def head(self) -> str:
-        """'linear', 'verbalizer' or 'lm' (generation)."""
+        """The task's head, a key of ptune.head_kinds.HEADS ('linear', 'verbalizer', 'lm', ...)."""
         return self.task.head
+
+    @property
+    def served(self) -> str | None:
+        """How a mixed forward scores its rows (HeadKind.served): pooled, words, state, text, or None."""
+        return head_kinds.get(self.head).served
 
     def info(self) -> dict:
         """JSON-able description (GET /adapters)."""
         out = {"name": self.name, "method": self.method.name, "task": self.task.name, "head": self.head,
                "prompt_length": self.method.p, "run": str(self.run_dir) if self.run_dir else None}
-        if self.head != "lm":
+        if self.served != "text":
             out["labels"] = list(self.task.labels)
         out["fields"] = list(self.task.input_fields)
         return out
@@ -193,10 +194,10 @@ class Pool:
 
     def _class_scores(self, encoded: list[dict]) -> list[torch.Tensor]:
         out: list = [None] * len(encoded)
-        linear = [i for i, e in enumerate(encoded) if self._head(e) == "linear"]
-        slot = [i for i, e in enumerate(encoded) if self._head(e) in WORD_HEADS]
-        learned = [i for i, e in enumerate(encoded) if self._head(e) in MASK_HEADS]
-        gen = [i for i, e in enumerate(encoded) if self._head(e) == "lm"]
+        linear = [i for i, e in enumerate(encoded) if self._served(e) == "pooled"]
+        slot = [i for i, e in enumerate(encoded) if self._served(e) == "words"]  # KPT: its refined, saved words
+        learned = [i for i, e in enumerate(encoded) if self._served(e) == "state"]
+        gen = [i for i, e in enumerate(encoded) if self._served(e) == "text"]
         if gen:
             raise PtuneError(f"input {gen[0]} belongs to a generation adapter; class_scores takes classification rows")
         if linear:
@@ -236,8 +237,8 @@ class Pool:
             return [h.from_parts(states[r:r + 1], words[r][None] if r in words else None)[0].cpu()
                     for r, h in enumerate(heads)]
 
-    def _head(self, e: dict) -> str:
-        return self.adapters[self.names[e["adapter"]]].head
+    def _served(self, e: dict) -> str | None:
+        return self.adapters[self.names[e["adapter"]]].served
 
     def width(self, e: dict) -> int:
         """Columns an encoded row takes in a mixed forward (ptune.infer.mixed packs each row): its soft
@@ -289,7 +290,7 @@ class Pool:
         from ptune.generate import newline_ids
 
         for i, e in enumerate(encoded):
-            if self._head(e) != "lm":
+            if self._served(e) != "text":
                 raise PtuneError(f"input {i} belongs to a classification adapter; generate takes generation rows")
         tok = self.backbone.tokenizer
         ids, mask, adapters = self._batch(encoded, "left")
@@ -317,8 +318,8 @@ class Pool:
         # a forward is as wide as its widest row, so rows of similar widths pad less.
         encoded = self.encode(inputs)
         order = sorted(range(len(inputs)), key=lambda i: self.width(encoded[i]))
-        gen = [i for i in order if self._head(encoded[i]) == "lm"]
-        cls_ = [i for i in order if self._head(encoded[i]) != "lm"]
+        gen = [i for i in order if self._served(encoded[i]) == "text"]
+        cls_ = [i for i in order if self._served(encoded[i]) != "text"]
         for idx in _chunks(cls_, batch_size):
             for i, s in zip(idx, self._class_scores([encoded[i] for i in idx])):
                 out[i] = self._adapter_of(inputs[i]).task.labels[int(s.argmax())]
@@ -333,16 +334,16 @@ def _chunks(idx: list[int], size: int) -> list[list[int]]:
 
 
 def _check_task(a: Adapter) -> None:
-    head = a.head
-    if head == "lm" and not a.task.input_fields:
+    served = a.served
+    if served == "text" and not a.task.input_fields:
         raise PtuneError(f"adapter {a.name!r}: task {a.task.name} is not served by several-run predict (served: "
                          f"classification with a linear or verbalizer head, and generation tasks that name their "
                          f"input fields); run it alone with ptune predict run=<dir>")
-    if head == "lm" and getattr(a.task, "num_beams", 1) != 1:
+    if served == "text" and getattr(a.task, "num_beams", 1) != 1:
         raise PtuneError(f"adapter {a.name!r} decodes with beam search (task.decoding=beam); several-run predict "
                          f"decodes greedily: retrain or evaluate it with task.decoding=greedy")
-    if head not in ("lm", "linear", *WORD_HEADS, *MASK_HEADS):  # rules (PTR): several slots per row, not mixed
-        raise PtuneError(f"adapter {a.name!r}: task.head={head} is not served by several-run predict (mixed batches, "
+    if served is None:  # rules (PTR): several slots per row; LAMA's vocabulary
+        raise PtuneError(f"adapter {a.name!r}: task.head={a.head} is not served by several-run predict (mixed batches, "
                          f"ensembles, serve with several runs); run it alone: ptune predict run=<dir>")
     if a.task.soft_positions:
         raise PtuneError(f"adapter {a.name!r}: p-tuning with {{soft}} slots inside the template is not served by "

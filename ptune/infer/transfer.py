@@ -33,8 +33,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ptune import head_kinds
 from ptune.errors import PtuneError
-from ptune.mask_heads import MASK_HEADS
 
 
 def parse_label_map(spec: str | None) -> dict[str, str] | None:
@@ -120,16 +120,13 @@ def evaluate_transfer(run: str, task_cfg: DictConfig, label_map: str | None = No
 
     run_dir, cfg = load_run(run, trust_remote_code)
     trained_head = cfg.task.get("head")
-    if trained_head in ("knowledgeable", "rules"):  # refined word lists / rule tables: no label map yet
-        raise PtuneError(f"task.head={trained_head}: domain transfer maps a linear or word verbalizer head's classes, "
-                         f"not a {'refined word list' if trained_head == 'knowledgeable' else 'rule table'}; evaluate "
-                         f"the run on its own task")
-    if trained_head in MASK_HEADS:  # their class vectors / prototypes have no label map yet
-        raise PtuneError(f"task.head={trained_head}: domain transfer maps a linear or word verbalizer head's classes, "
-                         f"not learned class vectors; evaluate the run on its own task")
-    if trained_head not in ("linear", "verbalizer"):
+    kind = head_kinds.HEADS.get(trained_head)
+    if kind is None or not kind.classifies:
         raise PtuneError(f"the run's task {cfg.task.name} has no classification head (task.head={trained_head}); "
                          f"domain transfer maps a classifier's labels")
+    if kind.transfer is None:  # KPT's refined lists, WARP's / ProtoVerb's class vectors, PTR's rules: no label map yet
+        raise PtuneError(f"task.head={trained_head}: domain transfer maps a linear or word verbalizer head's classes, "
+                         f"not those of task.head={trained_head}; evaluate the run on its own task")
     if "head" not in task_cfg:
         raise PtuneError(f"task={task_cfg.name} is not a classification task; domain transfer maps class labels")
     task_cfg = task_cfg.copy()
@@ -145,7 +142,7 @@ def evaluate_transfer(run: str, task_cfg: DictConfig, label_map: str | None = No
     new.bind(backbone, method)
     mapping = parse_label_map(label_map)
     groups = label_groups(mapping, list(trained.labels), list(new.labels))
-    if trained_head == "linear":
+    if kind.transfer == "classifier":
         method.attach_head(MappedHead(method.head, groups))
     else:
         method.attach_head(_mapped_verbalizer(backbone, trained, new, groups))

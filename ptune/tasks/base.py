@@ -1,8 +1,9 @@
 """What a task is: how to load a split, how to encode an example, and how to score predictions.
 
 A task declares what the rest of ptune reads instead of asking its name:
-- `head`: "lm" (it generates text), "linear" (a trained classifier on the pooled state),
-  "verbalizer" (label words at the template's {mask}) or "vocab" (the whole vocabulary at {mask}: LAMA);
+- `head`: a key of ptune.head_kinds.HEADS, which says what it is: "lm" (it generates text), "linear"
+  (a trained classifier on the pooled state), "verbalizer" (label words at the template's {mask}),
+  "vocab" (the whole vocabulary at {mask}: LAMA), and the learned verbalizers;
 - `input_fields`: the fields a row needs for prediction (`ptune predict`, `ptune serve`);
 - `prediction_inputs(tokenizer, kind, row)`: the token ids its own predict() feeds the model for
   that row, and the index of {mask} in them (None for generation), so several adapters' rows can

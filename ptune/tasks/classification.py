@@ -3,7 +3,8 @@
 A task subclass says where its rows come from (`rows(split)`: dicts of text fields and an integer
 `label`), its `labels` (names, in class-index order), the fields its template may use, and its
 default template and verbalizer. This base turns rows into examples through the template
-language (ptune.templates) and scores a method through the head (`task.head`):
+language (ptune.templates) and scores a method through the head (`task.head`, what each is:
+ptune/head_kinds.py; the task reads its flags, `self.head_kind`):
 
 - `linear`: `ptune.heads.LinearHead` on the pooled hidden state, as P-tuning v2 (Liu et al. 2022)
   and BERT do. One difference from both: they pass [CLS] through BERT's pretrained pooler (dense +
@@ -14,6 +15,8 @@ language (ptune.templates) and scores a method through the head (`task.head`):
 - `verbalizer`: label words scored at the template's {mask} by the LM itself
   (ptune.verbalizer.VerbalizerHead: PET / LM-BFF / Lester / zero-shot with method=hard-prompt).
   `task.verbalizer` maps each label to a word or a list of words; {soft} slots go to p-tuning.
+- `soft-verbalizer` / `proto-verbalizer`: WARP's trained class vectors and ProtoVerb's prototypes, read
+  from the state at {mask} (ptune/mask_heads.py; encoders without an LM head too);
 - `knowledgeable`: the manual words expanded and refined (KPT, ptune/knowledgeable.py, task.kpt_*);
 - `rules`: several named slots {mask:a} ... {mask:b}, a verbalizer per slot (task.slots) and a rule
   table from slot values to classes (task.rules) (PTR, ptune/rules.py);
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ptune import fewshot, knowledgeable
+from ptune import fewshot, head_kinds, knowledgeable
 from ptune import rules as rules_head
 from ptune.data import Example, collate, subsample
 from ptune.errors import PtuneError
@@ -37,12 +40,6 @@ from ptune.tasks import demonstrations as demos
 from ptune.tasks.base import Task
 from ptune.templates import Template, token_ids, token_strings
 
-HEADS = ("linear", "lm", "verbalizer", "soft-verbalizer", "proto-verbalizer", "knowledgeable", "rules")
-# heads scored at the template's {mask} (batches of layout "slot"): label words (ptune/verbalizer.py), WARP's
-# class vectors and ProtoVerb's prototypes (ptune/mask_heads.py), KPT's expanded words (ptune/knowledgeable.py),
-# PTR's rules over several slots (ptune/rules.py); all read the verbalizer's default template
-SLOT_HEADS = ("verbalizer", "soft-verbalizer", "proto-verbalizer", "knowledgeable", "rules")
-LM_WORD_HEADS = ("verbalizer", "knowledgeable", "rules")  # read the LM's own word predictions (no encoder-only models)
 
 
 # -- metrics: ptune's shipped `evaluate` modules (ptune/metrics), hand-checked in tests/test_tasks.py --
@@ -108,18 +105,19 @@ class ClassificationTask(Task):
         fewshot.check(few_shot, few_shot_seed, self.max_train_samples)
         self.few_shot, self.few_shot_seed = few_shot, few_shot_seed
         self._few: tuple[list[dict], list[dict]] | None = None
-        if head not in HEADS:
-            raise PtuneError(f"task.head={head!r} is not one of {', '.join(HEADS)}; use task.head=linear or verbalizer")
-        if head == "lm":
+        kind = head_kinds.get(head)  # what the head is (ptune/head_kinds.py); one line for a name that is none
+        if kind.generates:
             raise PtuneError(f"task.head=lm generates text; task {self.name} classifies: use task.head=verbalizer (the "
                              f"LM scores the label words) or task.head=linear (a trained classifier)")
+        if not kind.classifies:
+            raise PtuneError(f"task.head={head} is not one of {', '.join(head_kinds.CLASSIFICATION)}")
         if not (isinstance(head_dropout, (int, float)) and 0 <= head_dropout < 1):
             raise PtuneError(f"task.head_dropout={head_dropout!r} is invalid: must be a number in [0, 1)")
         if not (isinstance(max_len, int) and max_len >= 2):
             raise PtuneError(f"task.max_len={max_len!r} is invalid: must be an integer >= 2")
-        self.head, self.head_dropout, self.max_len = head, float(head_dropout), max_len
-        self.calibrate, self.proto_combine, self.proto_dim = check_options(head, calibrate, proto_combine, proto_dim)
-        self._template_key = "verbalizer" if head in SLOT_HEADS else head  # which default_template entry applies
+        self.head, self.head_kind, self.head_dropout, self.max_len = head, kind, float(head_dropout), max_len
+        self.calibrate, self.proto_combine, self.proto_dim = check_options(kind, calibrate, proto_combine, proto_dim)
+        self._template_key = "verbalizer" if kind.at_mask else head  # which default_template entry applies
         self._template_given = template is not None
         self.template = Template(template or self.default_template.get(self._template_key,
                                                                        "{" + "} {".join(self.fields) + "}"))
@@ -128,22 +126,22 @@ class ClassificationTask(Task):
         self.template.check_triggers(self.triggers)
         self.trigger_ids: list[int] | None = None  # their ids, set by bind() (a search may write others)
         self.verbalizer = None
-        if head in SLOT_HEADS:
-            self.template.require_mask(f"task.head={head}", several=head == "rules")
-        if head in SLOT_HEADS and head != "rules":
+        if kind.at_mask:
+            self.template.require_mask(f"task.head={head}", several=kind.several_masks)
+        if kind.label_words:
             self.verbalizer = verbalizer_words(verbalizer if verbalizer is not None else self.default_verbalizer,
                                                list(self.labels))
         self.kpt = knowledgeable.check_options(kpt_words, kpt_neighbours, kpt_prior_rows, kpt_threshold, kpt_relevance,
                                                kpt_calibrate, kpt_aggregate)
-        if head != "rules" and (slots is not None or rules is not None):
+        if not kind.several_masks and (slots is not None or rules is not None):
             key = "slots" if slots is not None else "rules"
             raise PtuneError(f"task.{key} gives the rules head its slots and rule table, and task.head={head}; use "
                              f"task.head=rules, or set task.slots=null task.rules=null")
         self.slot_words, self.rule_table = rules_head.check(slots, rules, self.template, list(self.labels)) \
-            if head == "rules" else (None, None)
+            if kind.several_masks else (None, None)
         self.keep_soft = False  # set by bind(): only p-tuning places prompts at {soft} slots
         self._mask_id: int | None = None
-        demos.check(demonstrations, demo_sets, demo_encoder, head)  # LM-BFF's demonstrations (tasks/demonstrations.py)
+        demos.check(demonstrations, demo_sets, demo_encoder, kind)  # LM-BFF's demonstrations (tasks/demonstrations.py)
         self.demo_sets = demo_sets
         self.demos = demos.Demonstrations(demonstrations, demo_encoder, few_shot_seed if few_shot is not None
                                           else self.subsample_seed) if demonstrations else None
@@ -203,7 +201,7 @@ class ClassificationTask(Task):
         causal_default = self.default_template.get(f"{self._template_key}:{backbone.kind}")
         if causal_default and not self._template_given:  # e.g. NLI: a causal model cannot read past {mask}
             self.template = Template(causal_default)
-        self.keep_soft = verbalizer.takes_soft_mask(method) and self.head in SLOT_HEADS and self.template.n_soft > 0
+        self.keep_soft = verbalizer.takes_soft_mask(method) and self.head_kind.at_mask and self.template.n_soft > 0
         if self.keep_soft and self.template.n_soft != method.p:
             raise PtuneError(f"task.template={self.template.source!r} has {self.template.n_soft} {{soft}} positions "
                              f"and method.num_virtual_tokens={method.p}; set method.num_virtual_tokens="
@@ -211,10 +209,11 @@ class ClassificationTask(Task):
         tok = backbone.tokenizer
         self.template.check_triggers(self.triggers)  # a search's variant may have replaced either
         self.trigger_ids = token_ids(tok, self.triggers) if self.triggers else None
-        if self.head in SLOT_HEADS:
-            if self.head in LM_WORD_HEADS:  # the soft and proto heads run on encoders too (ptune/mask_heads.py)
+        if self.head_kind.at_mask:
+            if self.head_kind.lm_words:  # the soft and proto heads run on encoders too (ptune/mask_heads.py)
                 verbalizer.check_backbone(backbone, f"task.head={self.head}")
-            (rules_head.check_template if self.head == "rules" else verbalizer.check_template)(self.template, backbone)
+            (rules_head.check_template if self.head_kind.several_masks else verbalizer.check_template)(self.template,
+                                                                                                      backbone)
             # the mask slot: [MASK] for masked LMs; any id for the others (the head rebuilds those rows)
             self._mask_id = tok.mask_token_id if tok.mask_token_id is not None else tok.pad_token_id
         else:
@@ -245,7 +244,7 @@ class ClassificationTask(Task):
     def examples(self, tokenizer, rows: list[dict], demo_set: int = 0, training: bool = False) -> list[Example]:
         """With task.demonstrations: each row with demonstration set `demo_set`; training: rows are
         training_rows() in order, so a row never demonstrates itself."""
-        layout = "slot" if self.head in SLOT_HEADS else "class"
+        layout = "slot" if self.head_kind.at_mask else "class"
         out = []
         shown = self.demos.attach(self, rows, demo_set, training) if self.demos is not None else None
         for n, r in enumerate(rows):
@@ -253,7 +252,7 @@ class ClassificationTask(Task):
             enc = template.encode(tokenizer, r, self.max_len, keep_soft=self.keep_soft, mask_id=self._mask_id,
                                   triggers=self.trigger_ids)
             out.append(Example(enc.ids, [r.get("label", 0)], layout, soft=enc.soft if self.keep_soft else None,
-                               mask_pos=enc.mask_pos, masks=enc.masks if self.head == "rules" else None))
+                               mask_pos=enc.mask_pos, masks=enc.masks if self.head_kind.several_masks else None))
         return out
 
     def prediction_inputs(self, tokenizer, kind: str, row: dict) -> tuple[list[int], int | None]:
@@ -319,7 +318,7 @@ class ClassificationTask(Task):
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 batch = collate([examples[i] for i in idx], tok.pad_token_id)
-                if self.head in SLOT_HEADS:
+                if self.head_kind.at_mask:
                     scores = slot_scores(method, batch)
                 else:
                     scores = class_logits(method, batch["input_ids"].to(device), batch["attention_mask"].to(device))

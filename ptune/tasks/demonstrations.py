@@ -57,8 +57,9 @@ MAX_SETS = 1000
 ENCODER_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
 
 
-def check(mode, sets, encoder, head: str) -> None:
-    """One-line refusals for the task.demonstrations / demo_sets / demo_encoder keys."""
+def check(mode, sets, encoder, head) -> None:
+    """One-line refusals for the task.demonstrations / demo_sets / demo_encoder keys under the head `head`
+    (a ptune.head_kinds.HeadKind)."""
     if mode is not None and mode not in MODES:
         raise PtuneError(f"task.demonstrations={mode!r} is not one of null, {', '.join(MODES)}")
     if isinstance(sets, bool) or not isinstance(sets, int) or not 1 <= sets <= MAX_SETS:
@@ -69,9 +70,10 @@ def check(mode, sets, encoder, head: str) -> None:
             raise PtuneError(f"task.demo_sets={sets} averages over demonstration sets and task.demonstrations=null "
                              f"draws none; set task.demonstrations=random or similar, or task.demo_sets=1")
         return
-    if head != "verbalizer":
+    if not head.demonstrations:
         raise PtuneError(f"task.demonstrations={mode} writes each class's label word at the template's {{mask}}, for "
-                         f"the label-word head; task.head={head}: use task.head=verbalizer, or task.demonstrations=null")
+                         f"the label-word head; task.head={head.name}: use task.head=verbalizer, or "
+                         f"task.demonstrations=null")
     if mode == "similar" and (not isinstance(encoder, str) or not encoder):
         raise PtuneError(f"task.demo_encoder={encoder!r}: task.demonstrations=similar needs a sentence encoder, a "
                          f"model config name such as minilm")
