@@ -100,7 +100,7 @@ HEADS: dict[str, HeadKind] = {k.name: k for k in (
     HeadKind("knowledgeable", classifies=True, build=_knowledgeable, at_mask=True, label_words=True, lm_words=True,
              calibrates=True, saved_config=True, served="words"),
     HeadKind("rules", classifies=True, build=_rules, at_mask=True, several_masks=True, lm_words=True,
-             calibrates=True),
+             calibrates=True, served="words"),
 )}
 
 CLASSIFICATION = tuple(n for n, k in HEADS.items() if k.classifies)  # the choices of a classification task

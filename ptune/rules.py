@@ -37,8 +37,8 @@ own words to the class cross-entropy; here each slot word's full-vocabulary log-
 sum is the log of the product of probabilities PTR's paper writes), and the class cross-entropy
 alone. PTR's sub-prompts are entity-typing and relation prompts for relation classification; any
 classification task can name its slots here (docs/verbalizers.md shows a two-slot task).
-The head holds no tensors: under fine-tune the LM head trains (as the word verbalizer); mixed-adapter
-batches are not served (run the adapter alone).
+The head holds no tensors: under fine-tune the LM head trains (as the word verbalizer). In mixed-adapter
+batches (ptune/infer/pool.py) its rows are word queries like the word verbalizer's, in the same forward.
 """
 
 from __future__ import annotations
@@ -158,6 +158,9 @@ class RulesHead(SlotHead):
                 raise PtuneError(f"task.rules.{label}: {len(paths)} word combinations over the slots, more than "
                                  f"{MAX_PATHS}; give its values fewer words")
             self.paths.append(paths)
+        # what the class scores read: one word's log-prob per (slot, key), deduplicated over the paths
+        self.keys = list(dict.fromkeys(self._key(j, p) for paths in self.paths for p in paths
+                                       for j in range(len(slots))))
         tok = backbone.tokenizer
         self.enc_tokens = [[]] * len(slots)  # seq2seq: what the encoder reads at each slot
         self.sentinels = [[]] * len(slots)  # seq2seq: what the decoder writes before each slot's word
@@ -217,26 +220,33 @@ class RulesHead(SlotHead):
     def scores(self, method, batch) -> torch.Tensor:
         ids, attn, where = batch["input_ids"], batch["attention_mask"], batch["mask_positions"]
         soft = batch.get("soft_mask")
-        keys = list(dict.fromkeys(self._key(j, p) for paths in self.paths for p in paths
-                                  for j in range(len(self.slots))))
         queries, owners = [], []
         for r in range(ids.shape[0]):
             keep = attn[r].bool()
             row = ids[r][keep].tolist()
             srow = soft[r][keep].tolist() if soft is not None else [False] * len(row)
-            for q in self._queries(row, srow, where[r].tolist(), keys).values():
+            for q in self._queries(row, srow, where[r].tolist(), self.keys).values():
                 queries.append(q)
                 owners.append(r)
-        got: list[dict] = [{} for _ in range(ids.shape[0])]  # per row: key -> log P(the key's word)
+        pieces: list[list] = [[] for _ in range(ids.shape[0])]  # per row: (key, log-prob of one piece)
         for r, q, picked in zip(owners, queries, self._log_probs(method, queries)):
-            for (_, _, key), v in zip(q[3], picked):
-                got[r][key] = got[r][key] + v if key in got[r] else v
-        out = []
-        for scores in got:
-            out.append(torch.stack([torch.logsumexp(torch.stack([
-                sum(scores[self._key(j, p)] for j in range(len(self.slots))) for p in paths]), 0)
-                for paths in self.paths]))
-        return torch.stack(out)  # (batch, n_classes)
+            pieces[r] += [(key, v) for (_, _, key), v in zip(q[3], picked)]
+        return torch.stack([self.class_scores(p) for p in pieces])  # (batch, n_classes)
+
+    # -- for callers that run the forward themselves (mixed-adapter batches, ptune.infer.pool) --
+    def queries(self, ids: list[int], mask_pos: list[int]) -> list[tuple[list[int], list[tuple]]]:
+        """As VerbalizerHead.queries, for one example whose slots sit at `mask_pos` (every slot's index,
+        template order; no soft slots): input rows with targets [(position, token, key)]."""
+        return [(q[0], q[3]) for q in self._queries(ids, [False] * len(ids), list(mask_pos), self.keys).values()]
+
+    def class_scores(self, pieces: list[tuple[tuple, torch.Tensor]]) -> torch.Tensor:
+        """(n_classes,) from one example's [(key, log-prob of one piece)]: a key's word log-prob is the sum
+        of its pieces', a class's score the logsumexp over its paths of the sum over the slots."""
+        got: dict = {}  # key -> log P(the key's word)
+        for key, v in pieces:
+            got[key] = got[key] + v if key in got else v
+        return torch.stack([torch.logsumexp(torch.stack([sum(got[self._key(j, p)] for j in range(len(self.slots)))
+                                                         for p in paths]), 0) for paths in self.paths])
 
     def config(self) -> dict:
         return {"kind": "rules", "labels": self.labels, "slots": self.slots, "slot_words": self.texts,

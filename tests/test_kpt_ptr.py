@@ -4,6 +4,7 @@ the run directory round trip, padding, mixed batches and one-line refusals throu
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -298,6 +299,27 @@ def test_mixed_batches_score_knowledgeable_rows_as_alone():
     torch.testing.assert_close(torch.stack(mixed).float(), alone, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-bert"])
+def test_mixed_batches_score_rules_rows_as_alone(reviews, model):
+    """PTR rows in a mixed batch: their slot words' queries share the forward with a word verbalizer's
+    and a linear head's rows, and every row scores as its adapter alone (one calibrated)."""
+    pool = build_pool(model, {
+        "rules": [*reviews, *RULES, "method=prompt", "method.num_virtual_tokens=2"],
+        "rules-cal": [*reviews, *RULES, "task.calibrate=true", "method=prefix", "method.num_virtual_tokens=2"],
+        "words": ["task=sst2", "task.head=verbalizer", "method=p-tuning-v2", "method.num_virtual_tokens=2"],
+        "linear": ["task=sst2", "task.head=linear", "method=prompt", "method.num_virtual_tokens=3"],
+    })
+    texts = [{"text": t} for t, _ in REVIEWS[:3]]
+    rows = [{**r, "adapter": name} for name in ("rules", "rules-cal") for r in texts]
+    rows += [{"sentence": r["sentence"], "adapter": name} for name in ("words", "linear") for r in ROWS]
+    mixed = pool.class_scores(rows[::-1])[::-1]
+    for name, inputs in (("rules", texts), ("rules-cal", texts), ("words", ROWS), ("linear", ROWS)):
+        method, task = pool.alone(name)
+        got = torch.stack([s for s, r in zip(mixed, rows) if r["adapter"] == name]).float()
+        torch.testing.assert_close(got, task.class_scores(method, inputs, 8), rtol=1e-4, atol=1e-5)
+    assert pool.predict(rows[:3]) == pool.alone("rules")[1].predict(pool.alone("rules")[0], texts, 8)
+
+
 # -- the run directory and the CLI ----------------------------------------------------------------------------
 SMALL = ["task.max_train_samples=16", "task.max_eval_samples=8", "trainer.batch_size=4", "trainer.max_steps=2",
          "trainer.eval_every=2", "trainer.save_every=2", "trainer.eval_batch_size=8"]
@@ -355,7 +377,7 @@ def test_a_knowledgeable_run_saves_its_words_and_inference_reads_them(in_tmp, da
     one_line_error(capsys, ["eval", f"run={run}", "task.kpt_threshold=0.5"], "refined with task.kpt_threshold=1e-06")
 
 
-def test_a_rules_run_round_trips_and_mixed_batches_refuse_it(in_tmp, data_dir, capsys, reviews):
+def test_a_rules_run_round_trips_and_serves_in_mixed_batches_and_ensembles(in_tmp, data_dir, capsys, reviews):
     assert main(["train", "model=tiny-bert", *reviews, "method=prompt", "method.num_virtual_tokens=2", *RULES,
                  *SMALL]) == 0
     run = only_run(in_tmp)
@@ -366,10 +388,19 @@ def test_a_rules_run_round_trips_and_mixed_batches_refuse_it(in_tmp, data_dir, c
     assert json.loads((run / "eval_dev.json").read_text())["metrics"] == json.loads(
         (run / "summary.json").read_text())["eval"]
     rows = in_tmp / "rows.jsonl"
-    rows.write_text(json.dumps({"text": "the soup was cold"}) + "\n")
+    rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the soup was cold", "staff were rude")))
     assert main(["predict", f"run={run}", f"input={rows}", f"output={in_tmp / 'p.jsonl'}"]) == 0
-    capsys.readouterr()
-    one_line_error(capsys, ["predict", f"run=a:{run},b:{run}", f"input={rows}"], "ptune predict run=<dir>")
+    alone = [json.loads(x)["prediction"] for x in (in_tmp / "p.jsonl").read_text().splitlines()]
+    both = in_tmp / "both.jsonl"
+    both.write_text("".join(json.dumps({"text": t, "adapter": a}) + "\n" for a in ("a", "b")
+                            for t in ("the soup was cold", "staff were rude")))
+    assert main(["predict", f"run=a:{run},b:{run}", f"input={both}", f"output={in_tmp / 'm.jsonl'}"]) == 0
+    assert [json.loads(x)["prediction"] for x in (in_tmp / "m.jsonl").read_text().splitlines()] == alone * 2
+    copy = in_tmp / "copy"
+    shutil.copytree(run, copy)  # an ensemble's members are different runs: the same adapter twice
+    assert main(["eval", f"run={run},{copy}", "ensemble=vote", f"out={in_tmp / 'e.json'}"]) == 0
+    ensemble = json.loads((in_tmp / "e.json").read_text())
+    assert [m["metrics"] for m in ensemble["members"]] == [json.loads((run / "eval_dev.json").read_text())["metrics"]] * 2
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -166,6 +166,9 @@ def test_what_cannot_share_a_backbone_is_refused(causal, encoder):
         Pool(encoder.backbone, {"lin": lin})
     with pytest.raises(PtuneError, match="class_scores takes classification rows"):
         causal.class_scores([{"adapter": "gen_prompt", "mr": "name[X]"}])
+    _, method, task = build(run_config("tiny-llama", ["method=prompt", "task=lama"]), causal.backbone)
+    with pytest.raises(PtuneError, match="task.head=vocab is not served by several-run predict"):  # HeadKind.served
+        Pool(causal.backbone, {"lama": Adapter("lama", method, task)})
 
 
 def test_parse_runs():

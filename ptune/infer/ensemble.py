@@ -85,9 +85,6 @@ def check_members(configs: dict) -> None:
         what = "generates text" if kind is not None and kind.generates else "has no classification head"
         raise PtuneError(f"task={first.task.name} {what} (task.head={head}); ensembles "
                          f"combine class predictions: use a classification task (task.head=linear or verbalizer)")
-    if kind.served is None:  # the members' scores come from one mixed forward (ptune/infer/pool.py)
-        raise PtuneError(f"task.head={head} is not served by the one-forward ensemble (PTR's rules score several "
-                         f"slots per row); evaluate each run alone (ptune eval run=<dir>)")
 
 
 def member_probs(pool, names: list[str], rows: list[dict], batch_size: int) -> torch.Tensor:

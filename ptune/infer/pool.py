@@ -11,10 +11,12 @@ the backbone outside their module tree, `method._backbone`, so K methods share o
 loads each adapter. Rows then go through `ptune.infer.mixed`: one forward per batch whatever the mix of
 adapters, each row with its own prompt or prefix, with the outputs it gets alone.
 
-What a row's adapter answers with (its task's head, as `ptune predict` with that run alone):
+What a row's adapter answers with (its task's head, as `ptune predict` with that run alone; how each
+head is served is its HeadKind.served, ptune/head_kinds.py):
 - classification, linear head: the label of its own head's logits over the pooled state;
 - classification, verbalizer head: the label whose words score best at the template's {mask}; the
   knowledgeable head (KPT) the same way, with its refined words and priors as the adapter saved them;
+  the rules head (PTR) with its slot words' queries in the same forward, combined by its rule table;
 - classification, soft / proto verbalizer (ptune/mask_heads.py): its own head on the row's state at
   {mask}, all such rows in one forward; task.calibrate runs: calibrated as the adapter alone;
 - generation (e2e, xsum, custom generation; causal models): greedy decoding, one line of text,
@@ -342,7 +344,7 @@ def _check_task(a: Adapter) -> None:
     if served == "text" and getattr(a.task, "num_beams", 1) != 1:
         raise PtuneError(f"adapter {a.name!r} decodes with beam search (task.decoding=beam); several-run predict "
                          f"decodes greedily: retrain or evaluate it with task.decoding=greedy")
-    if served is None:  # rules (PTR): several slots per row; LAMA's vocabulary
+    if served is None:  # LAMA's vocabulary head
         raise PtuneError(f"adapter {a.name!r}: task.head={a.head} is not served by several-run predict (mixed batches, "
                          f"ensembles, serve with several runs); run it alone: ptune predict run=<dir>")
     if a.task.soft_positions:

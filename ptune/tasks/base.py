@@ -6,8 +6,8 @@ A task declares what the rest of ptune reads instead of asking its name:
   "vocab" (the whole vocabulary at {mask}: LAMA), and the learned verbalizers;
 - `input_fields`: the fields a row needs for prediction (`ptune predict`, `ptune serve`);
 - `prediction_inputs(tokenizer, kind, row)`: the token ids its own predict() feeds the model for
-  that row, and the index of {mask} in them (None for generation), so several adapters' rows can
-  share one forward (ptune.infer.pool);
+  that row, and the index of {mask} in them (None for generation; under task.head=rules a list, the
+  index of every {mask:slot}), so several adapters' rows can share one forward (ptune.infer.pool);
 - `soft_positions`: whether prompts sit inside the input (p-tuning's {soft} slots) rather than in front;
 - `result_name(split)`: the stem of eval_<...>.json and predictions/<...>.jsonl for this task.
 """

@@ -261,7 +261,7 @@ class ClassificationTask(Task):
                              f"demonstration set), which a mixed-adapter batch does not; run the adapter alone "
                              f"(ptune predict run=<dir>)")
         e = self.examples(tokenizer, [{**row, "label": 0}])[0]
-        return e.input_ids, e.mask_pos
+        return e.input_ids, e.masks if self.head_kind.several_masks else e.mask_pos
 
     def encode(self, tokenizer, rows: list[dict]) -> list[list[int]]:
         """Token ids of each row, with the tokenizer's special tokens, at most max_len long."""
