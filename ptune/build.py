@@ -142,7 +142,7 @@ def load_trained(run_dir: RunDir, cfg: DictConfig, which: str = "adapter", backb
         raise PtuneError(f"{adapter} has no adapter_model.safetensors; the run has not finished (resume it first)")
     config, tensors = load_adapter(adapter)
     head = config.get("head") if isinstance(config, dict) else None
-    kind = head_kinds.HEADS.get(cfg.task.get("head"))
+    kind = head_kinds.find(cfg.task.get("head"))
     if kind is not None and kind.saved_config and not isinstance(head, dict):
         raise PtuneError(f"{adapter}/adapter_config.json holds no task.head={kind.name} head (what training computed "
                          f"for it, such as KPT's refined word list); retrain the run")

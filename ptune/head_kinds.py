@@ -106,9 +106,14 @@ HEADS: dict[str, HeadKind] = {k.name: k for k in (
 CLASSIFICATION = tuple(n for n, k in HEADS.items() if k.classifies)  # the choices of a classification task
 
 
+def find(name) -> HeadKind | None:
+    """The head `name`, or None for anything else (a saved config's value is untrusted: any type)."""
+    return HEADS.get(name) if isinstance(name, str) else None
+
+
 def get(name) -> HeadKind:
     """The head `name`; one PtuneError line for a name that is none."""
-    if not isinstance(name, str) or name not in HEADS:
+    if find(name) is None:
         raise PtuneError(f"task.head={name!r} is not one of {', '.join(CLASSIFICATION)}; use task.head=linear or "
                          f"verbalizer")
     return HEADS[name]

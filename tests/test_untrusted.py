@@ -131,6 +131,8 @@ SAVED = {
     "unknown-method": (lambda c: c["method"].update(name="lora"), "method.name='lora'"),
     "negative-batch": (lambda c: c["trainer"].update(eval_batch_size=-1), "trainer.eval_batch_size=-1"),
     "lr-text": (lambda c: c["trainer"].update(lr="fast"), "trainer.lr='fast'"),
+    "head-list": (lambda c: c["task"].update(head=["linear"]), "task.head=["),
+    "head-unknown": (lambda c: c["task"].update(head="evil"), "task.head='evil' is not one of"),
 }
 
 

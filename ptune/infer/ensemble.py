@@ -80,7 +80,7 @@ def check_members(configs: dict) -> None:
                 raise PtuneError(f"ensemble members must share {group}: {run} has {group}.{key}={b.get(key)!r}, "
                                  f"{runs[0]} has {a.get(key)!r}")
     head = first.task.get("head", "lm")
-    kind = head_kinds.HEADS.get(head)
+    kind = head_kinds.find(head)
     if kind is None or not kind.classifies:
         what = "generates text" if kind is not None and kind.generates else "has no classification head"
         raise PtuneError(f"task={first.task.name} {what} (task.head={head}); ensembles "

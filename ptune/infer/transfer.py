@@ -120,7 +120,7 @@ def evaluate_transfer(run: str, task_cfg: DictConfig, label_map: str | None = No
 
     run_dir, cfg = load_run(run, trust_remote_code)
     trained_head = cfg.task.get("head")
-    kind = head_kinds.HEADS.get(trained_head)
+    kind = head_kinds.find(trained_head)
     if kind is None or not kind.classifies:
         raise PtuneError(f"the run's task {cfg.task.name} has no classification head (task.head={trained_head}); "
                          f"domain transfer maps a classifier's labels")
