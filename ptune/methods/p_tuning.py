@@ -104,7 +104,11 @@ class PTuning(Method):
             return self.prompt
         x = self.embedding.weight.unsqueeze(0)  # (1, p, hidden): one sequence through the LSTM
         if self.encoder == "lstm":
-            x = self.lstm_head(x)[0]  # (1, p, E): both directions concatenated
+            # float32 even under bf16/fp16 autocast: oneDNN has no bf16 LSTM on CPUs without AVX-512
+            # (it fails to build its kernel on this image's AMD EPYC), and one sequence of p rows
+            # costs nothing next to the backbone; the MLP after it runs under autocast as before.
+            with torch.autocast(x.device.type, enabled=False):
+                x = self.lstm_head(x.float())[0]  # (1, p, E): both directions concatenated
         return self.mlp_head(x)[0]  # (p, hidden)
 
     def soft_prompt(self) -> torch.Tensor:
