@@ -190,3 +190,31 @@ def test_ctrl_c_stops_a_server_started_with_sigint_ignored(run, tmp_path):
         assert proc.wait(30) == 0
     finally:
         proc.kill()
+
+
+def test_the_ready_line_comes_after_the_ctrl_c_handler(run, monkeypatch, capsys):
+    """The line `serving ... (Ctrl-C stops)` tells a caller the server is up; a Ctrl-C sent the moment
+    it is read must stop it, so the handler is in place before it is printed (a SIGINT before the
+    handler, under an inherited SIG_IGN, was lost and the server ran on)."""
+    from ptune.infer import serve as serve_module
+
+    seen = {}
+
+    def ready(*args, **kwargs):
+        if str(args[0]).startswith("serving"):
+            seen["handler"] = signal.getsignal(signal.SIGINT)
+            raise KeyboardInterrupt  # as the Ctrl-C a caller sends on reading the line
+        return print(*args, **kwargs)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # started in the background
+    try:
+        monkeypatch.setattr(serve_module, "print", ready, raising=False)
+        try:
+            rc = serve_module.serve(str(run), "127.0.0.1", 0, 64, 10_000, 8)
+        except KeyboardInterrupt:
+            rc = "a Ctrl-C at the ready line escaped the server loop"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen["handler"] is serve_module._interrupt
+    assert rc == 0
+    assert capsys.readouterr().out.strip().endswith("stopped")

@@ -255,15 +255,16 @@ def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int,
     except OSError as e:
         raise PtuneError(f"cannot listen on {host}:{port}: {e.strerror}; choose another port= (port=0: any free one)") from None
     bound_host, bound_port = server.server_address[:2]
-    print(f"serving {len(pool.names)} adapter(s) ({', '.join(pool.names)}) at http://{bound_host}:{bound_port} "
-          f"(Ctrl-C stops)", flush=True)
     if threading.current_thread() is threading.main_thread():  # a process manager's SIGTERM stops it like Ctrl-C
         # Ctrl-C too, explicitly: a process started in the background (a shell's `&`, some supervisors) inherits
-        # SIGINT ignored or blocked, and Python then installs no KeyboardInterrupt handler of its own.
+        # SIGINT ignored or blocked, and Python then installs no KeyboardInterrupt handler of its own. Before the
+        # line below, which tells a caller the server is up: a Ctrl-C sent as soon as it reads it must stop it.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _interrupt)
-    try:
+    try:  # from here a Ctrl-C raises KeyboardInterrupt, the ready line included
+        print(f"serving {len(pool.names)} adapter(s) ({', '.join(pool.names)}) at http://{bound_host}:{bound_port} "
+              f"(Ctrl-C stops)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped", flush=True)
