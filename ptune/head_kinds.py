@@ -46,6 +46,14 @@ class HeadKind:
     # how domain transfer maps its classes onto another task's (ptune/infer/transfer.py): "classifier"
     # (merge its logits by a label map), "words" (the new task's label words), None: not mapped
     transfer: str | None = None
+    keys: tuple[str, ...] = ()  # the task keys of HEAD_KEYS that this head alone reads
+
+
+KPT_KEYS = ("kpt_words", "kpt_neighbours", "kpt_prior_rows", "kpt_threshold", "kpt_relevance", "kpt_calibrate",
+            "kpt_aggregate")
+# The task keys that one head alone reads (its HeadKind.keys). Under any other head a value away from
+# the task file's default would be accepted and ignored, so the task refuses it (check_unread).
+HEAD_KEYS = ("head_dropout", "proto_dim", "proto_combine", *KPT_KEYS, "slots", "rules")
 
 
 def _linear(task, backbone, method, seed, saved):
@@ -88,7 +96,7 @@ def _rules(task, backbone, method, seed, saved):
 
 
 HEADS: dict[str, HeadKind] = {k.name: k for k in (
-    HeadKind("linear", classifies=True, build=_linear, served="pooled", transfer="classifier"),
+    HeadKind("linear", classifies=True, build=_linear, served="pooled", transfer="classifier", keys=("head_dropout",)),
     HeadKind("lm", classifies=False, build=None, generates=True, served="text"),
     HeadKind("vocab", classifies=False, build=_task_slot_head, at_mask=True, lm_words=True),
     HeadKind("verbalizer", classifies=True, build=_task_slot_head, at_mask=True, label_words=True, lm_words=True,
@@ -96,11 +104,11 @@ HEADS: dict[str, HeadKind] = {k.name: k for k in (
     HeadKind("soft-verbalizer", classifies=True, build=_soft, at_mask=True, label_words=True, calibrates=True,
              served="state"),
     HeadKind("proto-verbalizer", classifies=True, build=_proto, at_mask=True, label_words=True, calibrates=True,
-             served="state"),
+             served="state", keys=("proto_dim", "proto_combine")),
     HeadKind("knowledgeable", classifies=True, build=_knowledgeable, at_mask=True, label_words=True, lm_words=True,
-             calibrates=True, saved_config=True, served="words"),
+             calibrates=True, saved_config=True, served="words", keys=KPT_KEYS),
     HeadKind("rules", classifies=True, build=_rules, at_mask=True, several_masks=True, lm_words=True,
-             calibrates=True, served="words"),
+             calibrates=True, served="words", keys=("slots", "rules")),
 )}
 
 CLASSIFICATION = tuple(n for n, k in HEADS.items() if k.classifies)  # the choices of a classification task
@@ -117,6 +125,24 @@ def get(name) -> HeadKind:
         raise PtuneError(f"task.head={name!r} is not one of {', '.join(CLASSIFICATION)}; use task.head=linear or "
                          f"verbalizer")
     return HEADS[name]
+
+
+def yaml_value(value) -> str:
+    """A config value as one writes it in an override (null, true, 1e-06, mean)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
+
+
+def check_unread(kind: HeadKind, values: dict, defaults: dict) -> None:
+    """One line for the first of HEAD_KEYS in `values` set away from its default (`defaults`: the
+    task file's keys) under the head `kind`, which does not read it."""
+    for key in HEAD_KEYS:
+        if key in values and key not in kind.keys and values[key] != defaults.get(key):
+            readers = [n for n, k in HEADS.items() if key in k.keys]
+            raise PtuneError(f"task.{key}={yaml_value(values[key])} is read by task.head={' or '.join(readers)} alone, "
+                             f"and task.head={kind.name} would ignore it; use task.head={readers[0]}, or leave "
+                             f"task.{key}={yaml_value(defaults.get(key))}")
 
 
 def names(flag: str) -> list[str]:

@@ -287,3 +287,90 @@ def test_resume_restores_the_head_bit_for_bit(in_tmp, data_dir, monkeypatch, ext
     assert main(["train", f"resume={broken}"]) == 0
     a, b = (load_file(r / "adapter/adapter_model.safetensors") for r in (full, broken))
     assert a.keys() == b.keys() == {"prompt", "head.weight", "head.bias"} and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- keys that only some heads (or modes) read: refused elsewhere, never ignored -------------------
+# A value away from conf/task's default for every key one head alone reads (head_kinds.HEAD_KEYS).
+CHANGED = {"head_dropout": 0.3, "proto_dim": 8, "proto_combine": True, "kpt_words": "words.yaml", "kpt_neighbours": 3,
+           "kpt_prior_rows": 5, "kpt_threshold": None, "kpt_relevance": None, "kpt_calibrate": False,
+           "kpt_aggregate": "weighted", "slots": {"mask": {"neg": "bad", "pos": "good"}},
+           "rules": {"negative": {"mask": "neg"}, "positive": {"mask": "pos"}}}
+RULES = {"template": "{sentence} {mask:a}", "slots": {"a": {"neg": "bad", "pos": "good"}},
+         "rules": {"negative": {"a": "neg"}, "positive": {"a": "pos"}}}
+
+
+def test_changed_covers_every_head_key_and_every_task_file_holds_them():
+    from ptune.config import group_defaults
+    from ptune.head_kinds import HEAD_KEYS, HEADS
+
+    assert set(CHANGED) == set(HEAD_KEYS) == {k for kind in HEADS.values() for k in kind.keys}
+    for name in ("sst2", "cb", "rte", "boolq", "custom"):
+        defaults = group_defaults("task", name)
+        assert all(key in defaults and defaults[key] != CHANGED[key] for key in HEAD_KEYS), name
+
+
+@pytest.mark.parametrize("head", ["linear", "verbalizer", "soft-verbalizer", "proto-verbalizer", "knowledgeable",
+                                  "rules"])
+def test_a_key_another_head_reads_is_refused_and_its_own_keys_are_taken(data_dir, head):
+    from ptune.head_kinds import HEADS
+
+    base = {"head": head, **(RULES if head == "rules" else {})}
+    for key, value in CHANGED.items():
+        readers = [n for n, k in HEADS.items() if key in k.keys]
+        if head in readers:
+            if key not in ("slots", "rules"):  # the rules head's own keys: tests/test_kpt_ptr.py
+                tasks.build("sst2", **base, **{key: value})
+            continue
+        with pytest.raises(PtuneError) as e:
+            tasks.build("sst2", **base, **{key: value})
+        message = str(e.value)
+        assert f"task.{key}" in message and f"use task.head={readers[0]}" in message and "\n" not in message, message
+
+
+def test_label_words_few_shot_seed_and_demo_encoder_are_refused_where_nothing_reads_them(data_dir):
+    words = {"negative": "bad", "positive": "good"}
+    for head in ("linear", "rules"):
+        with pytest.raises(PtuneError, match=f"task.verbalizer gives words per class, and task.head={head} scores no "
+                                             f"label words; use task.head=verbalizer or"):
+            tasks.build("sst2", head=head, verbalizer=words, **(RULES if head == "rules" else {}))
+    assert tasks.build("sst2", head="linear", verbalizer={"negative": "terrible", "positive": "great"})  # the default
+    assert tasks.build("sst2", head="verbalizer", verbalizer=words).verbalizer
+    with pytest.raises(PtuneError, match="task.few_shot_seed=21 chooses the K-shot split, and task.few_shot=null"):
+        tasks.build("sst2", few_shot_seed=21)
+    assert tasks.build("sst2", few_shot=4, few_shot_seed=21).few_shot_seed == 21
+    for mode in (None, "random"):
+        with pytest.raises(PtuneError, match=f"task.demo_encoder=bert chooses demonstrations by similarity, and "
+                                             f"task.demonstrations={mode or 'null'} does not"):
+            tasks.build("sst2", head="verbalizer", demonstrations=mode, demo_encoder="bert")
+
+
+def test_custom_refuses_the_other_types_keys(in_tmp):
+    from ptune.config import group_defaults
+    from ptune.tasks.custom import CLASSIFICATION_KEYS, GENERATION_KEYS
+
+    (in_tmp / "t.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    files = {"train_file": "t.csv", "eval_file": "t.csv"}
+    other = {"head": "verbalizer", "labels": ["neg", "pos"], "verbalizer": {"neg": "bad"}, "triggers": ["x"],
+             "few_shot": 1, "few_shot_seed": 21, "demonstrations": "random", "demo_sets": 2, "demo_encoder": "bert",
+             "calibrate": True, **CHANGED}
+    defaults = group_defaults("task", "custom")
+    assert set(other) == set(CLASSIFICATION_KEYS) and all(defaults[k] != v for k, v in other.items())
+    for key, value in other.items():
+        with pytest.raises(PtuneError, match=f"task.{key}"):
+            tasks.build("custom", type="generation", **files, **{key: value})
+    for key, value in {"max_target_len": 8, "max_new_tokens": 8}.items():
+        assert key in GENERATION_KEYS and defaults[key] != value
+        with pytest.raises(PtuneError, match=f"task.{key}=8 is read by task.type=generation alone"):
+            tasks.build("custom", **files, **{key: value})
+        assert tasks.build("custom", type="generation", **files, **{key: value})
+    with pytest.raises(PtuneError, match="task.data_dir=data: task=custom reads task.train_file"):
+        tasks.build("custom", data_dir="data", **files)
+
+
+def test_an_unread_key_on_the_command_line_is_one_line_and_writes_nothing(in_tmp, data_dir, capsys):
+    assert main(["train", "model=tiny-bert", "task=sst2", "method=prompt", "task.head=verbalizer",
+                 "task.kpt_neighbours=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: task.kpt_neighbours=3 is read by task.head=knowledgeable alone, and task.head=verbalizer "
+                   "would ignore it; use task.head=knowledgeable, or leave task.kpt_neighbours=10")
+    assert not (in_tmp / "outputs").exists()

@@ -102,7 +102,14 @@ class ClassificationTask(Task):
                  demo_encoder: str, calibrate: bool, proto_combine: bool, proto_dim: int, kpt_words, kpt_neighbours,
                  kpt_prior_rows, kpt_threshold, kpt_relevance, kpt_calibrate, kpt_aggregate, slots, rules, **kw):
         super().__init__(**kw)
+        from ptune.config import group_defaults
+
+        defaults = group_defaults("task", self.name)  # keys a head or mode does not read must stay at these
         fewshot.check(few_shot, few_shot_seed, self.max_train_samples)
+        if few_shot is None and few_shot_seed != defaults.get("few_shot_seed"):
+            raise PtuneError(f"task.few_shot_seed={few_shot_seed} chooses the K-shot split, and task.few_shot=null "
+                             f"trains on the whole training split; set task.few_shot=K, or leave "
+                             f"task.few_shot_seed={defaults.get('few_shot_seed')}")
         self.few_shot, self.few_shot_seed = few_shot, few_shot_seed
         self._few: tuple[list[dict], list[dict]] | None = None
         kind = head_kinds.get(head)  # what the head is (ptune/head_kinds.py); one line for a name that is none
@@ -131,6 +138,10 @@ class ClassificationTask(Task):
         if kind.label_words:
             self.verbalizer = verbalizer_words(verbalizer if verbalizer is not None else self.default_verbalizer,
                                                list(self.labels))
+        elif verbalizer is not None and verbalizer != defaults.get("verbalizer"):
+            raise PtuneError(f"task.verbalizer gives words per class, and task.head={head} scores no label words; use "
+                             f"task.head={' or '.join(head_kinds.names('label_words'))}, or leave task.verbalizer at "
+                             f"the task's words")
         self.kpt = knowledgeable.check_options(kpt_words, kpt_neighbours, kpt_prior_rows, kpt_threshold, kpt_relevance,
                                                kpt_calibrate, kpt_aggregate)
         if not kind.several_masks and (slots is not None or rules is not None):
@@ -143,6 +154,15 @@ class ClassificationTask(Task):
         self._mask_id: int | None = None
         demos.check(demonstrations, demo_sets, demo_encoder, kind)  # LM-BFF's demonstrations (tasks/demonstrations.py)
         self.demo_sets = demo_sets
+        if demonstrations != "similar" and demo_encoder != defaults.get("demo_encoder"):
+            raise PtuneError(f"task.demo_encoder={demo_encoder} chooses demonstrations by similarity, and "
+                             f"task.demonstrations={head_kinds.yaml_value(demonstrations)} does not; set "
+                             f"task.demonstrations=similar, or leave task.demo_encoder={defaults.get('demo_encoder')}")
+        head_kinds.check_unread(kind, dict(head_dropout=head_dropout, proto_dim=proto_dim, proto_combine=proto_combine,
+                                           kpt_words=kpt_words, kpt_neighbours=kpt_neighbours,
+                                           kpt_prior_rows=kpt_prior_rows, kpt_threshold=kpt_threshold,
+                                           kpt_relevance=kpt_relevance, kpt_calibrate=kpt_calibrate,
+                                           kpt_aggregate=kpt_aggregate, slots=slots, rules=rules), defaults)
         self.demos = demos.Demonstrations(demonstrations, demo_encoder, few_shot_seed if few_shot is not None
                                           else self.subsample_seed) if demonstrations else None
 

@@ -25,9 +25,15 @@ from pathlib import Path
 from ptune.data import subsample
 from ptune.errors import PtuneError
 from ptune.tasks.base import Task
+from ptune.head_kinds import HEAD_KEYS, yaml_value
 from ptune.tasks.classification import ClassificationTask
 
 TYPES = ("classification", "generation")
+# The keys that one task.type alone reads: under the other type a value away from conf/task/custom.yaml's
+# default would be accepted and ignored, so it is refused (unread).
+GENERATION_KEYS = ("max_target_len", "max_new_tokens")
+CLASSIFICATION_KEYS = ("head", "labels", "verbalizer", "triggers", "few_shot", "few_shot_seed", "demonstrations",
+                       "demo_sets", "demo_encoder", "calibrate", *HEAD_KEYS)
 FORMATS = (".csv", ".tsv", ".jsonl")
 
 
@@ -226,6 +232,9 @@ def Custom(*, type: str, **kw) -> Task:  # noqa: N802 -- the registry calls it l
     """task=custom: the classification or generation variant, by `task.type`."""
     if type not in TYPES:
         raise PtuneError(f"task.type={type!r} is not one of {', '.join(TYPES)}")
+    if kw.get("data_dir") is not None:
+        raise PtuneError(f"task.data_dir={kw['data_dir']}: task=custom reads task.train_file and task.eval_file as given "
+                         f"(relative to the current directory), not from a data folder; drop task.data_dir")
     if type == "generation":
         if kw.get("head") is not None:
             raise PtuneError(f"task.head={kw['head']} is a classification head; task.type=generation writes text with "
@@ -236,16 +245,24 @@ def Custom(*, type: str, **kw) -> Task:  # noqa: N802 -- the registry calls it l
         if kw.get("demonstrations") is not None:
             raise PtuneError(f"task.demonstrations={kw['demonstrations']} shows one example per class; "
                              f"task.type=generation has no classes: drop task.demonstrations")
-        for key in ("head", "verbalizer", "labels", "head_dropout", "few_shot", "few_shot_seed", "demonstrations",
-                    "demo_sets", "demo_encoder"):
-            kw.pop(key, None)
-        for key in ("calibrate", "proto_combine", "proto_dim"):  # the verbalizer-type heads' keys (ptune/mask_heads.py)
-            kw.pop(key, None)
-        for key in ("kpt_words", "kpt_neighbours", "kpt_prior_rows", "kpt_threshold", "kpt_relevance", "kpt_calibrate",
-                    "kpt_aggregate", "slots", "rules"):  # ptune/knowledgeable.py, ptune/rules.py
-            kw.pop(key, None)
+        unread(kw, CLASSIFICATION_KEYS, "generation", "classification")
         return CustomGeneration(**kw)
+    unread(kw, GENERATION_KEYS, "classification", "generation")
     return CustomClassification(**{**kw, "head": kw.get("head") or "linear"})  # null: the classifier
+
+
+def unread(kw: dict, keys: tuple[str, ...], type: str, other: str) -> None:  # noqa: A002 -- task.type
+    """Refuse the first of `keys` (the other type's) set away from conf/task/custom.yaml's default,
+    then drop them all from kw: task.type=`type` does not read them."""
+    from ptune.config import group_defaults
+
+    defaults = group_defaults("task", "custom")
+    for key in keys:
+        if key in kw and kw[key] != defaults[key]:
+            raise PtuneError(f"task.{key}={yaml_value(kw[key])} is read by task.type={other} alone, and task.type={type} "
+                             f"would ignore it; set task.type={other}, or leave task.{key}={yaml_value(defaults[key])}")
+    for key in keys:
+        kw.pop(key, None)
 
 
 Custom.upgrade = Task.upgrade  # the registry calls it as on a class: nothing to upgrade
