@@ -22,10 +22,18 @@ import time
 from pathlib import Path
 
 PTUNE = [sys.executable, "-m", "ptune"]
-COMMON = "model={model} task={task} task.few_shot=16 task.few_shot_seed={seed}"
+COMMON = "model={model} task={task} task.few_shot={k} task.few_shot_seed={seed}"
 TRAIN = "trainer.max_steps={steps} trainer.eval_every=10 trainer.save_every=1000 trainer.batch_size=8"
 FT = "method=fine-tune trainer.lr=3e-5"
 PROMPT = "method=prompt method.num_virtual_tokens=10 trainer.lr=0.03"
+
+# PTR's rows: per task, a template with two answer slots, their words and the rule table (docs/verbalizers.md)
+RULES = {
+    "cb": "task.head=rules 'task.template=\"{premise} Question: {hypothesis} ? Answer: {mask:settled} , {mask:answer} .\"' "
+          "'task.slots={settled: {known: Clearly, open: Perhaps}, answer: {pos: yes, neg: no}}' "
+          "'task.rules={entailment: {settled: known, answer: pos}, contradiction: {settled: known, answer: neg}, "
+          "neutral: {settled: open, answer: pos}}'",
+}
 
 # name: (label, search command or None, train command)
 ROWS = {
@@ -70,6 +78,10 @@ ROWS = {
                          f"{PROMPT} task.head=proto-verbalizer task.calibrate=true {TRAIN}"),
     "kpt-calibrated": ("prompt tuning (10 tokens) + knowledgeable verbalizer, calibrated at evaluation", None,
                        f"{PROMPT} task.head=knowledgeable task.calibrate=true {TRAIN}"),
+    "rules-zero-shot": ("zero-shot, two answer slots and a rule table (PTR, task.head=rules)", None,
+                        "method=hard-prompt {rules}"),
+    "prompt-rules": ("prompt tuning (10 tokens), two answer slots and a rule table (PTR)", None,
+                     f"{PROMPT} {{rules}} {TRAIN}"),
     "minilm-linear": ("MiniLM: prompt tuning (10 tokens) + linear head", None,
                       f"{PROMPT} task.head=linear {TRAIN}", "minilm"),
     "minilm-soft": ("MiniLM: prompt tuning (10 tokens) + soft verbalizer at [MASK]", None,
@@ -101,9 +113,11 @@ def line_value(stdout: str, prefix: str) -> str:
     return next(x.partition(prefix)[2].strip() for x in stdout.splitlines() if x.startswith(prefix))
 
 
-def one(task: str, row: str, seed: int, steps: int, out: Path, log, reuse: list[dict]) -> dict:
+def one(task: str, row: str, seed: int, k: int, steps: int, out: Path, log, reuse: list[dict]) -> dict:
     _, search, train, *model = ROWS[row]
-    common = COMMON.format(task=task, seed=seed, model=model[0] if model else "smollm2-135m")
+    if "{rules}" in train and task not in RULES:
+        raise RuntimeError(f"row {row} needs a rule table for task {task} (RULES has {sorted(RULES)})")
+    common = COMMON.format(task=task, k=k, seed=seed, model=model[0] if model else "smollm2-135m")
     found, search_s, search_cmd = "", None, None
     if search:
         search_cmd = f"{search} {common} output_dir={out}/searches"
@@ -116,8 +130,8 @@ def one(task: str, row: str, seed: int, steps: int, out: Path, log, reuse: list[
         found = (sdir / "overrides.txt").read_text().strip()
     else:
         sdir = None
-    train_cmd = f"train {common} {train.format(steps=steps, found=found)} output_dir={out}/runs".replace("{steps}", str(steps))
-    train_cmd = train_cmd.replace("{found}", found)
+    train = train.replace("{rules}", RULES.get(task, "{rules}"))
+    train_cmd = f"train {common} {train.replace('{steps}', str(steps)).replace('{found}', found)} output_dir={out}/runs"
     stdout, train_s = run(shlex.split(train_cmd), log)
     run_dir = Path(line_value(stdout, "run:"))
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -125,7 +139,7 @@ def one(task: str, row: str, seed: int, steps: int, out: Path, log, reuse: list[
         path = run_dir / heavy
         if path.is_dir() and sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) > 50e6:
             shutil.rmtree(path)
-    return {"task": task, "row": row, "seed": seed, "test": summary["test"]["metrics"], "dev": summary["eval"],
+    return {"task": task, "k": k, "row": row, "seed": seed, "test": summary["test"]["metrics"], "dev": summary["eval"],
             "run_dir": str(run_dir), "search_s": search_s, "train_s": round(train_s, 1),
             "search_cmd": f"ptune {search_cmd}" if search_cmd else None, "train_cmd": f"ptune {train_cmd}",
             "search_dir": str(sdir) if search else None}
@@ -133,10 +147,10 @@ def one(task: str, row: str, seed: int, steps: int, out: Path, log, reuse: list[
 
 def table(results: list[dict]) -> str:
     out = []
-    for task in dict.fromkeys(r["task"] for r in results):
-        rs = [r for r in results if r["task"] == task]
+    for task, k in dict.fromkeys((r["task"], r.get("k", 16)) for r in results):
+        rs = [r for r in results if r["task"] == task and r.get("k", 16) == k]
         metrics = list(rs[0]["test"])
-        out += [f"### {task} (K=16, test = the dataset's full dev split; SmolLM2-135M unless the row says MiniLM)", "",
+        out += [f"### {task} (K={k}, test = the dataset's full dev split; SmolLM2-135M unless the row says MiniLM)", "",
                 "| row | seeds | " + " | ".join(f"test {m} (mean ± std)" for m in metrics) +
                 " | search s (mean) | train+eval s (mean) |", "|---|---|" + "---|" * (len(metrics) + 2)]
         for row in dict.fromkeys(r["row"] for r in rs):
@@ -166,13 +180,15 @@ def main() -> None:
     ap.add_argument("--task", default="sst2")
     ap.add_argument("--rows", default="zero-shot,linear,pet")
     ap.add_argument("--seeds", default="13,21,42,87,100")
+    ap.add_argument("--k", type=int, default=16, help="task.few_shot: training rows per class (CB: 8, its neutral "
+                    "class has 16 training rows for K training and K dev rows)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", default="/tmp/fewshot")
     ap.add_argument("--merge", help="print the table of these output folders' results.jsonl (comma-separated) and exit")
     a = ap.parse_args()
     if a.merge:
         results = [json.loads(x) for d in a.merge.split(",") for x in (Path(d) / "results.jsonl").read_text().splitlines()]
-        results = list({(r["task"], r["row"], r["seed"]): r for r in results}.values())  # a rerun: the later folder's
+        results = list({(r["task"], r.get("k", 16), r["row"], r["seed"]): r for r in results}.values())  # a rerun: the later folder's
         order = list(ROWS)
         results.sort(key=lambda r: (r["task"] != "sst2", order.index(r["row"]), r["seed"]))
         print(table(results))
@@ -185,10 +201,11 @@ def main() -> None:
     with open(out / "commands.log", "a") as log:
         for row in a.rows.split(","):
             for seed in [int(s) for s in a.seeds.split(",")]:
-                if any(r["task"] == a.task and r["row"] == row and r["seed"] == seed for r in results):
+                if any(r["task"] == a.task and r.get("k", 16) == a.k and r["row"] == row and r["seed"] == seed
+                       for r in results):
                     continue
                 try:
-                    r = one(a.task, row, seed, a.steps, out, log, results)
+                    r = one(a.task, row, seed, a.k, a.steps, out, log, results)
                 except RuntimeError as e:
                     print(f"{a.task} {row} seed {seed}: {e}", flush=True)
                     break
