@@ -383,3 +383,17 @@ def test_the_results_table_script_aggregates_by_hand():
     assert f"| {t.ROWS['pet'][0]} | 13,21 | 0.8500 ± 0.0500 | – | 10 |" in text
     assert f"| {t.ROWS['label-words'][0]} | 13 | 0.7000 ± 0.0000 | 30 | 12 |" in text
     assert "`ptune search label-words` then" in text
+
+
+def test_the_results_table_keeps_each_k_apart_and_rules_rows_need_a_rule_table(tmp_path):
+    from conftest import load_script
+
+    t = load_script("fewshot_table")
+    row = {"row": "prompt", "test": {"accuracy": 0.5}, "search_s": None, "train_s": 1.0, "search_cmd": None,
+           "train_cmd": "ptune train x"}
+    text = t.table([{**row, "task": "cb", "k": 8, "seed": 13}, {**row, "task": "cb", "k": 4, "seed": 13,
+                                                                 "test": {"accuracy": 0.7}}])
+    assert "### cb (K=8," in text and "### cb (K=4," in text  # two tables, not one mean of 0.6
+    assert "0.6000" not in text
+    with pytest.raises(RuntimeError, match="row prompt-rules needs a rule table for task rte"):
+        t.one("rte", "prompt-rules", 13, 16, 30, tmp_path, None, [])
