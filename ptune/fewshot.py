@@ -47,13 +47,16 @@ def split(rows: list[dict], n_classes: int, k: int, seed: int, labels=None) -> t
     return train, dev
 
 
-def check(k, seed, max_train_samples) -> None:
-    """One-line errors for the few-shot keys."""
+def check(k, seed, max_train_samples, default_seed) -> None:
+    """One-line errors for the few-shot keys (`default_seed`: the task file's few_shot_seed)."""
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise PtuneError(f"task.few_shot={k!r} is invalid: the number of training examples per class, an integer >= 1 "
                          f"(or null for the full training split)")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise PtuneError(f"task.few_shot_seed={seed!r} is invalid: must be an integer (LM-BFF: 13, 21, 42, 87, 100)")
+    if k is None and seed != default_seed:
+        raise PtuneError(f"task.few_shot_seed={seed} chooses the K-shot split, and task.few_shot=null trains on the "
+                         f"whole training split; set task.few_shot=K, or leave task.few_shot_seed={default_seed}")
     if k is not None and max_train_samples is not None:
         raise PtuneError(f"task.few_shot={k} and task.max_train_samples={max_train_samples} both choose the training "
                          f"rows; set one of them")

@@ -105,11 +105,7 @@ class ClassificationTask(Task):
         from ptune.config import group_defaults
 
         defaults = group_defaults("task", self.name)  # keys a head or mode does not read must stay at these
-        fewshot.check(few_shot, few_shot_seed, self.max_train_samples)
-        if few_shot is None and few_shot_seed != defaults.get("few_shot_seed"):
-            raise PtuneError(f"task.few_shot_seed={few_shot_seed} chooses the K-shot split, and task.few_shot=null "
-                             f"trains on the whole training split; set task.few_shot=K, or leave "
-                             f"task.few_shot_seed={defaults.get('few_shot_seed')}")
+        fewshot.check(few_shot, few_shot_seed, self.max_train_samples, defaults.get("few_shot_seed"))
         self.few_shot, self.few_shot_seed = few_shot, few_shot_seed
         self._few: tuple[list[dict], list[dict]] | None = None
         kind = head_kinds.get(head)  # what the head is (ptune/head_kinds.py); one line for a name that is none
@@ -152,12 +148,8 @@ class ClassificationTask(Task):
             if kind.several_masks else (None, None)
         self.keep_soft = False  # set by bind(): only p-tuning places prompts at {soft} slots
         self._mask_id: int | None = None
-        demos.check(demonstrations, demo_sets, demo_encoder, kind)  # LM-BFF's demonstrations (tasks/demonstrations.py)
+        demos.check(demonstrations, demo_sets, demo_encoder, kind, defaults.get("demo_encoder"))  # LM-BFF's (tasks/demonstrations.py)
         self.demo_sets = demo_sets
-        if demonstrations != "similar" and demo_encoder != defaults.get("demo_encoder"):
-            raise PtuneError(f"task.demo_encoder={demo_encoder} chooses demonstrations by similarity, and "
-                             f"task.demonstrations={head_kinds.yaml_value(demonstrations)} does not; set "
-                             f"task.demonstrations=similar, or leave task.demo_encoder={defaults.get('demo_encoder')}")
         head_kinds.check_unread(kind, dict(head_dropout=head_dropout, proto_dim=proto_dim, proto_combine=proto_combine,
                                            kpt_words=kpt_words, kpt_neighbours=kpt_neighbours,
                                            kpt_prior_rows=kpt_prior_rows, kpt_threshold=kpt_threshold,

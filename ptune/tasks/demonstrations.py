@@ -57,14 +57,18 @@ MAX_SETS = 1000
 ENCODER_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
 
 
-def check(mode, sets, encoder, head) -> None:
+def check(mode, sets, encoder, head, default_encoder) -> None:
     """One-line refusals for the task.demonstrations / demo_sets / demo_encoder keys under the head `head`
-    (a ptune.head_kinds.HeadKind)."""
+    (a ptune.head_kinds.HeadKind); `default_encoder`: the task file's demo_encoder."""
     if mode is not None and mode not in MODES:
         raise PtuneError(f"task.demonstrations={mode!r} is not one of null, {', '.join(MODES)}")
     if isinstance(sets, bool) or not isinstance(sets, int) or not 1 <= sets <= MAX_SETS:
         raise PtuneError(f"task.demo_sets={sets!r} is invalid: the number of demonstration sets each evaluated row is "
                          f"scored with, an integer from 1 to {MAX_SETS:,} (LM-BFF: 16)")
+    if mode != "similar" and encoder != default_encoder:
+        raise PtuneError(f"task.demo_encoder={encoder} chooses demonstrations by similarity, and "
+                         f"task.demonstrations={'null' if mode is None else mode} does not; set "
+                         f"task.demonstrations=similar, or leave task.demo_encoder={default_encoder}")
     if mode is None:
         if sets != 1:
             raise PtuneError(f"task.demo_sets={sets} averages over demonstration sets and task.demonstrations=null "
