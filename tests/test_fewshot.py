@@ -397,3 +397,22 @@ def test_the_results_table_keeps_each_k_apart_and_rules_rows_need_a_rule_table(t
     assert "0.6000" not in text
     with pytest.raises(RuntimeError, match="row prompt-rules needs a rule table for task rte"):
         t.one("rte", "prompt-rules", 13, 16, 30, tmp_path, None, [])
+
+
+def test_the_results_table_script_passes_k_and_the_rule_table_to_ptune(tmp_path, monkeypatch):
+    from conftest import load_script
+
+    t = load_script("fewshot_table")
+    seen = []
+
+    def fake_run(cmd, log):  # the command ptune would get; stop before reading a run directory
+        seen.append(cmd)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(t, "run", fake_run)
+    with pytest.raises(RuntimeError, match="stop"):
+        t.one("cb", "prompt-rules", 21, 8, 30, tmp_path, None, [])
+    cmd = seen[0]
+    assert "task.few_shot=8" in cmd and "task.few_shot_seed=21" in cmd and "task.head=rules" in cmd
+    assert any(c.startswith("task.rules=") for c in cmd) and any(c.startswith("task.slots=") for c in cmd)
+    assert not any("{rules}" in c or "{steps}" in c for c in cmd) and "trainer.max_steps=30" in cmd
