@@ -92,7 +92,7 @@ def head_config(method, labels) -> dict:
     if head is None:
         return {}
     if hasattr(head, "config"):  # verbalizer-type and vocabulary heads: their words (and tensors)
-        calibration = getattr(head, "calibration", None)  # task.calibrate (ptune/calibration.py)
+        calibration = getattr(head, "calibration", None)  # task.calibrate (ptune/heads/calibration.py)
         return {"head": {**head.config(), **({"calibration": calibration} if calibration else {})}}
     n_classes, hidden = head.weight.shape
     return {"head": {"kind": "linear", "labels": labels, "hidden": hidden, "n_classes": n_classes,

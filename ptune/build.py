@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptune import calibration, head_kinds, methods, models, tasks
+from ptune import heads, methods, models, tasks
 from ptune.adapter import load_adapter, load_adapter_tensors
 from ptune.config import load_saved, method_kwargs, task_kwargs
 from ptune.errors import PtuneError
+from ptune.heads import calibration
 from ptune.rundir import RunDir
 
 
@@ -93,13 +94,13 @@ def build(cfg: DictConfig, backbone=None, saved_head: dict | None = None):
 
 
 def attach_head(method, task, backbone, seed: int, saved: dict | None = None) -> None:
-    """Give the method the head its task asks for (`task.head`, declared in ptune/head_kinds.py;
+    """Give the method the head its task asks for (`task.head`, declared in ptune/heads/;
     generation tasks have none: lm). saved: the head as a finished run's adapter config records it."""
-    kind = head_kinds.get(task.head)
+    kind = heads.get(task.head)
     if kind.generates and backbone.kind in ("masked", "encoder"):
         raise PtuneError(f"task={task.name} generates text, which model={backbone.name} ({backbone.kind}, no "
                          f"left-to-right decoder) cannot; use a causal or seq2seq model")
-    task.bind(backbone, method)  # templates checked against this backbone and method (ptune.templates)
+    task.bind(backbone, method)  # templates checked against this backbone and method (ptune.tasks.templates)
     if kind.build is None:  # the LM's own output answers
         return
     head = kind.build(task, backbone, method, seed, saved)
@@ -107,7 +108,7 @@ def attach_head(method, task, backbone, seed: int, saved: dict | None = None) ->
         raise PtuneError(f"method={method.name} trains nothing, so with task.head={task.head} only the head would "
                          f"train, on a frozen backbone; run that as method=fine-tune method.trainable=head (zero-shot "
                          f"label words: task.head=verbalizer)")
-    if kind.at_mask:  # task.calibrate, recorded in the adapter config (ptune/calibration.py)
+    if kind.at_mask:  # task.calibrate, recorded in the adapter config (ptune/heads/calibration.py)
         head.calibration = calibration.describe() if getattr(task, "calibrate", False) else None
     method.attach_head(head)
 
@@ -142,7 +143,7 @@ def load_trained(run_dir: RunDir, cfg: DictConfig, which: str = "adapter", backb
         raise PtuneError(f"{adapter} has no adapter_model.safetensors; the run has not finished (resume it first)")
     config, tensors = load_adapter(adapter)
     head = config.get("head") if isinstance(config, dict) else None
-    kind = head_kinds.find(cfg.task.get("head"))
+    kind = heads.find(cfg.task.get("head"))
     if kind is not None and kind.saved_config and not isinstance(head, dict):
         raise PtuneError(f"{adapter}/adapter_config.json holds no task.head={kind.name} head (what training computed "
                          f"for it, such as KPT's refined word list); retrain the run")

@@ -14,8 +14,21 @@ import os
 import sys
 import traceback
 
-from ptune.config import CONF_DIR, COMMON, GROUPS, LOADING, command_args, compose, options
+from omegaconf import OmegaConf
+
+from ptune import search
+from ptune.config import COMMON, CONF_DIR, GROUPS, LOADING, command_args, compose, options, override_value
 from ptune.errors import PtuneError
+from ptune.infer.ensemble import evaluate_ensemble, table
+from ptune.infer.evaluate import evaluate_run
+from ptune.infer.export import export_run
+from ptune.infer.predict import predict_file
+from ptune.infer.serve import DEFAULTS, serve
+from ptune.infer.transfer import evaluate_transfer
+from ptune.train import hydra_app
+from ptune.train.job import headline, train
+from ptune.train.report import write_report
+from ptune.train.resume import resume_config
 
 USAGE = """usage: ptune <command> [key=value ...]
 
@@ -45,8 +58,6 @@ Errors are one line; set PTUNE_TRACEBACK=1 to see the traceback."""
 
 
 def _defaults() -> dict[str, str]:
-    from omegaconf import OmegaConf
-
     out = {}
     for entry in OmegaConf.load(CONF_DIR / "train.yaml").defaults:
         if not isinstance(entry, str):
@@ -73,34 +84,12 @@ def train_help(overrides: list[str]) -> str:
     return "\n".join(lines)
 
 
-def headline(result: dict) -> str:
-    """Run directory and headline metric; empty on processes other than rank 0 (no summary)."""
-    if result.get("summary") is None:
-        return ""
-    s = result["summary"]
-    key = s.get("metric_for_best")
-    value = (s.get("eval") or {}).get(key)
-    shown = f"{value:.4f}" if isinstance(value, float) else value
-    line = f"run: {result['run_dir']}\n{s.get('task')} dev {key}: {shown}  (final train loss {s.get('final_train_loss')})"
-    test = s.get("test")
-    if test:  # the few-shot protocol's reported number: the dev-selected adapter on the dataset's dev split
-        value = test["metrics"].get(key)
-        line += f"\n{s.get('task')} test {key}: {value:.4f}  ({test['adapter']}, {test['examples']} examples)"
-    if s.get("diverged"):
-        line += (f"\nwarning: training diverged (loss {s['first_train_loss']:.4g} at step 1, {s['final_train_loss']:.4g} at "
-                 f"the end); lower trainer.lr")
-    return line
-
-
 def _print(text: str) -> None:
     if text:
         print(text)
 
 
 def cmd_train(argv: list[str]) -> int:
-    from ptune.train import hydra_app
-    from ptune.train.job import train
-
     multirun = any(a in ("-m", "--multirun") for a in argv)
     resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)
     if resume and multirun:
@@ -115,8 +104,6 @@ def cmd_train(argv: list[str]) -> int:
     if bad:
         raise PtuneError(f"unexpected argument {bad[0]!r}; arguments are key=value overrides (see ptune train --help)")
     if resume:
-        from ptune.train.resume import resume_config
-
         run_dir, cfg = resume_config(resume, [a for a in argv if not a.startswith("resume=")])
         _print(headline(train(cfg, run_dir=run_dir, resume=True)))
         return 0
@@ -125,9 +112,6 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from ptune.config import override_value
-    from ptune.infer.evaluate import evaluate_run
-
     if any(x.startswith("ensemble=") for x in argv):  # several runs of one task together (ptune/infer/ensemble.py)
         return _ensemble(argv)
     task_args = [x for x in argv if x.startswith("task.")]
@@ -147,8 +131,6 @@ def cmd_eval(argv: list[str]) -> int:
 
 def _ensemble(argv: list[str]) -> int:
     """`ptune eval run=<dir1>,<dir2>,... ensemble=vote|mean`: the members and their ensemble in one batched pass."""
-    from ptune.infer.ensemble import evaluate_ensemble, table
-
     a = command_args("eval", argv, {**COMMON, "ensemble": None, "out": None}, required=())
     runs = [r.strip() for r in (a["run"] or "").split(",") if r.strip()]
     if len(runs) < 2:
@@ -163,8 +145,6 @@ def _ensemble(argv: list[str]) -> int:
 def _transfer(a: dict, task_args: list[str]) -> dict:
     """`ptune eval run=... task=<other> [task.<key>=...] [label_map=...]`: the task group composed
     fresh from conf/task/<other>.yaml with the task.* overrides (Hydra's grammar)."""
-    from ptune.infer.transfer import evaluate_transfer
-
     if not a["task"]:
         raise PtuneError("label_map= maps the run's labels onto another task's: add task=<task> (ptune eval run=... "
                          "task=custom task.eval_file=... label_map=...)")
@@ -177,8 +157,6 @@ def _transfer(a: dict, task_args: list[str]) -> dict:
 
 
 def cmd_report(argv: list[str]) -> int:
-    from ptune.train.report import write_report
-
     paths = [a.partition("=")[2] if a.startswith("dir=") else a for a in argv]
     if len(paths) != 1 or not paths[0] or ("=" in argv[0] and not argv[0].startswith("dir=")):
         raise PtuneError("ptune report needs one sweep directory: ptune report <sweep dir> (or dir=<sweep dir>)")
@@ -188,8 +166,6 @@ def cmd_report(argv: list[str]) -> int:
 
 
 def cmd_predict(argv: list[str]) -> int:
-    from ptune.infer.predict import predict_file
-
     a = command_args("predict", argv, {**LOADING, "input": None, "output": None},
                      required=("run", "input"), usage="ptune predict needs run=<run dir> and input=<file.jsonl|csv>")
     print(f"predictions: {predict_file(a['run'], a['input'], a['output'], a['batch_size'], a['adapter'], a['trust_remote_code'])}")
@@ -197,8 +173,6 @@ def cmd_predict(argv: list[str]) -> int:
 
 
 def cmd_serve(argv: list[str]) -> int:
-    from ptune.infer.serve import DEFAULTS, serve
-
     a = command_args("serve", argv, {**LOADING, **{k: str(v) for k, v in DEFAULTS.items()}},
                      usage="ptune serve needs run=<run dir>[,<run dir>...] (or name:<dir>,...)")
     return serve(a["run"], a["host"], **{k: a[k] for k in DEFAULTS if k != "host"}, which=a["adapter"],
@@ -206,8 +180,6 @@ def cmd_serve(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    from ptune.infer.export import export_run
-
     a = command_args("export", argv, {**LOADING, "format": "peft", "out": None},
                      required=("run", "out"), usage="ptune export needs run=<run dir> and out=<new directory>")
     if a["batch_size"] is not None:
@@ -217,8 +189,6 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def cmd_search(argv: list[str]) -> int:
-    from ptune import search
-
     summary = search.run(argv)
     best = summary["best"]
     print(f"search: {summary['dir']}\nfound ({best.get('split')} accuracy {best.get('accuracy', float('nan')):.4f}, "
@@ -240,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)} (ptune --help)", file=sys.stderr)
         return 2
     if any(a in ("-h", "--help") for a in rest):
-        print(train_help(rest) if command == "train" else USAGE)
+        print(train_help(rest) if command == "train" else search.help_text(rest) if command == "search" else USAGE)
         return 0
     try:
         return COMMANDS[command](rest)

@@ -13,6 +13,11 @@ import functools
 import math
 from pathlib import Path
 
+import yaml
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ptune.errors import PtuneError
@@ -59,10 +64,6 @@ def _check_groups(overrides: list[str]) -> None:
 def compose(overrides: list[str], hydra: bool = False):
     """The composed config for one job (with Hydra's own node under `hydra` when hydra=True).
     Raises PtuneError with one line on any problem."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     _check_groups(overrides)
     GlobalHydra.instance().clear()
     try:
@@ -87,8 +88,6 @@ def _hydra_message(e: Exception, overrides: list[str]) -> str:
 def override_value(override: str):
     """The value of one `key=value` override as Hydra's grammar reads it for `ptune train`
     (1e-3 a float, null None, [a,b] a list, 'quoted' a string)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     try:
         return OverridesParser.create().parse_override(override).value()
     except Exception as e:  # noqa: BLE001 -- Hydra's grammar errors have several types
@@ -314,8 +313,6 @@ def load_saved(path: Path) -> DictConfig:
     valid YAML holding the four groups, names ptune has, no key ptune does not know, no missing key,
     no interpolation, every value as `check` wants it. One PtuneError line for the first problem;
     nothing is written."""
-    import yaml
-
     path = Path(path)
     fix = "restore it (or start a new run); ptune writes it once, resolved, before the first step"
     try:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 LAYOUTS = ("causal", "seq2seq", "class", "slot")
 
 
@@ -23,8 +22,8 @@ class Example:
     - seq2seq: input_ids is the encoder's source, labels the decoder's target (own length);
     - class:   labels is [class index] (one loss term per example);
     - slot:    labels is [class index] (or [token id] for LAMA), scored at `mask_pos`, the index of
-               the template's {mask} in input_ids (ptune.verbalizer); `masks` (optional): the index of every
-               named slot {mask:a} ... {mask:b}, in template order (the rules head, ptune/rules.py).
+               the template's {mask} in input_ids (ptune.heads.verbalizer); `masks` (optional): the index of every
+               named slot {mask:a} ... {mask:b}, in template order (the rules head, ptune/heads/rules.py).
     `soft` (optional, input_ids' length): True at a template's {soft} positions (p-tuning).
     """
 

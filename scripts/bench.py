@@ -265,7 +265,8 @@ def job_peft(spec: dict) -> dict:
                     method.load_adapter_tensors({"prompt": trained.get_prompt_embedding_to_save("default").float()})
                 elif cfg.method.name in ("prefix", "p-tuning-v2"):
                     enc = trained.prompt_encoder["default"]
-                    flat = enc(torch.arange(method.p).unsqueeze(0))[0].float()  # (p, L * 2 * kv_dim), collapsed
+                    # (p, L * 2 * kv_dim), collapsed
+                    flat = enc(torch.arange(method.num_virtual_tokens).unsqueeze(0))[0].float()
                     method.load_adapter_tensors({next(iter(method.adapter_tensors())): flat})
             scores, _ = task.evaluate(method, "dev", cfg.trainer.eval_batch_size)
             score = scores.get(spec["metric"])

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from ptune import methods  # noqa: E402
-from ptune.heads import LinearHead  # noqa: E402
+from ptune.heads.linear import LinearHead  # noqa: E402
 from ptune.models import Backbone, dims_of  # noqa: E402
 from ptune.adapter import adapter_tensors  # noqa: E402
 
@@ -166,7 +166,7 @@ def measured(method: str, backbone: Backbone, p: int = 10, **kw) -> tuple[int, i
     """(trainable, stored) of the method built on backbone, as summary.json reports them."""
     torch.manual_seed(0)
     m = methods.build(method, backbone, num_virtual_tokens=p, **kw)
-    if backbone.kind == "masked":  # BERT trains through a linear head, as train.build attaches it
+    if backbone.kind == "masked":  # BERT trains through a linear head, as ptune.build attaches it
         m.attach_head(LinearHead(backbone.dims.hidden, N_CLASSES, seed=0))
     trainable = sum(t.numel() for t in m.trainable_tensors().values())
     stored = sum(t.numel() for t in adapter_tensors(m).values())

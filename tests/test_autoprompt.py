@@ -13,7 +13,7 @@ from ptune import cli, tasks
 from ptune.data import collate
 from ptune.errors import PtuneError
 from ptune.search import autoprompt, base, compose_search
-from ptune.templates import Template, token_ids
+from ptune.tasks.templates import Template, token_ids
 
 FEW = ["task=sst2", "task.few_shot=4", "trainer.eval_batch_size=8"]
 TRAIN = [*FEW, "task.max_eval_samples=8"]  # the few-shot dev rows, and 8 of the reported test split's 872
@@ -173,7 +173,7 @@ def test_one_iteration_lowers_or_keeps_the_loss_on_its_batch():
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama", "tiny-bert", "tiny-t5", "tiny-bart"])
 def test_mask_states_are_what_the_output_embedding_reads(model):
     """log_softmax(output embedding(state)) == the vocabulary head's log-probs at {mask}, per kind."""
-    from ptune.verbalizer import VocabHead
+    from ptune.heads.verbalizer import VocabHead
 
     run, rows = searcher(model)
     batch = collate(run.task.examples(run.tok, rows[:4]), run.tok.pad_token_id)

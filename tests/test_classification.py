@@ -14,7 +14,7 @@ from ptune import tasks
 from ptune.cli import compose, main
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
-from ptune.heads import LinearHead, class_logits, class_loss, pool
+from ptune.heads.linear import LinearHead, class_logits, class_loss, pool
 from ptune.tasks.classification import accuracy
 from ptune.adapter import adapter_tensors, load_adapter_tensors
 from ptune.build import build
@@ -290,7 +290,7 @@ def test_resume_restores_the_head_bit_for_bit(in_tmp, data_dir, monkeypatch, ext
 
 
 # -- keys that only some heads (or modes) read: refused elsewhere, never ignored -------------------
-# A value away from conf/task's default for every key one head alone reads (head_kinds.HEAD_KEYS).
+# A value away from conf/task's default for every key one head alone reads (heads.HEAD_KEYS).
 CHANGED = {"head_dropout": 0.3, "proto_dim": 8, "proto_combine": True, "kpt_words": "words.yaml", "kpt_neighbours": 3,
            "kpt_prior_rows": 5, "kpt_threshold": None, "kpt_relevance": None, "kpt_calibrate": False,
            "kpt_aggregate": "weighted", "slots": {"mask": {"neg": "bad", "pos": "good"}},
@@ -301,7 +301,7 @@ RULES = {"template": "{sentence} {mask:a}", "slots": {"a": {"neg": "bad", "pos":
 
 def test_changed_covers_every_head_key_and_every_task_file_holds_them():
     from ptune.config import group_defaults
-    from ptune.head_kinds import HEAD_KEYS, HEADS
+    from ptune.heads import HEAD_KEYS, HEADS
 
     assert set(CHANGED) == set(HEAD_KEYS) == {k for kind in HEADS.values() for k in kind.keys}
     for name in ("sst2", "cb", "rte", "boolq", "custom"):
@@ -312,7 +312,7 @@ def test_changed_covers_every_head_key_and_every_task_file_holds_them():
 @pytest.mark.parametrize("head", ["linear", "verbalizer", "soft-verbalizer", "proto-verbalizer", "knowledgeable",
                                   "rules"])
 def test_a_key_another_head_reads_is_refused_and_its_own_keys_are_taken(data_dir, head):
-    from ptune.head_kinds import HEADS
+    from ptune.heads import HEADS
 
     base = {"head": head, **(RULES if head == "rules" else {})}
     for key, value in CHANGED.items():

@@ -13,7 +13,7 @@
 
 Cells. Generation backbones (causal, seq2seq) are exercised through their LM head ("lm": next-token
 or decoder cross-entropy, ptune.heads.loss). The masked backbone (tiny-bert) does not generate, so
-greedy and beam have no cell there; it is a classifier through ptune.heads.LinearHead ("linear"),
+greedy and beam have no cell there; it is a classifier through ptune.heads.linear.LinearHead ("linear"),
 the way ptune trains it; P-tuning v2, the classification method of its paper, also gets the linear
 head on every backbone (its own file proved it there). On BERT, hard-prompt and P-tuning's soft
 positions read the MLM head ("mlm": a cloze, the word at [MASK]), the only head ptune gives them
@@ -54,7 +54,7 @@ from conftest import ROOT, SENTENCES, best_of_two_step_beam, load, sharpened
 from ptune import heads, methods
 from ptune.adapter import adapter_tensors, load_adapter, load_adapter_tensors, save_adapter
 from ptune.data import Example, collate
-from ptune.heads import LinearHead, class_logits
+from ptune.heads.linear import LinearHead, class_logits
 from ptune.methods.p_tuning import insert_soft
 
 P = 5  # virtual positions of every method that adds them
@@ -293,7 +293,7 @@ def test_training_moves_only_the_method_and_lowers_the_loss(cell):
     selected = {id(t) for t in trained.values()}
     loss, n = task_loss(cell, m, batch)
     # what a method declares: prepended positions for prompts in the input, none otherwise
-    assert m.n_prepended == (m.p if m.acts_on == "input" and not cell.variant.soft else 0)
+    assert m.n_prepended == (m.num_virtual_tokens if m.acts_on == "input" and not cell.variant.soft else 0)
     (loss / n).backward()
     assert all(p.grad is None for p in bb.model.parameters() if id(p) not in selected)
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in trained.values())
@@ -420,7 +420,7 @@ def test_greedy_equals_step_by_step_argmax(cell):
     assert len({tuple(e) for e in expected}) > 1  # the input steers decoding (flat logits would not)
     for side in ("left", "right") if cell.kind == "seq2seq" else ("left",):
         assert generate(m, source_batch(bb.tokenizer, rows, side), max_new_tokens=5, num_beams=1).tolist() == expected
-    if m.p:  # and the method's virtual positions do: the plain backbone continues otherwise
+    if m.num_virtual_tokens:  # and the method's virtual positions do: the plain backbone continues otherwise
         plain = source_batch(bb.tokenizer, [(ids, None) for ids, _ in rows], "left")  # soft positions: filler ids
         assert generate(methods.build("hard-prompt", bb), plain, max_new_tokens=5, num_beams=1).tolist() != expected
 

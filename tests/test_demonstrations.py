@@ -63,7 +63,7 @@ def test_fields_are_cut_longest_first_and_fixed_parts_that_do_not_fit_name_max_l
 def test_soft_slots_stay_in_the_query(data_dir):
     backbone, method, task = setup("method=p-tuning", "task.template='{soft:2} {sentence} It was {mask} .'")
     [e] = task.examples(backbone.tokenizer, task.rows("dev")[:1])
-    assert task.keep_soft and sum(e.soft) == 2 == method.p
+    assert task.keep_soft and sum(e.soft) == 2 == method.num_virtual_tokens
     assert e.soft[1:3] == [True, True]  # right after [CLS], in the query only
 
 

@@ -1,4 +1,4 @@
-"""The few-shot protocol (ptune.fewshot, task.few_shot), the report's aggregation over seeds, and
+"""The few-shot protocol (ptune.tasks.fewshot, task.few_shot), the report's aggregation over seeds, and
 the label-word search (ptune.search.label_words) with what every search shares (ptune.search.base)."""
 
 import json
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import crash_after_search_save
-from ptune import cli, fewshot, tasks
+from ptune import cli, tasks
+from ptune.tasks import fewshot
 from ptune.config import compose, override_value
 from ptune.errors import PtuneError
 from ptune.search import base, label_words

@@ -2,8 +2,8 @@
 
 - No module outside ptune/methods/ branches on a method's name, none outside ptune/tasks/ on a
   task's name, none outside the heads' own files on a head's name (task.head): components declare
-  what they are (Method.acts_on, .p, .peft_type; Task.head, .input_fields, .prediction_inputs;
-  ptune.head_kinds.HeadKind) and callers read that.
+  what they are (Method.acts_on, .num_virtual_tokens, .peft_type; Task.head, .input_fields, .prediction_inputs;
+  ptune.heads.HeadKind) and callers read that.
 - The training wing (ptune/train/) imports nothing from the inference wing (ptune/infer/); the
   inference wing imports nothing from the training wing; no module imports another's private name.
 - Defaults live in conf/: a method's or task's constructor restates none of its YAML keys, and the
@@ -20,7 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from ptune import head_kinds, methods, tasks
+from ptune import heads, methods, tasks
 from ptune.config import CONF_DIR, compose
 from ptune.train.job import train_args
 from ptune.train.loop import TrainArgs
@@ -62,10 +62,9 @@ def test_no_module_outside_its_room_asks_a_components_name(room, registry, owner
     assert not found, "branches on a name; let the component declare it instead:\n" + "\n".join(found)
 
 
-# the heads' own files: the registry and each head's module (ptune/head_kinds.py names them)
-HEAD_ROOM = {"ptune/head_kinds.py", "ptune/heads.py", "ptune/verbalizer.py", "ptune/mask_heads.py",
-             "ptune/soft_verbalizer.py", "ptune/proto_verbalizer.py", "ptune/knowledgeable.py", "ptune/rules.py",
-             "ptune/calibration.py"}
+# the heads' own room: the registry (ptune/heads/__init__.py) and each head's module
+HEAD_ROOM = {f"ptune/heads/{f}.py" for f in ("__init__", "lm", "linear", "verbalizer", "mask_state", "soft_verbalizer",
+                                              "proto_verbalizer", "knowledgeable", "rules", "calibration")}
 
 
 def _head_names_compared(tree: ast.AST):
@@ -77,7 +76,7 @@ def _head_names_compared(tree: ast.AST):
         operands = [node.left, *node.comparators]
         consts = [c.value for op in operands for c in ([op] if isinstance(op, ast.Constant) else
                   op.elts if isinstance(op, (ast.Tuple, ast.List, ast.Set)) else []) if isinstance(c, ast.Constant)]
-        if any(v in head_kinds.HEADS for v in consts) and any("head" in ast.unparse(op) for op in operands
+        if any(v in heads.HEADS for v in consts) and any("head" in ast.unparse(op) for op in operands
                                                               if not isinstance(op, ast.Constant)):
             yield node.lineno, ast.unparse(node)
 
@@ -85,14 +84,15 @@ def _head_names_compared(tree: ast.AST):
 def test_no_module_outside_the_heads_asks_a_heads_name():
     found = [f"{_rel(path)}:{line}: {text}" for path, tree in _trees() if _rel(path) not in HEAD_ROOM
              for line, text in _head_names_compared(tree)]
-    assert not found, "branches on task.head's value; declare it in ptune/head_kinds.py instead:\n" + "\n".join(found)
+    assert not found, "branches on task.head's value; declare it in ptune/heads/__init__.py instead:\n" + "\n".join(found)
 
 
 def test_every_head_room_file_exists_and_every_head_builds_from_it():
     assert all((ROOT / f).is_file() for f in HEAD_ROOM)
-    assert set(head_kinds.CLASSIFICATION) == {"linear", "verbalizer", "soft-verbalizer", "proto-verbalizer",
+    assert {_rel(p) for p in (PKG / "heads").glob("*.py")} == HEAD_ROOM  # a new head file is named above
+    assert set(heads.CLASSIFICATION) == {"linear", "verbalizer", "soft-verbalizer", "proto-verbalizer",
                                               "knowledgeable", "rules"}
-    for kind in head_kinds.HEADS.values():
+    for kind in heads.HEADS.values():
         assert kind.build is not None or kind.generates, kind.name
         assert kind.served is None or kind.served in ("pooled", "words", "state", "text"), kind.name
 
@@ -189,3 +189,126 @@ def test_files_are_replaced_only_through_the_atomic_writer():
                 if node.func.attr == "write_text" or (call == "os.replace" and _rel(path) not in allowed):
                     found.append(f"{_rel(path)}:{node.lineno}: {call}")
     assert not found, "\n".join(found)
+
+
+# -- imports: arrows only downward, no cycles, at the top of files ----------------------------------
+# The floors of the house, top to bottom (docs/design.md): a module imports from its own floor or
+# below, and on the wings' floor only from its own wing. Every other module is the ground floor
+# (models, data, config, generate, metrics, adapter, rundir, errors).
+FLOORS = (("ptune.cli", "ptune.__main__"), ("ptune.train", "ptune.infer", "ptune.search"), ("ptune.build",),
+          ("ptune.tasks",), ("ptune.heads",), ("ptune.methods",))
+# Third-party packages a function may import locally, and why; everything else, ptune's own modules
+# first, is imported at the top of the file, so a file's head shows what it depends on.
+LOCAL_OK = {
+    "transformers": "its model and tokenizer classes take seconds to import; checks and refusals answer before",
+    "datasets": "the hub path only (no task.data_dir); it pulls in pyarrow and pandas",
+    "evaluate": "imports datasets; only when a shipped metric is computed",
+    "matplotlib": "ptune report's plots only",
+    "accelerate": "accelerate.tracking imports each tracker's package; only when trainer.log_with names one",
+    "mlflow": "an optional tracker (trainer.log_with=mlflow)",
+}
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_nodes(tree: ast.AST):
+    """(node, [imported dotted names]) for every import statement, at any depth."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield node, [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node, [f"{node.module}.{a.name}" for a in node.names]
+
+
+def import_graph(trees) -> dict[str, set[str]]:
+    """module -> the ptune modules it imports (a `from a.b import c` names a.b.c if that is a module, else a.b)."""
+    mods = {_module(path) for path, _ in trees}
+
+    def resolve(name):
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {m: set() for m in mods}
+    for path, tree in trees:
+        m = _module(path)
+        graph[m] |= {resolve(n) for _, names in _import_nodes(tree) for n in names if n.startswith("ptune")} - {m, ""}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's, iterative)."""
+    index, low, on, stack, out, counter = {}, {}, set(), [], [], [0]
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root), on.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = counter[0]
+                    counter[0] += 1
+                    stack.append(w), on.add(w)
+                    work.append((w, iter(sorted(graph.get(w, ())))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def _floor(module: str) -> int:
+    """0 for the top floor (cli), len(FLOORS) for the ground floor."""
+    return next((i for i, rooms in enumerate(FLOORS) for r in rooms if module == r or module.startswith(r + ".")),
+                len(FLOORS))
+
+
+def test_no_import_cycle_inside_ptune():
+    found = cycles(import_graph(_trees()))
+    assert not found, "import cycles (break each with a move down, not a function-local import):\n" + \
+        "\n".join(" -> ".join(c) for c in found)
+
+
+def test_the_cycle_check_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set(), "c": {"d"}, "d": {"c"}}) == [["c", "d"]]
+    assert cycles({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_arrows_point_down():
+    up = [f"{m} -> {t}" for m, targets in sorted(import_graph(_trees()).items()) for t in sorted(targets)
+          if _floor(t) < _floor(m) or (_floor(t) == _floor(m) == 1 and t.split(".")[1] != m.split(".")[1])]
+    assert not up, "imports that run up a floor (or across the wings):\n" + "\n".join(up)
+    assert _floor("ptune.cli") < _floor("ptune.train.job") < _floor("ptune.build") < _floor("ptune.tasks.sst2") \
+        < _floor("ptune.heads.rules") < _floor("ptune.methods.prefix") < _floor("ptune.models")
+
+
+def test_imports_sit_at_the_top_of_files():
+    local = []
+    for path, tree in _trees():
+        top = {id(n) for n in tree.body}
+        for node, names in _import_nodes(tree):
+            if id(node) not in top and any(n.split(".")[0] not in LOCAL_OK for n in names):
+                local.append(f"{_rel(path)}:{node.lineno}: {ast.unparse(node)}")
+    assert not local, "imports inside functions (move them to the file's head, or name the package in LOCAL_OK " \
+                      "with the reason):\n" + "\n".join(local)

@@ -1,5 +1,5 @@
-"""The knowledgeable verbalizer (KPT, ptune/knowledgeable.py) and rules over several masks (PTR,
-ptune/rules.py): expansion, refinement and scores recomputed by hand from the plain tiny models;
+"""The knowledgeable verbalizer (KPT, ptune/heads/knowledgeable.py) and rules over several masks (PTR,
+ptune/heads/rules.py): expansion, refinement and scores recomputed by hand from the plain tiny models;
 the run directory round trip, padding, mixed batches and one-line refusals through the CLI."""
 
 import json
@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_pool, randomize
-from ptune import knowledgeable
+from ptune.heads import knowledgeable
 from ptune.build import build
 from ptune.cli import compose, main
 from ptune.data import collate, subsample
 from ptune.errors import PtuneError
 from ptune.heads import loss as head_loss
-from ptune.search.label_words import whole_words
-from ptune.templates import Template
+from ptune.heads.verbalizer import whole_words
+from ptune.tasks.templates import Template
 
 ROWS = [{"sentence": "a gorgeous , witty , seductive movie .", "label": 1}, {"sentence": "dull", "label": 0},
         {"sentence": "the plot is nothing but boilerplate clichés", "label": 0}]
@@ -437,7 +437,7 @@ def test_refusals_are_one_line_exit_2(in_tmp, data_dir, capsys, argv, message):
                                  {"word_pieces": [[[1]] * 10_001, [[2]]]}])
 def test_a_hostile_saved_word_list_is_one_line(bad):
     """adapter_config.json is untrusted: malformed priors or an oversized list are refused before use."""
-    from ptune import knowledgeable
+    from ptune.heads import knowledgeable
     from ptune.build import build_backbone
     from ptune.config import compose
 

@@ -13,10 +13,10 @@ from ptune.infer import mixed
 from ptune.cli import main
 from ptune.data import collate
 from ptune.errors import PtuneError
-from ptune.heads import class_logits
+from ptune.heads.linear import class_logits
 from ptune.infer.pool import Adapter, Pool, parse_runs
 from ptune.build import build, build_backbone
-from ptune.verbalizer import slot_scores
+from ptune.heads.verbalizer import slot_scores
 
 ENCODER = {
     "lin": ["method=prompt", "method.num_virtual_tokens=3", "task=sst2"],
@@ -109,19 +109,19 @@ def test_each_row_is_packed_prompt_then_tokens(which, request):
     adapters = torch.tensor([pool.index(n) for n in names])
     got = mixed.mixed_inputs(pool._methods, ids, mask, adapters)
     methods = [pool._methods[a] for a in adapters.tolist()]
-    q = [m.p if mixed.side_of(m) == "input" else 0 for m in methods]
+    q = [m.num_virtual_tokens if mixed.side_of(m) == "input" else 0 for m in methods]
     width = max(a + n for a, n in zip(q, lengths.values()))
     assert width == 3 + 9 < 4 + 9  # the old layout: longest prompt + longest row
-    pk = methods[2].p
+    pk = methods[2].num_virtual_tokens
     assert got.inputs["inputs_embeds"].shape[:2] == (3, width)
     assert got.inputs["attention_mask"].shape == (3, pk + width)
     for r, (m, n) in enumerate(zip(methods, lengths.values())):
         start = width - q[r] - n if which == "causal" else 0
         row = got.inputs["attention_mask"][r, pk:]
         assert row.tolist() == [int(start <= c < start + q[r] + n) for c in range(width)]
-        assert got.inputs["attention_mask"][r, :pk].sum() == (m.p if r == 2 else 0)
+        assert got.inputs["attention_mask"][r, :pk].sum() == (m.num_virtual_tokens if r == 2 else 0)
         pos = got.inputs["position_ids"][r, start:start + q[r] + n]
-        assert pos.tolist() == list(range(q[r])) + list(range(m.p, m.p + n))
+        assert pos.tolist() == list(range(q[r])) + list(range(m.num_virtual_tokens, m.num_virtual_tokens + n))
         if q[r]:
             torch.testing.assert_close(got.inputs["inputs_embeds"][r, start:start + q[r]], m.soft_prompt().detach())
         assert got.columns[r, :n].tolist() == list(range(start + q[r], start + q[r] + n))

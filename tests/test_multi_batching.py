@@ -33,7 +33,7 @@ def test_rows_are_batched_by_width_and_answered_in_order(data_dir, monkeypatch):
 
     def spy(methods, ids, mask, adapter_ids):
         out = real(methods, ids, mask, adapter_ids)
-        widths = [methods[a].p + int(n) for a, n in zip(adapter_ids.tolist(), mask.sum(-1).tolist())]
+        widths = [methods[a].num_virtual_tokens + int(n) for a, n in zip(adapter_ids.tolist(), mask.sum(-1).tolist())]
         seen.append((widths, set(adapter_ids.tolist()), out.inputs["inputs_embeds"].shape[1]))
         return out
 

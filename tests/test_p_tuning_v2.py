@@ -13,7 +13,8 @@ from ptune.cli import compose
 from ptune.config import method_kwargs
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
-from ptune.heads import LinearHead, class_logits, lm_loss, seq2seq_loss
+from ptune.heads.linear import LinearHead, class_logits
+from ptune.heads.lm import lm_loss, seq2seq_loss
 from ptune.methods import kv
 
 BACKBONES = ["tiny-bert", "tiny-gpt2", "tiny-llama", "tiny-t5", "tiny-bart"]
@@ -31,7 +32,7 @@ def test_defaults_follow_the_paper():
     kwargs = method_kwargs(compose(["method=p-tuning-v2"]))
     assert (kwargs["projection"], kwargs["num_virtual_tokens"], kwargs["dropout"], kwargs["init"]) == (False, 20, 0.1, "random")
     m = methods.build("p-tuning-v2", load("tiny-bert"))
-    assert (m.p, m.projection, m.dropout) == (20, False, 0.1)
+    assert (m.num_virtual_tokens, m.projection, m.dropout) == (20, False, 0.1)
 
 
 def test_parameter_counts(backbone):

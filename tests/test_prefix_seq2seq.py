@@ -11,7 +11,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from conftest import load
 from ptune import methods
 from ptune.data import Example, collate
-from ptune.heads import seq2seq_forward
+from ptune.heads.lm import seq2seq_forward
 from ptune.methods import kv
 from ptune.methods import prefix as prefix_module
 
@@ -67,7 +67,7 @@ def test_cross_prefix_equals_prepended_encoder_states(backbone):
     m = prefix(backbone)
     model = backbone.model
     batch = collate(toy(backbone.tokenizer)[:1], backbone.tokenizer.pad_token_id)
-    extra = torch.randn(1, m.p, backbone.dims.hidden)  # E': (1, p, hidden)
+    extra = torch.randn(1, m.num_virtual_tokens, backbone.dims.hidden)  # E': (1, p, hidden)
     with torch.no_grad():
         # the model's own cross-attention projections of E', read back from a cache it fills
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())

@@ -144,7 +144,7 @@ def test_labels_init_without_label_words_fails_clearly(words):
 
 
 def test_labels_init_through_build(data_dir):
-    """train.build hands the task's label words to the method; a generation task has none."""
+    """ptune.build hands the task's label words to the method; a generation task has none."""
     from ptune.cli import compose
     from ptune.build import build
 

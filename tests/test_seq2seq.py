@@ -17,7 +17,8 @@ from ptune.cli import main
 from ptune.data import Example, collate
 from ptune.errors import PtuneError
 from ptune.generate import encode_sources, generate_texts, special_wrap
-from ptune.heads import LinearHead, class_logits, seq2seq_loss
+from ptune.heads.linear import LinearHead, class_logits
+from ptune.heads.lm import seq2seq_loss
 from ptune.heads import loss as head_loss
 
 BACKBONES = ["tiny-t5", "tiny-bart"]
@@ -138,7 +139,7 @@ def test_hard_prompt_and_fine_tune_refuse_what_they_cannot_do():
 # (the CLI end to end with task=sst2 is in test_classification.py)
 def bert_fine_tune(bb, trainable, k=1):
     m = fine_tune(bb, trainable, k)
-    m.attach_head(LinearHead(bb.dims.hidden, 2, dropout=0.0, seed=0))  # as train.build does for task.head=linear
+    m.attach_head(LinearHead(bb.dims.hidden, 2, dropout=0.0, seed=0))  # as ptune.build does for task.head=linear
     return m
 
 
@@ -174,7 +175,7 @@ def test_masked_fine_tune_adapter_holds_the_selection_and_the_head(tmp_path):
     with torch.no_grad():
         for p in m.trainable_tensors().values():
             p.add_(torch.randn_like(p) * 0.1)
-    tensors = adapter_tensors(m)  # what train.py writes: the method's tensors and head.*
+    tensors = adapter_tensors(m)  # what ptune/train/job.py writes: the method's tensors and head.*
     assert set(tensors) == set(m.trainable_tensors()) == set(m.adapter_tensors())
     save_adapter(tmp_path, tensors, m.adapter_config())
     config, tensors = load_adapter(tmp_path)

@@ -1,10 +1,10 @@
-"""The template language (ptune/templates.py): slots, whitespace, soft positions, truncation, errors."""
+"""The template language (ptune/tasks/templates.py): slots, whitespace, soft positions, truncation, errors."""
 
 import pytest
 
 from ptune.errors import PtuneError
 from ptune.models import load_tokenizer
-from ptune.templates import Template
+from ptune.tasks.templates import Template
 
 
 @pytest.fixture(scope="module")

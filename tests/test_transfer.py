@@ -121,7 +121,7 @@ def test_label_map_parsing(tmp_path):
 def test_mapped_linear_head_selects_and_combines_rows():
     import torch
 
-    from ptune.heads import LinearHead
+    from ptune.heads.linear import LinearHead
     from ptune.infer.transfer import MappedHead
 
     head = LinearHead(8, 3, dropout=0.0, seed=1)

@@ -28,9 +28,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from ptune import head_kinds
+from ptune import heads
+from ptune.build import load_run
+from ptune.data import subsample
 from ptune.errors import PtuneError
+from ptune.infer.pool import Pool
+from ptune.rundir import RunDir, write_json
 
 HOWS = ("vote", "mean")
 
@@ -65,8 +70,6 @@ def combine(probs: torch.Tensor, how: str) -> torch.Tensor:
 def check_members(configs: dict) -> None:
     """configs: {run dir: its config.yaml (OmegaConf)}. One line naming the first difference when
     the runs do not share a backbone and a task, or when the task generates text."""
-    from omegaconf import OmegaConf
-
     runs = list(configs)
     if len(runs) < 2:
         raise PtuneError("an ensemble needs at least two runs: ensemble=vote run=<dir1>,<dir2>[,...]")
@@ -80,7 +83,7 @@ def check_members(configs: dict) -> None:
                 raise PtuneError(f"ensemble members must share {group}: {run} has {group}.{key}={b.get(key)!r}, "
                                  f"{runs[0]} has {a.get(key)!r}")
     head = first.task.get("head", "lm")
-    kind = head_kinds.find(head)
+    kind = heads.find(head)
     if kind is None or not kind.classifies:
         what = "generates text" if kind is not None and kind.generates else "has no classification head"
         raise PtuneError(f"task={first.task.name} {what} (task.head={head}); ensembles "
@@ -113,11 +116,6 @@ def evaluate_ensemble(runs: list[str], how: str, split: str = "dev", which: str 
     """Score each member and their `how` ensemble on `split` in one batched pass; write the result
     JSON (`out`, default <first run>/eval_ensemble_<how>_<split>.json) and return it:
     {"members": [{"run", "method", "metrics"}], "ensemble": {"how", "metrics"}, "examples", ...}."""
-    from ptune.build import load_run
-    from ptune.data import subsample
-    from ptune.infer.pool import Pool
-    from ptune.rundir import RunDir, write_json
-
     if how not in HOWS:
         raise PtuneError(f"ensemble={how!r}: choose vote (majority of the members' labels) or mean (mean probabilities)")
     configs = {}

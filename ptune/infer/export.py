@@ -60,9 +60,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from ptune import head_kinds, methods
+from ptune import heads, methods
 from ptune.build import load_run, load_trained, setup_logging
 from ptune.errors import PtuneError
 from ptune.rundir import refuse_inside_run, write_atomic, write_json
@@ -122,7 +123,7 @@ def refuse_config(method: str, model: str, kind: str, head: str | None) -> None:
         raise PtuneError(f"ptune export: method={method} on model={model} has encoder, decoder and cross-attention "
                          f"prefixes, and PEFT's seq2seq prefix tuning holds only the decoder self-attention one; "
                          f"no PEFT export")
-    if head is not None and not head_kinds.get(head).generates:
+    if head is not None and not heads.get(head).generates:
         raise PtuneError(f"ptune export: task.head={head} is a classification head PEFT does not reproduce; "
                          f"PEFT export is for runs with the LM head")
     if kind not in TASK_TYPES:
@@ -145,7 +146,8 @@ def to_peft(method, backbone, init_text: str | None = None) -> tuple[dict, dict[
     config = dict(
         auto_mapping=None, base_model_name_or_path=getattr(backbone.model, "name_or_path", None) or None,
         inference_mode=True, modules_to_save=None, num_attention_heads=heads, num_layers=layers,
-        num_transformer_submodules=1, num_virtual_tokens=method.p, peft_type=None, peft_version=PEFT_VERSION,
+        num_transformer_submodules=1, num_virtual_tokens=method.num_virtual_tokens, peft_type=None,
+        peft_version=PEFT_VERSION,
         revision=None, task_type=TASK_TYPES[backbone.kind], token_dim=token_dim,
     )
     if method.peft_type == "PROMPT_TUNING":
@@ -168,7 +170,8 @@ def to_peft(method, backbone, init_text: str | None = None) -> tuple[dict, dict[
         config.update(peft_type="PREFIX_TUNING", token_dim=kv_dim, num_attention_heads=kv_heads,
                       encoder_hidden_size=kv_dim, init_weights=None, prefix_projection=False)
     rows = tensors[own].detach().float().cpu().contiguous()  # prompt: (p, hidden); prefix: (p, L*2*kv*hd)
-    want = (method.p, 2 * d.n_layers * config["token_dim"]) if method.acts_on == "kv" else (method.p, config["token_dim"])
+    width = 2 * d.n_layers * config["token_dim"] if method.acts_on == "kv" else config["token_dim"]
+    want = (method.num_virtual_tokens, width)
     if tuple(rows.shape) != want:  # PEFT's nn.Embedding is built from the config; the tensor must fill it
         raise PtuneError(f"ptune export: the adapter's {own} has shape {tuple(rows.shape)}, PEFT's config for "
                          f"model={backbone.name} needs {want}; no PEFT export")
@@ -209,8 +212,6 @@ def _peft_prefix_kv(config, token_dim: int, heads: int) -> tuple[int, int]:
 
 def _readme(adapter: Path, cfg, config: dict) -> str:
     """How to load the export; for tiny random backbones, the call that rebuilds the same weights."""
-    from omegaconf import OmegaConf
-
     m, base = cfg.model, config["base_model_name_or_path"]
     auto = "AutoModelForCausalLM" if config["task_type"] == "CAUSAL_LM" else "AutoModelForSeq2SeqLM"
     if base:

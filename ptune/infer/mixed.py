@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ptune.errors import PtuneError
+from ptune.heads.mask_state import capture_input
 from ptune.methods import kv
 
 MIXED_KINDS = ("causal", "masked", "encoder")
@@ -100,7 +101,7 @@ def mixed_inputs(methods: list, input_ids: torch.Tensor, attention_mask: torch.T
     batch = input_ids.shape[0]
     sides = [side_of(m) for m in methods]
     used = sorted(set(adapter_ids.tolist()))
-    p_of = torch.tensor([m.p for m in methods], device=device)
+    p_of = torch.tensor([m.num_virtual_tokens for m in methods], device=device)
     on_input = torch.tensor([s == "input" for s in sides], device=device)
     n_before = p_of[adapter_ids]  # (batch,): each row's own prompt or prefix length (its first token's position)
     q = torch.where(on_input[adapter_ids], n_before, 0)  # (batch,): soft prompt slots in the row itself
@@ -169,7 +170,7 @@ def token_logits(methods, input_ids, attention_mask, adapter_ids) -> torch.Tenso
 # -- heads ---------------------------------------------------------------------------------------
 @torch.no_grad()
 def pooled(methods, input_ids, attention_mask, adapter_ids) -> torch.Tensor:
-    """(batch, hidden): what `heads.pool` reads per row (causal: last real token; encoder: [CLS])."""
+    """(batch, hidden): what `ptune.heads.linear.pool` reads per row (causal: last real token; encoder: [CLS])."""
     hidden = token_states(methods, input_ids, attention_mask, adapter_ids)
     if methods[0].backbone.kind == "causal":
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -213,11 +214,9 @@ def mask_states(methods, queries: list[tuple[int, list[int], int, int, str]]) ->
     """(n_queries, hidden) float32 states of soft- and proto-verbalizer rows, all in one forward.
 
     queries: (adapter index, token row, position to read, pad id, space) as `MaskStateHead.mask_query`
-    and `.space` give them (ptune/mask_heads.py): "hidden" reads the last hidden state, "output" what
+    and `.space` give them (ptune/heads/mask_state.py): "hidden" reads the last hidden state, "output" what
     the LM's output embedding reads (a masked LM's MLM transform; on causal models the same state).
     Rows are right-padded, as MaskStateHead pads them alone."""
-    from ptune.mask_heads import capture_input
-
     backbone = methods[0].backbone
     device = next(backbone.model.parameters()).device
     width = max(len(q[1]) for q in queries)

@@ -12,12 +12,12 @@ loads each adapter. Rows then go through `ptune.infer.mixed`: one forward per ba
 adapters, each row with its own prompt or prefix, with the outputs it gets alone.
 
 What a row's adapter answers with (its task's head, as `ptune predict` with that run alone; how each
-head is served is its HeadKind.served, ptune/head_kinds.py):
+head is served is its HeadKind.served, ptune/heads/):
 - classification, linear head: the label of its own head's logits over the pooled state;
 - classification, verbalizer head: the label whose words score best at the template's {mask}; the
   knowledgeable head (KPT) the same way, with its refined words and priors as the adapter saved them;
   the rules head (PTR) with its slot words' queries in the same forward, combined by its rule table;
-- classification, soft / proto verbalizer (ptune/mask_heads.py): its own head on the row's state at
+- classification, soft / proto verbalizer (ptune/heads/mask_state.py): its own head on the row's state at
   {mask}, all such rows in one forward; task.calibrate runs: calibrated as the adapter alone;
 - generation (e2e, xsum, custom generation; causal models): greedy decoding, one line of text,
   up to the task's max_new_tokens, all generation rows of a batch decoded together.
@@ -34,16 +34,18 @@ slots inside its template; beam search (greedy only); LAMA's vocabulary head.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from ptune import calibration, head_kinds, methods
+from ptune import heads, methods
 from ptune.build import build_backbone, load_run, load_trained, setup_logging
+from ptune.data import Example, collate
 from ptune.errors import PtuneError
+from ptune.generate import newline_ids
+from ptune.heads import calibration
 from ptune.infer import mixed
 
 ADAPTER_FIELD = "adapter"
@@ -60,18 +62,18 @@ class Adapter:
 
     @property
     def head(self) -> str:
-        """The task's head, a key of ptune.head_kinds.HEADS ('linear', 'verbalizer', 'lm', ...)."""
+        """The task's head, a key of ptune.heads.HEADS ('linear', 'verbalizer', 'lm', ...)."""
         return self.task.head
 
     @property
     def served(self) -> str | None:
         """How a mixed forward scores its rows (HeadKind.served): pooled, words, state, text, or None."""
-        return head_kinds.get(self.head).served
+        return heads.get(self.head).served
 
     def info(self) -> dict:
         """JSON-able description (GET /adapters)."""
         out = {"name": self.name, "method": self.method.name, "task": self.task.name, "head": self.head,
-               "prompt_length": self.method.p, "run": str(self.run_dir) if self.run_dir else None}
+               "prompt_length": self.method.num_virtual_tokens, "run": str(self.run_dir) if self.run_dir else None}
         if self.served != "text":
             out["labels"] = list(self.task.labels)
         out["fields"] = list(self.task.input_fields)
@@ -215,7 +217,7 @@ class Pool:
 
     def _calibrated(self, encoded: list[dict], scores: list[torch.Tensor]) -> list[torch.Tensor]:
         """Rows of adapters trained with task.calibrate: their scores calibrated as the adapter alone
-        calibrates them (ptune/calibration.py: the content-free inputs through its own task.class_scores)."""
+        calibrates them (ptune/heads/calibration.py: the content-free inputs through its own task.class_scores)."""
         for k, name in enumerate(self.names):
             a = self.adapters[name]
             rows = [i for i, e in enumerate(encoded) if e["adapter"] == k]
@@ -226,7 +228,7 @@ class Pool:
         return scores
 
     def _mask_heads(self, encoded: list[dict]) -> list[torch.Tensor]:
-        """Soft- and proto-verbalizer rows (ptune/mask_heads.py): every row's state at its mask in one
+        """Soft- and proto-verbalizer rows (ptune/heads/mask_state.py): every row's state at its mask in one
         forward, then its own head; ProtoVerb with task.proto_combine adds its manual verbalizer's word
         scores (one more forward, as verbalizer rows)."""
         heads = [self._methods[e["adapter"]].head for e in encoded]
@@ -246,12 +248,10 @@ class Pool:
         """Columns an encoded row takes in a mixed forward (ptune.infer.mixed packs each row): its soft
         prompt (prompt, p-tuning) + its tokens; a prefix adds keys, no columns."""
         m = self._methods[e["adapter"]]
-        return (m.p if m.acts_on == "input" else 0) + len(e["ids"])
+        return (m.num_virtual_tokens if m.acts_on == "input" else 0) + len(e["ids"])
 
     def _batch(self, encoded: list[dict], side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask (batch, S) padded on `side`, adapter ids (batch,)."""
-        from ptune.data import Example, collate
-
         batch = collate([Example(e["ids"], e["ids"]) for e in encoded], self.backbone.tokenizer.pad_token_id,
                         padding_side=side)
         device = next(self.backbone.model.parameters()).device
@@ -289,8 +289,6 @@ class Pool:
         return self._generate(self.encode(inputs))
 
     def _generate(self, encoded: list[dict]) -> list[str]:
-        from ptune.generate import newline_ids
-
         for i, e in enumerate(encoded):
             if self._served(e) != "text":
                 raise PtuneError(f"input {i} belongs to a classification adapter; generate takes generation rows")

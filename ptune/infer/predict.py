@@ -8,6 +8,7 @@ directory (predict only reads runs), by default beside the input without overwri
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -64,8 +65,6 @@ def predict_run(run: str, rows: list[dict], out: Path, batch_size: int | None = 
 
 def read_rows(path: Path) -> list[dict]:
     """Rows of a .jsonl, .json, .csv or .tsv file as dicts."""
-    import csv
-
     if not path.is_file():
         raise PtuneError(f"input file {path} does not exist")
     suffix = path.suffix.lower()

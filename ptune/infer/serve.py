@@ -32,6 +32,7 @@ import json
 import logging
 import signal
 import threading
+import time
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -128,8 +129,6 @@ class BoundedServer(ThreadingHTTPServer):
 
     def server_close(self):
         """Stop accepting (the listening socket closes), then let the requests in flight answer."""
-        import time
-
         self._closing.set()
         super().server_close()
         deadline = time.monotonic() + self.drain_s

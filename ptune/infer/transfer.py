@@ -30,11 +30,16 @@ import json
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ptune import head_kinds
+from ptune import heads, tasks
+from ptune.build import load_run, load_trained, setup_logging
+from ptune.config import task_kwargs
 from ptune.errors import PtuneError
+from ptune.heads.verbalizer import VerbalizerHead, word_pieces
+from ptune.tasks.classification import ClassificationTask
 
 
 def parse_label_map(spec: str | None) -> dict[str, str] | None:
@@ -45,7 +50,6 @@ def parse_label_map(spec: str | None) -> dict[str, str] | None:
     if path.suffix.lower() in (".json", ".yaml", ".yml"):
         if not path.is_file():
             raise PtuneError(f"label_map={spec}: no such file")
-        import yaml
 
         try:
             raw = json.loads(path.read_text()) if path.suffix.lower() == ".json" else yaml.safe_load(path.read_text())
@@ -97,8 +101,6 @@ class MappedHead(nn.Module):
 
 
 def _mapped_verbalizer(backbone, trained_task, new_task, groups: list[list[int]]):
-    from ptune.verbalizer import VerbalizerHead, word_pieces
-
     words = []
     for label, group in zip(new_task.labels, groups):
         pieces = [word_pieces(backbone.tokenizer, w, new_task.template.mask_space, f"label {trained_task.labels[c]}")
@@ -113,14 +115,9 @@ def evaluate_transfer(run: str, task_cfg: DictConfig, label_map: str | None = No
     """Score a run's adapter on another classification task (task_cfg: a composed `task` group).
 
     head_given: the user set task.head; it must then be the run's head (else the run's is used)."""
-    from ptune import tasks
-    from ptune.build import load_run, load_trained, setup_logging
-    from ptune.config import task_kwargs
-    from ptune.tasks.classification import ClassificationTask
-
     run_dir, cfg = load_run(run, trust_remote_code)
     trained_head = cfg.task.get("head")
-    kind = head_kinds.find(trained_head)
+    kind = heads.find(trained_head)
     if kind is None or not kind.classifies:
         raise PtuneError(f"the run's task {cfg.task.name} has no classification head (task.head={trained_head}); "
                          f"domain transfer maps a classifier's labels")

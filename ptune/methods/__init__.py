@@ -1,5 +1,6 @@
 """Method registry. Keys are the file names in conf/method/ (a test keeps them in sync)."""
 
+from ptune.config import group_defaults
 from ptune.methods.base import Method
 from ptune.methods.fine_tune import FineTune
 from ptune.methods.hard_prompt import HardPrompt
@@ -20,8 +21,6 @@ METHODS: dict[str, type[Method]] = {
 def build(name: str, backbone, **kwargs) -> Method:
     """Wrap a frozen backbone with method `name`; kwargs are the method's config keys, and every key
     not given takes its default from conf/method/<name>.yaml (the one place defaults live)."""
-    from ptune.config import group_defaults
-
     method = METHODS[name](backbone, **{**group_defaults("method", name), **kwargs})
     method.name = name  # the registry key: one class can serve several entries (prefix, p-tuning-v2)
     return method

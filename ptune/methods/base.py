@@ -7,11 +7,14 @@ A method changes the backbone's forward in one of four ways, and declares which 
     "weights"  the backbone's own weights train (fine-tune)
     "none"     nothing; the task's template is the method (hard-prompt)
 
-`p` is how many virtual positions it adds, `trains` whether it trains anything, `peft_type` PEFT's
-name for the same method. Code outside ptune/methods/ reads these declarations and the public
-accessors; it never asks a method's name (mixed-adapter batches, export and the trainer's context
-check all work from them). A method knows nothing about tasks; heads (`ptune.heads`) turn the
-backbone's hidden states into a loss or predictions.
+`num_virtual_tokens` (the config key of the same name; the papers' p, and `p` in shape comments)
+is how many virtual positions it adds; `n_prepended` is another thing, the positions it puts in
+front of the input sequence itself (p for prompt tuning, 0 for prefixes, which sit in the keys
+and values, and for p-tuning with {soft} slots inside the template); `trains` whether it trains
+anything, `peft_type` PEFT's name for the same method. Code outside ptune/methods/ reads these
+declarations and the public accessors; it never asks a method's name (mixed-adapter batches,
+export and the trainer's context check all work from them). A method knows nothing about tasks;
+heads (ptune/heads/) turn the backbone's hidden states into a loss or predictions.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ class Method(nn.Module):
     trains = True  # False: nothing to train (hard-prompt); a linear head on it would be a linear probe
     peft_type: str | None = None  # PEFT's PeftType of the same method, where PEFT has one (ptune export)
     # Virtual positions the method adds (the papers' p): soft tokens, or keys/values per attention.
-    p = 0
-    # Input positions the method prepends to the sequence (prompt tuning); heads skip them.
+    num_virtual_tokens = 0
+    # Of those, the positions it prepends to the input sequence (heads skip them); 0 for prefixes.
     n_prepended = 0
 
     def __init__(self, backbone: Backbone):
@@ -80,10 +83,11 @@ class Method(nn.Module):
         return pos.masked_fill(attention_mask == 0, 1)
 
     def attach_head(self, head: nn.Module) -> None:
-        """Attach a task head (ptune.heads.LinearHead) as the submodule `head`: it then trains with
-        the method (its parameters are the method's), lands in checkpoints as `head.*`, and
-        train.py saves it in the adapter beside `adapter_tensors()`. A method whose own choice of
-        trained tensors depends on the head (fine-tune's `trainable=head`) overrides this."""
+        """Attach a task head (ptune/heads/: a LinearHead, a verbalizer) as the submodule `head`: it
+        then trains with the method (its parameters are the method's), lands in checkpoints as
+        `head.*`, and ptune/train/job.py saves it in the adapter beside `adapter_tensors()`. A method
+        whose own choice of trained tensors depends on the head (fine-tune's `trainable=head`)
+        overrides this."""
         self.head = head
 
     # -- what is saved -------------------------------------------------------------------------

@@ -5,7 +5,7 @@ The backbone's own weights train; nothing is added. The input is the task's temp
 plain model, exactly as for hard-prompt (so this class reuses HardPrompt's forward and generate).
 
 `trainable` chooses which weights. "The head" is what turns hidden states into the task's output:
-the task's linear head (`method.head`, attached by train.build for classification tasks) when
+the task's linear head (`method.head`, attached by ptune.build for classification tasks) when
 there is one, else the model's LM head.
 - `all`:   the whole backbone and the head ("Fine-Tune"). With a task head, an LM head the task
            never reads (BERT's MLM head) is left out: no gradient can reach it.
@@ -148,7 +148,7 @@ class FineTune(HardPrompt):
                              f"use one of {', '.join(KINDS)}")
 
     def _task_head(self) -> dict[str, torch.Tensor]:
-        """The method's own parameters: the task head's `head.*` once train.build attached one."""
+        """The method's own parameters: the task head's `head.*` once ptune.build attached one."""
         return dict(self.named_parameters())
 
     def attach_head(self, head: nn.Module) -> None:

@@ -6,7 +6,7 @@ code. `ptune train method=hard-prompt` skips the optimizer and only evaluates. P
 equivalent (it always adds tensors).
 
 Backbones: causal LMs continue the template; encoder-decoders (T5, BART) read it with the
-encoder and generate with the decoder. Under `task.head=verbalizer` (ptune/verbalizer.py) the
+encoder and generate with the decoder. Under `task.head=verbalizer` (ptune/heads/verbalizer.py) the
 template and its label words are the zero-shot classifier of every backbone with an LM head,
 BERT's MLM head included; a masked model with an lm head (nothing to generate) or a linear head
 (only the random head would train) is refused by ptune.build.attach_head.

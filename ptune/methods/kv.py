@@ -105,9 +105,10 @@ class PrefixParams(nn.Module):
     N(0, 1), as nn.Embedding (PEFT and P-tuning v2 without projection). Either way `flat()` is P.
     """
 
-    def __init__(self, p: int, width: int, projection: bool, embed_dim: int, mid_dim: int):
+    def __init__(self, num_virtual_tokens: int, width: int, projection: bool, embed_dim: int, mid_dim: int):
         super().__init__()
-        self.p, self.width, self.projection = p, width, projection
+        p = num_virtual_tokens
+        self.num_virtual_tokens, self.width, self.projection = p, width, projection
         if projection:
             self.embedding = nn.Embedding(p, embed_dim)  # P': (p, embed_dim)
             self.mlp = nn.Sequential(nn.Linear(embed_dim, mid_dim), nn.Tanh(), nn.Linear(mid_dim, width))

@@ -86,10 +86,11 @@ class PTuning(Method):
         if not isinstance(width, int) or isinstance(width, bool) or width < 1 or (encoder == "lstm" and width % 2):
             rule = "an even integer >= 2 (half of it per LSTM direction)" if encoder == "lstm" else "an integer >= 1"
             raise PtuneError(f"method.encoder_hidden_size={encoder_hidden_size!r} is invalid: must be {rule} or null")
-        self.p = self.n_prepended = num_virtual_tokens
+        self.num_virtual_tokens = self.n_prepended = num_virtual_tokens
         self.encoder, self.encoder_hidden_size = encoder, width
         self.collapsed = False  # True once an adapter's (p, hidden) prompt replaced the encoder
-        self.embedding = nn.Embedding(self.p, hidden)  # (p, hidden) encoder input, N(0, 1) as paper and PEFT
+        # (p, hidden) encoder input, N(0, 1) as paper and PEFT
+        self.embedding = nn.Embedding(self.num_virtual_tokens, hidden)
         if encoder == "lstm":
             self.lstm_head = nn.LSTM(input_size=hidden, hidden_size=width // 2, num_layers=2, bidirectional=True,
                                      batch_first=True)
@@ -123,9 +124,9 @@ class PTuning(Method):
         if (soft & (attention_mask == 0)).any():
             raise PtuneError("soft_mask marks padded positions; mark only real positions (attention_mask == 1)")
         counts = soft.sum(-1)  # (batch,)
-        if (counts != self.p).any():
+        if (counts != self.num_virtual_tokens).any():
             raise PtuneError(f"soft_mask marks {counts.tolist()} positions per row; every row needs exactly "
-                             f"method.num_virtual_tokens={self.p}")
+                             f"method.num_virtual_tokens={self.num_virtual_tokens}")
         return soft
 
     def model_inputs(self, input_ids, attention_mask, soft_mask=None):
@@ -142,7 +143,7 @@ class PTuning(Method):
         embeds = self.backbone.model.get_input_embeddings()(input_ids)  # (batch, seq, hidden)
         prompt = self.prompt_embeddings().to(embeds.dtype)  # (p, hidden)
         soft = self._soft(soft_mask, attention_mask)
-        self.n_prepended = self.p if soft is None else 0
+        self.n_prepended = self.num_virtual_tokens if soft is None else 0
         if soft is not None:
             rank = (soft.long().cumsum(-1) - 1).clamp(min=0)  # (batch, seq): i at the i-th soft position
             embeds = torch.where(soft.unsqueeze(-1), prompt[rank], embeds)  # (batch, seq, hidden)
@@ -154,12 +155,13 @@ class PTuning(Method):
         # Prepended, as prompt.py does it: a little honest duplication rather than a shared helper
         # between two methods whose placement rules differ.
         batch = input_ids.shape[0]
-        mask = torch.cat([attention_mask.new_ones(batch, self.p), attention_mask], dim=1)  # (batch, p + seq)
+        ones = attention_mask.new_ones(batch, self.num_virtual_tokens)
+        mask = torch.cat([ones, attention_mask], dim=1)  # (batch, p + seq)
         embeds = torch.cat([prompt.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)  # (batch, p + seq, hidden)
         inputs = dict(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
-        real = self._position_ids(attention_mask, self.p)  # (batch, seq): p, p+1, ... skipping pads
+        real = self._position_ids(attention_mask, self.num_virtual_tokens)  # (batch, seq): p, p+1, ... skipping pads
         if real is not None:
-            virtual = torch.arange(self.p, device=real.device).expand(batch, -1)  # (batch, p)
+            virtual = torch.arange(self.num_virtual_tokens, device=real.device).expand(batch, -1)  # (batch, p)
             inputs["position_ids"] = torch.cat([virtual, real], dim=1)  # (batch, p + seq)
         return inputs
 
@@ -187,9 +189,10 @@ class PTuning(Method):
     def load_adapter_tensors(self, tensors):
         """Load the encoder's output for inference: the encoder is dropped, the prompt is frozen."""
         prompt = tensors["prompt"]
-        if tuple(prompt.shape) != (self.p, self.dims.hidden):
+        if tuple(prompt.shape) != (self.num_virtual_tokens, self.dims.hidden):
             raise PtuneError(f"adapter prompt has shape {tuple(prompt.shape)}, this model needs "
-                             f"{(self.p, self.dims.hidden)}; set method.num_virtual_tokens to the adapter's length")
+                             f"{(self.num_virtual_tokens, self.dims.hidden)}; set method.num_virtual_tokens to the "
+                             f"adapter's length")
         device = self.embedding.weight.device if not self.collapsed else self.prompt.device
         if not self.collapsed:
             del self.embedding, self.mlp_head
@@ -199,7 +202,8 @@ class PTuning(Method):
         self.prompt = nn.Parameter(prompt.float().to(device).clone(), requires_grad=False)
 
     def adapter_config(self):
-        return dict(method=self.name, num_virtual_tokens=self.p, token_dim=self.dims.hidden, encoder=self.encoder,
+        return dict(method=self.name, num_virtual_tokens=self.num_virtual_tokens, token_dim=self.dims.hidden,
+                    encoder=self.encoder,
                     encoder_hidden_size=self.encoder_hidden_size,
                     layout="(p, hidden), the prompt encoder's output, in the " + ("encoder input" if self.dims.is_encoder_decoder else "input")
                     + "; PEFT prompt_embeddings (rename prompt -> prompt_embeddings)")

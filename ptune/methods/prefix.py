@@ -117,10 +117,12 @@ class Prefix(Method):
                 raise PtuneError(f"method.{key}={value!r} is invalid: must be an integer >= 1")
         self.stacks = kv.stacks_of(backbone)
         self._cache = kv.cache_kwarg(backbone.model)  # the keyword that carries the prefix cache
-        self.p, self.projection, self.init, self.dropout = num_virtual_tokens, projection, init, dropout
+        self.num_virtual_tokens = num_virtual_tokens
+        self.projection, self.init, self.dropout = projection, init, dropout
         self.mid_dim, self.embed_dim = mid_dim, embed_dim or self.dims.hidden
         self.prefixes = nn.ModuleDict(
-            {s.name: kv.PrefixParams(self.p, s.width, projection, self.embed_dim, mid_dim) for s in self.stacks})
+            {s.name: kv.PrefixParams(num_virtual_tokens, s.width, projection, self.embed_dim, mid_dim)
+             for s in self.stacks})
         self._bias_module = [None]  # T5's relative-bias attention, kept out of the module tree
         if backbone.kind == "seq2seq":
             kv.install_encoder_prefix(backbone.model)
@@ -134,7 +136,8 @@ class Prefix(Method):
         if not ids:
             raise PtuneError(f"method.init=words needs a non-empty method.init_text (got {text!r}); "
                              f"set method.init_text='...' or use method.init=random")
-        ids = torch.tensor((ids * (self.p // len(ids) + 1))[:self.p])  # (p,), repeated or cut
+        p = self.num_virtual_tokens
+        ids = torch.tensor((ids * (p // len(ids) + 1))[:p])  # (p,), repeated or cut
         for name, target in word_activations(self.backbone, ids).items():
             params = self.prefixes[name]
             if params.projection:
@@ -150,7 +153,7 @@ class Prefix(Method):
                             training=self.backbone.model.training)
 
     def _mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        ones = attention_mask.new_ones(attention_mask.shape[0], self.p)
+        ones = attention_mask.new_ones(attention_mask.shape[0], self.num_virtual_tokens)
         return torch.cat([ones, attention_mask], dim=1)  # (batch, p + seq)
 
     def model_inputs(self, input_ids, attention_mask):
@@ -160,7 +163,7 @@ class Prefix(Method):
         cache = kv.dynamic_cache(self._layers(name, input_ids.shape[0]), self.backbone.model.config)
         inputs = {"input_ids": input_ids, "attention_mask": self._mask(attention_mask), "use_cache": False,
                   self._cache: cache}
-        pos = self._position_ids(attention_mask, self.p)
+        pos = self._position_ids(attention_mask, self.num_virtual_tokens)
         if pos is not None:
             inputs["position_ids"] = pos
         return inputs
@@ -170,7 +173,8 @@ class Prefix(Method):
         attention_mask, input_ids = real_tokens_first(attention_mask, input_ids)
         batch, seq = input_ids.shape
         bias_module = self._bias_module[0]
-        bias = None if bias_module is None else kv.prefix_position_bias(bias_module, seq, self.p, input_ids.device)
+        bias = None if bias_module is None else kv.prefix_position_bias(bias_module, seq, self.num_virtual_tokens,
+                                                                        input_ids.device)
         encoder_prefix = kv.EncoderPrefix(self._layers("encoder", batch), bias)
         encoder_outputs = self.backbone.model.get_encoder()(
             input_ids=input_ids, attention_mask=attention_mask, **{kv.PREFIX_KWARG: encoder_prefix})
@@ -193,12 +197,13 @@ class Prefix(Method):
             return self.backbone.model.generate(**inputs, **gen_kwargs)[:, 1:]  # without the decoder start token
         # p placeholder ids stand for the prefix already in the cache: generate() then starts its
         # cache positions at p and feeds only the real prompt. The placeholders are never embedded.
-        placeholder = input_ids.new_full((input_ids.shape[0], self.p), self.backbone.tokenizer.pad_token_id)
+        placeholder = input_ids.new_full((input_ids.shape[0], self.num_virtual_tokens),
+                                         self.backbone.tokenizer.pad_token_id)
         cache = kv.dynamic_cache(self._layers("decoder", rows), self.backbone.model.config)
         out = self.backbone.model.generate(input_ids=torch.cat([placeholder, input_ids], dim=1),
                                            attention_mask=self._mask(attention_mask), **{self._cache: cache},
                                            **gen_kwargs)
-        return out[:, self.p + input_ids.shape[1]:]
+        return out[:, self.num_virtual_tokens + input_ids.shape[1]:]
 
     # -- saving --------------------------------------------------------------------------------
     def prefix_rows(self, stack: str) -> torch.Tensor:
@@ -218,8 +223,9 @@ class Prefix(Method):
                 raise PtuneError(f"adapter has no tensor {key!r} (it has {sorted(tensors)}); it was trained "
                                  f"for another model kind or method")
             shape = tuple(tensors[key].shape)
-            if shape != (self.p, s.width):
-                raise PtuneError(f"adapter {key} has shape {shape}, this model needs {(self.p, s.width)}; "
+            if shape != (self.num_virtual_tokens, s.width):
+                want = (self.num_virtual_tokens, s.width)
+                raise PtuneError(f"adapter {key} has shape {shape}, this model needs {want}; "
                                  f"set method.num_virtual_tokens to the adapter's length")
         for s in self.stacks:
             device = next(self.backbone.model.parameters()).device
@@ -227,7 +233,7 @@ class Prefix(Method):
         self.projection = False
 
     def adapter_config(self):
-        return dict(method=self.name, num_virtual_tokens=self.p, init=self.init,
+        return dict(method=self.name, num_virtual_tokens=self.num_virtual_tokens, init=self.init,
                     stacks={s.name: dict(tensor=self._key(s.name), num_layers=s.n_layers, num_kv_heads=s.kv_heads,
                                          head_dim=s.head_dim) for s in self.stacks},
                     layout="(p, layers*2*kv_heads*head_dim), PEFT prompt_embeddings order")

@@ -93,7 +93,7 @@ class Prompt(Method):
             raise PtuneError(f"method=prompt does not support model.kind={backbone.kind!r}; use one of {', '.join(KINDS)}")
         if init not in INITS:
             raise PtuneError(f"method.init={init!r} is not one of {', '.join(INITS)}; use method.init=vocab")
-        self.p = self.n_prepended = num_virtual_tokens
+        self.num_virtual_tokens = self.n_prepended = num_virtual_tokens
         self.init = init
         self.prompt = nn.Parameter(self._initial_prompt(init, init_text, label_words))  # (p, hidden), float32
 
@@ -101,7 +101,7 @@ class Prompt(Method):
     @torch.no_grad()
     def _initial_prompt(self, init: str, init_text: str | None, label_words) -> torch.Tensor:
         """(p, hidden) float32 starting values; random draws come from the global torch RNG."""
-        p, hidden = self.p, self.dims.hidden
+        p, hidden = self.num_virtual_tokens, self.dims.hidden
         table = self.backbone.model.get_input_embeddings()
         device = table.weight.device
         tok = self.backbone.tokenizer
@@ -121,7 +121,7 @@ class Prompt(Method):
 
     # -- forward -------------------------------------------------------------------------------
     def _mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        ones = attention_mask.new_ones(attention_mask.shape[0], self.p)
+        ones = attention_mask.new_ones(attention_mask.shape[0], self.num_virtual_tokens)
         return torch.cat([ones, attention_mask], dim=1)  # (batch, p + seq)
 
     def model_inputs(self, input_ids, attention_mask):
@@ -133,9 +133,10 @@ class Prompt(Method):
         prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(input_ids.shape[0], -1, -1)  # (batch, p, hidden)
         inputs = dict(inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=self._mask(attention_mask),
                       use_cache=False)
-        real = self._position_ids(attention_mask, self.p)  # (batch, seq): p, p+1, ... skipping pads
+        real = self._position_ids(attention_mask, self.num_virtual_tokens)  # (batch, seq): p, p+1, ... skipping pads
         if real is not None:
-            virtual = torch.arange(self.p, device=real.device).expand(real.shape[0], -1)  # (batch, p)
+            virtual = torch.arange(self.num_virtual_tokens, device=real.device)
+            virtual = virtual.expand(real.shape[0], -1)  # (batch, p)
             inputs["position_ids"] = torch.cat([virtual, real], dim=1)  # (batch, p + seq)
         return inputs
 
@@ -163,8 +164,9 @@ class Prompt(Method):
     def load_adapter_tensors(self, tensors):
         """Load a trained prompt for inference (it is then frozen, like a loaded prefix)."""
         prompt = tensors["prompt"]
-        if tuple(prompt.shape) != (self.p, self.dims.hidden):
-            raise PtuneError(f"adapter prompt has shape {tuple(prompt.shape)}, this model needs {(self.p, self.dims.hidden)}; "
+        if tuple(prompt.shape) != (self.num_virtual_tokens, self.dims.hidden):
+            want = (self.num_virtual_tokens, self.dims.hidden)
+            raise PtuneError(f"adapter prompt has shape {tuple(prompt.shape)}, this model needs {want}; "
                              f"set method.num_virtual_tokens to the adapter's length")
         self.prompt = nn.Parameter(prompt.to(self.prompt.device, self.prompt.dtype).clone(), requires_grad=False)
 
@@ -173,7 +175,8 @@ class Prompt(Method):
         peft = ("PEFT prompt_embeddings with num_transformer_submodules=1 (rename prompt -> prompt_embeddings; "
                 "PEFT's default 2 for seq2seq adds p unused rows after ours)" if self.dims.is_encoder_decoder
                 else "PEFT prompt_embeddings (rename prompt -> prompt_embeddings)")
-        return dict(method=self.name, num_virtual_tokens=self.p, token_dim=self.dims.hidden, init=self.init,
+        return dict(method=self.name, num_virtual_tokens=self.num_virtual_tokens, token_dim=self.dims.hidden,
+                    init=self.init,
                     layout=f"(p, hidden), prepended to the {where}; {peft}")
 
 

@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 import time
 
+from ptune import methods, rundir
+from ptune.build import setup_logging
+from ptune.config import CONF_DIR, check, compose, load_saved
 from ptune.errors import PtuneError
+from ptune.search.base import Scorer, SearchDir, search_dir, write_config
 
 SEARCHES = {"label-words": "label_words", "template": "template", "autoprompt": "autoprompt"}
 
@@ -27,13 +32,21 @@ def module(kind: str):
     return importlib.import_module(f"ptune.search.{SEARCHES[kind]}")
 
 
+def help_text(argv: list[str]) -> str:
+    """`ptune search [<kind>] --help`: each search's config file, its keys commented (conf/search/)."""
+    kinds = [a for a in argv if a in SEARCHES] or list(SEARCHES)
+    parts = ["usage: ptune search <kind> [model=...] [task=...] [task.<key>=...] [search.<key>=...]\n"
+             "       ptune search resume=<search dir>\n"
+             "What a search finds is written as ptune train overrides (<search dir>/overrides.txt).\n"]
+    for kind in kinds:
+        parts.append(f"== {kind} (search.<key>=... overrides conf/search/{kind}.yaml) ==\n"
+                     + (CONF_DIR / "search" / f"{kind}.yaml").read_text(encoding="utf-8"))
+    return "\n".join(parts)
+
+
 def compose_search(kind: str, overrides: list[str]):
     """The search's config: train's groups with method=hard-prompt and task.head=verbalizer (what a
     zero-shot scorer is), plus conf/search/<kind>.yaml under `search`."""
-    from ptune.config import check, compose
-
-    from ptune import methods
-
     module(kind)
     for o in overrides:
         key, _, value = o.lstrip("+~").partition("=")
@@ -53,11 +66,6 @@ def compose_search(kind: str, overrides: list[str]):
 
 def run(argv: list[str]) -> dict:
     """Start (`<kind> key=value ...`) or resume (`resume=<search dir>`) a search; returns its summary."""
-    from ptune import rundir
-    from ptune.build import setup_logging
-    from ptune.config import load_saved
-    from ptune.search.base import Scorer, SearchDir, search_dir, write_config
-
     resume = next((a.partition("=")[2] for a in argv if a.startswith("resume=")), None)
     if resume is not None:
         if len(argv) != 1 or not resume:
@@ -91,7 +99,6 @@ def run(argv: list[str]) -> dict:
         return impl.search(cfg, scorer, sdir, started)
     except PtuneError:
         if resume is None and not sdir.state.exists():  # refused before its first save: leave no empty search
-            import shutil
 
             logging.getLogger().removeHandler(handler)
             handler.close()

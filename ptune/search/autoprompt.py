@@ -2,7 +2,7 @@
 Language Models with Automatically Generated Prompts" (EMNLP; their code: ucinlp/autoprompt,
 create_trigger.py and label_search.py).
 
-A template with N discrete trigger slots, "{sentence} {trigger:3} {mask} ." (ptune.templates), whose
+A template with N discrete trigger slots, "{sentence} {trigger:3} {mask} ." (ptune.tasks.templates), whose
 tokens are chosen from the vocabulary on the few-shot training rows with nothing trained:
 
 0. label_tokens=search: the label words first (label_search.py), with the starting triggers: a
@@ -48,11 +48,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ptune.build import build_backbone
 from ptune.data import collate
 from ptune.errors import PtuneError
+from ptune.heads.verbalizer import SlotHead, whole_words
 from ptune.search.base import elapsed, finish
-from ptune.templates import Template, token_ids
-from ptune.verbalizer import SlotHead
+from ptune.tasks.templates import Template, token_ids
 
 log = logging.getLogger("ptune")
 
@@ -126,8 +127,6 @@ def start_token(cfg, tokenizer=None) -> str:
     if cfg.search.init_token is not None:
         return cfg.search.init_token
     if tokenizer is None:
-        from ptune.build import build_backbone
-
         tokenizer = build_backbone(cfg).tokenizer
     the = tokenizer(" the", add_special_tokens=False).input_ids[:1]
     return tokenizer.mask_token or tokenizer.convert_ids_to_tokens(the)[0]
@@ -309,8 +308,6 @@ class Search:
 
 def find_label_words(cfg, scorer, task) -> dict:
     """label_tokens=search (module docstring, 0): {label: [label_k words]} from the training rows."""
-    from ptune.search.label_words import whole_words
-
     s, tok, backbone = cfg.search, scorer.backbone.tokenizer, scorer.backbone
     rows = scorer.rows("train")
     head, examples = MaskStates(backbone), task.examples(tok, rows)

@@ -11,7 +11,7 @@ with nothing trained, and writing what it found in a form `ptune train` takes.
         search.log
 
 A search changes no weight: the backbone is frozen and the method is hard-prompt, so a candidate
-is scored by the task's own classifier (ptune.verbalizer.VerbalizerHead) on few-shot rows.
+is scored by the task's own classifier (ptune.heads.verbalizer.VerbalizerHead) on few-shot rows.
 Randomness in a search comes from generators seeded by (search.seed, stage, iteration), never from
 a global stream, so a resumed search draws what the uninterrupted one would have drawn: the saved
 state is just the stage's results and counters (bit-identical on CPU, tested).
@@ -20,18 +20,24 @@ state is just the stage's results and counters (bit-identical on CPU, tested).
 from __future__ import annotations
 
 import copy
-import re
 import json
 import logging
+import re
 import shlex
 import time
 from pathlib import Path
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from ptune.build import build
+from ptune.data import collate
 from ptune.errors import PtuneError
+from ptune.heads.verbalizer import VocabHead
 from ptune.rundir import RunDir, jsonl, write_atomic, write_json
+from ptune.tasks.classification import verbalizer_words
+from ptune.tasks.templates import Template
 
 log = logging.getLogger("ptune")
 
@@ -70,8 +76,6 @@ class Scorer:
     bound as `ptune train` would); `accuracy(task, rows)` its zero-shot accuracy."""
 
     def __init__(self, cfg: DictConfig):
-        from ptune.build import build
-
         self.cfg = cfg
         self.backbone, self.method, self.task = build(cfg)
         self.batch_size = cfg.trainer.eval_batch_size
@@ -80,9 +84,6 @@ class Scorer:
         return self.task.rows(split)
 
     def variant(self, template: str | None = None, verbalizer: dict | None = None, triggers: list | None = None):
-        from ptune.tasks.classification import verbalizer_words
-        from ptune.templates import Template
-
         t = copy.copy(self.task)
         if template is not None:
             t.template = Template(template)
@@ -105,9 +106,6 @@ class Scorer:
 
     def mask_log_probs(self, task, rows: list[dict]) -> torch.Tensor:
         """(len(rows), vocab) log P(token at {mask} | row in task's template), single-token answers."""
-        from ptune.data import collate
-        from ptune.verbalizer import VocabHead
-
         head = VocabHead(self.backbone)
         tok = self.backbone.tokenizer
         examples = task.examples(tok, rows)
@@ -145,8 +143,6 @@ def overrides_line(task_keys: dict) -> str:
 def finish(sdir: SearchDir, cfg: DictConfig, kind: str, found: dict, best: dict, n_candidates: int,
            wall_s: float) -> dict:
     """result.yaml, overrides.txt and summary.json of a finished search; returns the summary."""
-    import yaml
-
     found = {"head": "verbalizer", **found}  # what a found template / verbalizer is read by
     line = overrides_line(found)
     header = (f"# ptune search {kind}: what it found, as task keys (edit freely). Train with it:\n"

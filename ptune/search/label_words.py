@@ -11,7 +11,7 @@ For the task's template (manual or searched), on the few-shot training rows:
 Candidates: by default every vocabulary token that is a whole alphabetic word after the template's
 whitespace before {mask} (it tokenizes back to itself: " great" on byte-level BPE, "great" on
 WordPiece), as LM-BFF filters RoBERTa's vocabulary. With `search.words=<file>` (one word per line),
-those words are the candidates and each is scored by all its pieces (ptune.verbalizer's teacher-
+those words are the candidates and each is scored by all its pieces (ptune.heads.verbalizer's teacher-
 forced sum), so words the tokenizer splits take part.
 
 What differs from LM-BFF: their step 3 fine-tunes each of the n assignments and re-ranks by dev
@@ -29,7 +29,9 @@ from pathlib import Path
 
 import torch
 
+from ptune.data import collate
 from ptune.errors import PtuneError
+from ptune.heads.verbalizer import VerbalizerHead, whole_words, word_pieces
 from ptune.search.base import elapsed, finish
 
 log = logging.getLogger("ptune")
@@ -51,22 +53,6 @@ def check(cfg) -> None:
     n_classes = len(cfg.task.verbalizer or {}) or 2
     if s.k ** n_classes > MAX_ASSIGNMENTS:
         raise PtuneError(f"search.k={s.k} gives {s.k}^{n_classes} assignments to score; lower search.k")
-
-
-def whole_words(tokenizer, space: str) -> list[tuple[str, int]]:
-    """(word, token id) for every token that is an alphabetic word which tokenizes back to itself
-    after `space` (the template's whitespace before {mask})."""
-    special = set(tokenizer.all_special_ids)
-    out = []
-    for tid in range(len(tokenizer)):
-        if tid in special:
-            continue
-        word = tokenizer.decode([tid]).strip()
-        if len(word) < 2 or not word.isalpha():
-            continue
-        if tokenizer(space + word, add_special_tokens=False).input_ids == [tid]:
-            out.append((word, tid))
-    return out
 
 
 def read_words(path: str) -> list[str]:
@@ -91,8 +77,6 @@ def candidate_scores(scorer, task, rows, words_file):
         vocab = whole_words(tok, task.template.mask_space)
         logp = scorer.mask_log_probs(task, rows)
         return [w for w, _ in vocab], logp[:, torch.tensor([t for _, t in vocab])]
-    from ptune.data import collate
-    from ptune.verbalizer import VerbalizerHead, word_pieces
 
     words = read_words(words_file)
     pieces = [[word_pieces(tok, w, task.template.mask_space, f"search.words ({words_file})")] for w in words]

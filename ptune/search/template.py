@@ -56,7 +56,12 @@ import torch
 import torch.nn.functional as F
 
 from ptune.errors import PtuneError
+from ptune.generate import special_wrap
+from ptune.heads.verbalizer import word_pieces
+from ptune.methods.kv import cache_kwarg
 from ptune.search.base import elapsed, finish
+from ptune.tasks import TASKS
+from ptune.tasks.templates import Template
 
 log = logging.getLogger("ptune")
 
@@ -84,7 +89,6 @@ def check(cfg) -> None:
         if cfg.model.kind == "causal" and p != ["after"]:
             raise PtuneError(f"search.placements={p} puts text after {{mask}}, which a causal model "
                              f"(model={cfg.model.name}) cannot read; use search.placements=[after] or null")
-        from ptune.tasks import TASKS
 
         fields = getattr(TASKS.get(cfg.task.name), "fields", None)
         if fields:  # a custom task's fields come from its files: checked when the search starts
@@ -147,10 +151,6 @@ def programs(backbone, task, rows: list[dict], placement: str, max_tokens: int) 
     """(format, per row {"encoder": ids or None, "forced": [ids, ...]}): the decoded sequence is
     forced[0] gap_1 forced[1] ... gap_n forced[n], everything after forced[0] scored. Format:
     spans (T5), regenerate (BART and other seq2seq), causal."""
-    from ptune.generate import special_wrap
-    from ptune.templates import Template
-    from ptune.verbalizer import word_pieces
-
     tok, kind = backbone.tokenizer, backbone.kind
     fields = ["{" + f + "}" for f in task.fields]
     layout = {"after": [*fields, "{mask}"], "before": ["{mask}", *fields],
@@ -167,7 +167,7 @@ def programs(backbone, task, rows: list[dict], placement: str, max_tokens: int) 
         word = task.verbalizer[r["label"]][0]
         label = list(word_pieces(tok, word, " ", f"task.verbalizer.{task.labels[r['label']]}"))
         reserve = len(before) + len(after) + len(label) + (max_tokens if kind == "causal" else 2)
-        if task.max_len - reserve - 1 < len(task.fields):  # every field keeps a token (ptune.templates)
+        if task.max_len - reserve - 1 < len(task.fields):  # every field keeps a token (ptune.tasks.templates)
             raise PtuneError(f"task.max_len={task.max_len} leaves no room for the inputs beside the label word "
                              f"{word!r}, the gap markers and search.max_tokens={max_tokens}; raise task.max_len")
         enc = layout.encode(tok, r, task.max_len - reserve, keep_soft=False, mask_id=-1, special=([], []))
@@ -275,8 +275,6 @@ class Stepper:
         and a step feeds only gap + label word (at most max_tokens + len(label) tokens) after it,
         the row's hypotheses in batches. Position i of the concatenated log-probs predicts suffix
         token i (i = 0 from the prefix's last position)."""
-        from ptune.methods.kv import cache_kwarg
-
         n, t = len(hyps), len(hyps[0][-1])
         kwarg = cache_kwarg(self.model)  # read off the forward's signature: once per step, not per batch
         ext = torch.zeros(n, self.model.get_output_embeddings().weight.shape[0])

@@ -1,5 +1,6 @@
 """Task registry. Keys are the file names in conf/task/ (a test keeps them in sync)."""
 
+from ptune.config import group_defaults
 from ptune.tasks.base import Task
 from ptune.tasks.custom import Custom
 from ptune.tasks.e2e import E2E
@@ -23,7 +24,5 @@ TASKS: dict[str, type[Task]] = {
 def build(name: str, **kwargs) -> Task:
     """Task `name` with its config keys; every key not given takes its default from
     conf/task/<name>.yaml (the one place defaults live)."""
-    from ptune.config import group_defaults
-
     task = TASKS[name]
     return task(**{**group_defaults("task", name), **task.upgrade(dict(kwargs))})

@@ -1,7 +1,7 @@
 """What a task is: how to load a split, how to encode an example, and how to score predictions.
 
 A task declares what the rest of ptune reads instead of asking its name:
-- `head`: a key of ptune.head_kinds.HEADS, which says what it is: "lm" (it generates text), "linear"
+- `head`: a key of ptune.heads.HEADS, which says what it is: "lm" (it generates text), "linear"
   (a trained classifier on the pooled state), "verbalizer" (label words at the template's {mask}),
   "vocab" (the whole vocabulary at {mask}: LAMA), and the learned verbalizers;
 - `input_fields`: the fields a row needs for prediction (`ptune predict`, `ptune serve`);

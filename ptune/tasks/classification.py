@@ -3,58 +3,65 @@
 A task subclass says where its rows come from (`rows(split)`: dicts of text fields and an integer
 `label`), its `labels` (names, in class-index order), the fields its template may use, and its
 default template and verbalizer. This base turns rows into examples through the template
-language (ptune.templates) and scores a method through the head (`task.head`, what each is:
-ptune/head_kinds.py; the task reads its flags, `self.head_kind`):
+language (ptune/tasks/templates.py) and scores a method through the head `task.head`. What each
+head is, how it is built and which task keys it reads live in ptune/heads/ (the registry,
+ptune/heads/__init__.py); the task reads the head's flags (`self.head_kind`) and hands the keys
+one head alone reads to that head's own check (`self.head_options`), so it holds no head's options:
 
-- `linear`: `ptune.heads.LinearHead` on the pooled hidden state, as P-tuning v2 (Liu et al. 2022)
-  and BERT do. One difference from both: they pass [CLS] through BERT's pretrained pooler (dense +
-  tanh, trained for next-sentence prediction) before the classifier; ptune loads masked backbones
-  as masked LMs, which carry no pooler, so the linear head reads [CLS] itself. Default template:
-  the fields alone (`default_template["linear"]`); a {mask} in it is written as the tokenizer's
-  mask token (left out where there is none); {soft} slots are left out (p-tuning then prepends).
-- `verbalizer`: label words scored at the template's {mask} by the LM itself
-  (ptune.verbalizer.VerbalizerHead: PET / LM-BFF / Lester / zero-shot with method=hard-prompt).
-  `task.verbalizer` maps each label to a word or a list of words; {soft} slots go to p-tuning.
-- `soft-verbalizer` / `proto-verbalizer`: WARP's trained class vectors and ProtoVerb's prototypes, read
-  from the state at {mask} (ptune/mask_heads.py; encoders without an LM head too);
-- `knowledgeable`: the manual words expanded and refined (KPT, ptune/knowledgeable.py, task.kpt_*);
-- `rules`: several named slots {mask:a} ... {mask:b}, a verbalizer per slot (task.slots) and a rule
-  table from slot values to classes (task.rules) (PTR, ptune/rules.py);
+- `linear` (heads/linear.py): a trained classifier on the pooled hidden state, as P-tuning v2
+  (Liu et al. 2022) and BERT. One difference from both: they pass [CLS] through BERT's pretrained
+  pooler (dense + tanh, trained for next-sentence prediction) before the classifier; ptune loads
+  masked backbones as masked LMs, which carry no pooler, so the linear head reads [CLS] itself.
+  Default template: the fields alone (`default_template["linear"]`); a {mask} in it is written as
+  the tokenizer's mask token (left out where there is none); {soft} slots are left out (p-tuning
+  then prepends).
+- `verbalizer` (heads/verbalizer.py): label words scored at the template's {mask} by the LM itself
+  (PET / LM-BFF / Lester / zero-shot with method=hard-prompt). `task.verbalizer` maps each label
+  to a word or a list of words; {soft} slots go to p-tuning.
+- `soft-verbalizer` / `proto-verbalizer`, `knowledgeable`, `rules`: WARP, ProtoVerb, KPT, PTR
+  (docs/verbalizers.md); `task.calibrate`: contextual calibration of any verbalizer-type head.
 - `lm` (generation) is for generation tasks; a classification task refuses it with the fix.
 
 Input text is tokenized with the tokenizer's own special tokens ([CLS] x [SEP] for BERT, x </s>
 for T5, <s> x </s> for BART, nothing for GPT-2 and SmolLM2), at most `task.max_len` tokens (P-tuning
-v2 uses 128); only the fields are cut (ptune.templates).
+v2 uses 128); only the fields are cut (ptune/tasks/templates.py). Few-shot sampling
+(tasks/fewshot.py) and demonstrations (tasks/demonstrations.py) shape the input here too.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ptune import fewshot, head_kinds, knowledgeable
-from ptune import rules as rules_head
+from ptune import heads, metrics
+from ptune.config import group_defaults
 from ptune.data import Example, collate, subsample
 from ptune.errors import PtuneError
-from ptune.mask_heads import check_options
+from ptune.heads import calibration
+from ptune.heads.linear import class_logits
+from ptune.heads.rules import check_template as check_slots_template
+from ptune.heads.verbalizer import (
+    VerbalizerHead,
+    check_backbone,
+    check_template,
+    label_pieces,
+    slot_scores,
+    takes_soft_mask,
+)
 from ptune.tasks import demonstrations as demos
+from ptune.tasks import fewshot
 from ptune.tasks.base import Task
-from ptune.templates import Template, token_ids, token_strings
-
+from ptune.tasks.templates import Template, token_ids, token_strings
 
 
 # -- metrics: ptune's shipped `evaluate` modules (ptune/metrics), hand-checked in tests/test_tasks.py --
 def accuracy(predictions: list[int], labels: list[int]) -> float:
     """Fraction of predictions equal to their label (ValueError on no labels or a length mismatch)."""
-    from ptune import metrics
-
     return metrics.compute("accuracy", predictions, labels)["accuracy"]
 
 
 def macro_f1(predictions: list[int], labels: list[int]) -> float:
     """Unweighted mean over the classes that occur (in labels or predictions) of F1 = 2PR / (P + R),
     as scikit-learn's f1_score(average="macro"), which SuperGLUE's CB scorer uses."""
-    from ptune import metrics
-
     return metrics.compute("macro_f1", predictions, labels)["macro_f1"]
 
 
@@ -97,29 +104,24 @@ class ClassificationTask(Task):
     metrics: tuple[str, ...] = ("accuracy",)
 
     def __init__(self, *, template: str | None, triggers: list | None, head: str, verbalizer: dict | None,
-                 head_dropout: float, max_len: int,
-                 few_shot: int | None, few_shot_seed: int, demonstrations: str | None, demo_sets: int,
-                 demo_encoder: str, calibrate: bool, proto_combine: bool, proto_dim: int, kpt_words, kpt_neighbours,
-                 kpt_prior_rows, kpt_threshold, kpt_relevance, kpt_calibrate, kpt_aggregate, slots, rules, **kw):
+                 max_len: int, few_shot: int | None, few_shot_seed: int, demonstrations: str | None, demo_sets: int,
+                 demo_encoder: str, calibrate: bool, **kw):
+        head_values = {key: kw.pop(key) for key in heads.HEAD_KEYS if key in kw}  # the keys one head alone reads
         super().__init__(**kw)
-        from ptune.config import group_defaults
-
         defaults = group_defaults("task", self.name)  # keys a head or mode does not read must stay at these
         fewshot.check(few_shot, few_shot_seed, self.max_train_samples, defaults.get("few_shot_seed"))
         self.few_shot, self.few_shot_seed = few_shot, few_shot_seed
         self._few: tuple[list[dict], list[dict]] | None = None
-        kind = head_kinds.get(head)  # what the head is (ptune/head_kinds.py); one line for a name that is none
+        kind = heads.get(head)  # what the head is (ptune/heads/__init__.py); one line for a name that is none
         if kind.generates:
             raise PtuneError(f"task.head=lm generates text; task {self.name} classifies: use task.head=verbalizer (the "
                              f"LM scores the label words) or task.head=linear (a trained classifier)")
         if not kind.classifies:
-            raise PtuneError(f"task.head={head} is not one of {', '.join(head_kinds.CLASSIFICATION)}")
-        if not (isinstance(head_dropout, (int, float)) and 0 <= head_dropout < 1):
-            raise PtuneError(f"task.head_dropout={head_dropout!r} is invalid: must be a number in [0, 1)")
+            raise PtuneError(f"task.head={head} is not one of {', '.join(heads.CLASSIFICATION)}")
         if not (isinstance(max_len, int) and max_len >= 2):
             raise PtuneError(f"task.max_len={max_len!r} is invalid: must be an integer >= 2")
-        self.head, self.head_kind, self.head_dropout, self.max_len = head, kind, float(head_dropout), max_len
-        self.calibrate, self.proto_combine, self.proto_dim = check_options(kind, calibrate, proto_combine, proto_dim)
+        self.head, self.head_kind, self.max_len = head, kind, max_len
+        self.calibrate = heads.check_calibrate(kind, calibrate)
         self._template_key = "verbalizer" if kind.at_mask else head  # which default_template entry applies
         self._template_given = template is not None
         self.template = Template(template or self.default_template.get(self._template_key,
@@ -136,25 +138,14 @@ class ClassificationTask(Task):
                                                list(self.labels))
         elif verbalizer is not None and verbalizer != defaults.get("verbalizer"):
             raise PtuneError(f"task.verbalizer gives words per class, and task.head={head} scores no label words; use "
-                             f"task.head={' or '.join(head_kinds.names('label_words'))}, or leave task.verbalizer at "
+                             f"task.head={' or '.join(heads.names('label_words'))}, or leave task.verbalizer at "
                              f"the task's words")
-        self.kpt = knowledgeable.check_options(kpt_words, kpt_neighbours, kpt_prior_rows, kpt_threshold, kpt_relevance,
-                                               kpt_calibrate, kpt_aggregate)
-        if not kind.several_masks and (slots is not None or rules is not None):
-            key = "slots" if slots is not None else "rules"
-            raise PtuneError(f"task.{key} gives the rules head its slots and rule table, and task.head={head}; use "
-                             f"task.head=rules, or set task.slots=null task.rules=null")
-        self.slot_words, self.rule_table = rules_head.check(slots, rules, self.template, list(self.labels)) \
-            if kind.several_masks else (None, None)
+        # the head's own keys, checked by the head (its file's check_options); another head's refused
+        self.head_options = heads.options(kind, head_values, defaults, self)
         self.keep_soft = False  # set by bind(): only p-tuning places prompts at {soft} slots
         self._mask_id: int | None = None
         demos.check(demonstrations, demo_sets, demo_encoder, kind, defaults.get("demo_encoder"))  # LM-BFF's (tasks/demonstrations.py)
         self.demo_sets = demo_sets
-        head_kinds.check_unread(kind, dict(head_dropout=head_dropout, proto_dim=proto_dim, proto_combine=proto_combine,
-                                           kpt_words=kpt_words, kpt_neighbours=kpt_neighbours,
-                                           kpt_prior_rows=kpt_prior_rows, kpt_threshold=kpt_threshold,
-                                           kpt_relevance=kpt_relevance, kpt_calibrate=kpt_calibrate,
-                                           kpt_aggregate=kpt_aggregate, slots=slots, rules=rules), defaults)
         self.demos = demos.Demonstrations(demonstrations, demo_encoder, few_shot_seed if few_shot is not None
                                           else self.subsample_seed) if demonstrations else None
 
@@ -165,7 +156,7 @@ class ClassificationTask(Task):
 
     def rows(self, split: str) -> list[dict]:
         """Rows of a split as ptune uses it. Without task.few_shot: the dataset's own split. With it
-        (ptune.fewshot, LM-BFF's protocol): train = K per class drawn from the training split, dev = K
+        (tasks/fewshot.py, LM-BFF's protocol): train = K per class drawn from the training split, dev = K
         per class more from the rest of it, test = the dataset's dev split (the reported number)."""
         if self.few_shot is None:
             if split == "test" and "test" not in self.own_splits:
@@ -206,25 +197,23 @@ class ClassificationTask(Task):
 
     # -- the head ------------------------------------------------------------------------------
     def bind(self, backbone, method) -> None:
-        """Check the template against the backbone and method (called by train.build) and decide
+        """Check the template against the backbone and method (called by ptune.build.attach_head) and decide
         how rows are written: soft slots for p-tuning, the mask id for this backbone."""
-        from ptune import verbalizer
-
         causal_default = self.default_template.get(f"{self._template_key}:{backbone.kind}")
         if causal_default and not self._template_given:  # e.g. NLI: a causal model cannot read past {mask}
             self.template = Template(causal_default)
-        self.keep_soft = verbalizer.takes_soft_mask(method) and self.head_kind.at_mask and self.template.n_soft > 0
-        if self.keep_soft and self.template.n_soft != method.p:
+        self.keep_soft = takes_soft_mask(method) and self.head_kind.at_mask and self.template.n_soft > 0
+        if self.keep_soft and self.template.n_soft != method.num_virtual_tokens:
             raise PtuneError(f"task.template={self.template.source!r} has {self.template.n_soft} {{soft}} positions "
-                             f"and method.num_virtual_tokens={method.p}; set method.num_virtual_tokens="
+                             f"and method.num_virtual_tokens={method.num_virtual_tokens}; set method.num_virtual_tokens="
                              f"{self.template.n_soft}")
         tok = backbone.tokenizer
         self.template.check_triggers(self.triggers)  # a search's variant may have replaced either
         self.trigger_ids = token_ids(tok, self.triggers) if self.triggers else None
         if self.head_kind.at_mask:
-            if self.head_kind.lm_words:  # the soft and proto heads run on encoders too (ptune/mask_heads.py)
-                verbalizer.check_backbone(backbone, f"task.head={self.head}")
-            (rules_head.check_template if self.head_kind.several_masks else verbalizer.check_template)(self.template,
+            if self.head_kind.lm_words:  # the soft and proto heads run on encoders too (ptune/heads/mask_state.py)
+                check_backbone(backbone, f"task.head={self.head}")
+            (check_slots_template if self.head_kind.several_masks else check_template)(self.template,
                                                                                                       backbone)
             # the mask slot: [MASK] for masked LMs; any id for the others (the head rebuilds those rows)
             self._mask_id = tok.mask_token_id if tok.mask_token_id is not None else tok.pad_token_id
@@ -241,12 +230,9 @@ class ClassificationTask(Task):
     def input_fields(self) -> tuple[str, ...]:
         return tuple(self.template.fields)
 
-    def slot_head(self, backbone):
-        from ptune.verbalizer import VerbalizerHead, word_pieces
-
-        words = [[word_pieces(backbone.tokenizer, w, self.template.mask_space, f"task.verbalizer.{label}")
-                  for w in ws] for label, ws in zip(self.labels, self.verbalizer)]
-        return VerbalizerHead(backbone, words, list(self.labels), template=self.template.source,
+    def slot_head(self, backbone) -> VerbalizerHead:
+        """The word verbalizer over this task's label words (task.head=verbalizer; ptune/heads/verbalizer.py)."""
+        return VerbalizerHead(backbone, label_pieces(self, backbone), list(self.labels), template=self.template.source,
                               triggers=self.triggers)
 
     # -- encoding ------------------------------------------------------------------------------
@@ -300,7 +286,7 @@ class ClassificationTask(Task):
         """(len(rows), n_classes) head scores (linear logits, verbalizer log-probs). With
         demonstrations: the mean over demonstration sets `sets` (default 0..task.demo_sets-1) of
         each set's scores, as LM-BFF averages over its 16 sets. With task.calibrate (and calibrated):
-        contextually calibrated log-probabilities (ptune/calibration.py)."""
+        contextually calibrated log-probabilities (ptune/heads/calibration.py)."""
         tok = method.backbone.tokenizer
         sets = sets if sets is not None else list(range(self.demo_sets if self.demos is not None else 1))
         total = None
@@ -311,17 +297,12 @@ class ClassificationTask(Task):
             scores = self._scores(method, examples, batch_size)
             total = scores if total is None else total + scores
         if calibrated and self.calibrate:
-            from ptune import calibration
-
             return calibration.apply(self, method, total / len(sets), batch_size)
         return total / len(sets)
 
     def _scores(self, method, examples: list[Example], batch_size: int) -> torch.Tensor:
         """(len(examples), n_classes) float scores on the CPU. Batched by length (less padding),
         results in input order."""
-        from ptune.heads import class_logits
-        from ptune.verbalizer import slot_scores
-
         tok = method.backbone.tokenizer
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         device = next(method.backbone.model.parameters()).device

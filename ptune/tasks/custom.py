@@ -19,14 +19,20 @@ other delimiter (ptune.tasks.files.read_table). Relative paths are read from the
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
+from ptune.config import group_defaults
 from ptune.data import subsample
 from ptune.errors import PtuneError
+from ptune.generate import encode_sources, generate_texts, target_examples
+from ptune.heads import HEAD_KEYS, yaml_value
+from ptune.metrics.e2e import rouge_l
 from ptune.tasks.base import Task
-from ptune.head_kinds import HEAD_KEYS, yaml_value
 from ptune.tasks.classification import ClassificationTask
+from ptune.tasks.files import read_table
+from ptune.tasks.templates import Template
 
 TYPES = ("classification", "generation")
 # The keys that one task.type alone reads: under the other type a value away from conf/task/custom.yaml's
@@ -59,8 +65,6 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
 def _check_header(path: Path, columns: list[str], delimiter: str) -> None:
     """Name the config key to set when a column is missing (read_table reports the rest: a wrong
     delimiter shows as a one-column header, and is left to it)."""
-    import csv
-
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         header = next(csv.reader(f, delimiter=delimiter), [])
     missing = [c for c in columns if c not in header]
@@ -80,8 +84,6 @@ def read_records(path: str | None, columns: list[str], key: str) -> list[dict]:
     if suffix not in FORMATS:
         raise PtuneError(f"{key}={path}: unknown format {suffix or '(no extension)'!r}; use .csv, .tsv or .jsonl")
     if suffix in (".csv", ".tsv"):
-        from ptune.tasks.files import read_table
-
         delimiter = "\t" if suffix == ".tsv" else ","
         _check_header(p, columns, delimiter)
         return read_table(p, tuple(columns), delimiter)
@@ -164,8 +166,6 @@ class CustomGeneration(Task):
                  max_target_len: int, max_new_tokens: int, **kw):
         super().__init__(**{k: v for k, v in kw.items() if k in ("data_dir", "max_train_samples", "max_eval_samples",
                                                                      "subsample_seed")})
-        from ptune.templates import Template
-
         self.files = {"train": train_file, "dev": eval_file}
         self.fields = _columns(text_column, text_columns)
         self.label_column = label_column
@@ -184,8 +184,6 @@ class CustomGeneration(Task):
         return [(self.template.render(r), r[self.label_column]) for r in rows]
 
     def train_examples(self, tokenizer, kind: str = "causal"):
-        from ptune.generate import encode_sources, target_examples
-
         if kind not in ("causal", "seq2seq"):
             raise PtuneError(f"task.type=generation generates text; model.kind={kind} cannot: use a causal or "
                              f"seq2seq model")
@@ -199,19 +197,13 @@ class CustomGeneration(Task):
         return tuple(self.fields)
 
     def prediction_inputs(self, tokenizer, kind: str, row: dict) -> tuple[list[int], None]:
-        from ptune.generate import encode_sources
-
         return encode_sources(tokenizer, [self.template.render(row)], self.max_len, kind)[0], None
 
     def _generate(self, method, sources: list[str], batch_size: int) -> list[str]:
-        from ptune.generate import generate_texts
-
         return generate_texts(method, sources, batch_size=batch_size, num_beams=1, max_new_tokens=self.max_new_tokens,
                               max_source_len=self.max_len)
 
     def evaluate(self, method, split: str, batch_size: int):
-        from ptune.metrics.e2e import rouge_l
-
         pairs = self._pairs(split)
         pairs = [pairs[i] for i in subsample(len(pairs), self.max_eval_samples, self.subsample_seed)]
         hyps = self._generate(method, [s for s, _ in pairs], batch_size)
@@ -254,8 +246,6 @@ def Custom(*, type: str, **kw) -> Task:  # noqa: N802 -- the registry calls it l
 def unread(kw: dict, keys: tuple[str, ...], type: str, other: str) -> None:  # noqa: A002 -- task.type
     """Refuse the first of `keys` (the other type's) set away from conf/task/custom.yaml's default,
     then drop them all from kw: task.type=`type` does not read them."""
-    from ptune.config import group_defaults
-
     defaults = group_defaults("task", "custom")
     for key in keys:
         if key in kw and kw[key] != defaults[key]:

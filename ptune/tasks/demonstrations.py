@@ -9,7 +9,7 @@ training row per class, written in the task's own template with {mask} replaced 
     causal:           "<demo 0> It was terrible . <demo 1> It was great . {sentence} It was {mask} ."
 
 LM-BFF appends the demonstrations after the query; a causal model reads only what precedes {mask}
-(ptune.verbalizer), so there they come first, as GPT-3's few-shot prompts. A demonstration copies
+(ptune.heads.verbalizer), so there they come first, as GPT-3's few-shot prompts. A demonstration copies
 the template's words, fields and label word; {soft} (and any other method) slots stay in the query
 alone, so p-tuning's prompt positions are not multiplied. The whole row is one template
 (`Demonstrations.template`): the encoder's truncation cuts its fields, the query's and the
@@ -48,8 +48,9 @@ import random
 
 import torch
 
+from ptune import config, models
 from ptune.errors import PtuneError
-from ptune.templates import Template
+from ptune.tasks.templates import Template
 
 MODES = ("random", "similar")
 FILTER_RATE = 0.5  # LM-BFF's demo_filter_rate: sample among the top half by similarity
@@ -59,7 +60,7 @@ ENCODER_MAX_TOKENS = 256  # sentence-transformers' max_seq_length for all-MiniLM
 
 def check(mode, sets, encoder, head, default_encoder) -> None:
     """One-line refusals for the task.demonstrations / demo_sets / demo_encoder keys under the head `head`
-    (a ptune.head_kinds.HeadKind); `default_encoder`: the task file's demo_encoder."""
+    (a ptune.heads.HeadKind); `default_encoder`: the task file's demo_encoder."""
     if mode is not None and mode not in MODES:
         raise PtuneError(f"task.demonstrations={mode!r} is not one of null, {', '.join(MODES)}")
     if isinstance(sets, bool) or not isinstance(sets, int) or not 1 <= sets <= MAX_SETS:
@@ -87,8 +88,6 @@ def check(mode, sets, encoder, head, default_encoder) -> None:
 def load_encoder(name: str):
     """The frozen Backbone of conf/model/<name>.yaml, loaded once per process; one PtuneError line
     when it is not a model config or cannot be loaded."""
-    from ptune import config, models
-
     if name not in config.options("model"):
         raise PtuneError(f"task.demo_encoder={name!r} is not a model config; choose one of "
                          f"{', '.join(config.options('model'))} (conf/model/*.yaml)")
@@ -242,8 +241,8 @@ def check_positions(method, lengths: list[int]) -> None:
     training wing)."""
     config = method.backbone.model.config
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    longest = max(lengths, default=0)
-    if limit and method.p + longest > limit:
+    longest, p = max(lengths, default=0), method.num_virtual_tokens
+    if limit and p + longest > limit:
         raise PtuneError(f"with task.demonstrations the longest input is {longest} tokens"
-                         f"{f' plus {method.p} virtual tokens' if method.p else ''}, more than model "
+                         f"{f' plus {p} virtual tokens' if p else ''}, more than model "
                          f"{method.backbone.name}'s {limit} positions; lower task.max_len")

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import re
 
+from ptune import metrics
 from ptune.data import Example, subsample
 from ptune.errors import PtuneError
 from ptune.generate import beams, encode_sources, generate_texts, target_examples
+from ptune.metrics.e2e import METRICS
 from ptune.tasks.base import Task
 from ptune.tasks.files import read_table
 
@@ -48,7 +50,6 @@ class E2E(Task):
     def __init__(self, *, source_template: str, decoding: str, num_beams: int, max_new_tokens: int,
                  max_source_len: int, max_target_len: int, metrics: list[str] | None, **kw):
         super().__init__(**kw)
-        from ptune.metrics.e2e import METRICS
 
         self.metrics = tuple(metrics or METRICS)
         if set(self.metrics) - set(METRICS):
@@ -102,8 +103,6 @@ class E2E(Task):
         return encode_sources(tokenizer, [self.source(row["mr"])], self.max_source_len, kind)[0], None
 
     def evaluate(self, method, split, batch_size):
-        from ptune import metrics
-
         mrs, refs = self.references(split)
         hyps = generate_texts(method, [self.source(m) for m in mrs], batch_size=batch_size, num_beams=self.num_beams,
                               max_new_tokens=self.max_new_tokens, max_source_len=self.max_source_len)

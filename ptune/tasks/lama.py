@@ -3,7 +3,7 @@
 A fact (subject, relation, object) becomes a cloze: the relation's manual template from
 relations.jsonl ("[X] was born in [Y] .") with [X] -> {sub} and [Y] -> {mask}, or one template for
 every relation (`task.template`, e.g. P-tuning's learned "{soft:3} {sub} {soft:3} {mask} ." under
-method=p-tuning). The model's distribution over its whole vocabulary at the mask (ptune.verbalizer
+method=p-tuning). The model's distribution over its whole vocabulary at the mask (ptune.heads.verbalizer
 .VocabHead: [MASK] for BERT, the next token for causal models, the decoder's first token for
 T5/BART) is the prediction; P@1 = the fraction of facts whose object is the argmax.
 
@@ -32,11 +32,13 @@ import logging
 
 import torch
 
+from ptune import metrics
 from ptune.data import Example, collate, subsample
 from ptune.errors import PtuneError
+from ptune.heads.verbalizer import VocabHead, check_backbone, check_template, slot_scores, takes_soft_mask
 from ptune.tasks.base import Task
 from ptune.tasks.custom import read_jsonl
-from ptune.templates import Template
+from ptune.tasks.templates import Template
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "dev", "test")
@@ -45,8 +47,6 @@ SPLITS = ("train", "dev", "test")
 def precision_at_1(predictions: list[int], objects: list[int]) -> float:
     """Fraction of facts whose top-1 prediction is the object, both token ids (ptune's shipped
     `precision_at_1` evaluate module, which compares strings: the ids are compared as decimal text)."""
-    from ptune import metrics
-
     if not objects:  # evaluate fails on empty input with an IndexError of its own
         raise ValueError("P@1 of no facts")
     return metrics.compute("precision_at_1", [str(p) for p in predictions], [str(o) for o in objects])["precision_at_1"]
@@ -123,16 +123,15 @@ class LAMA(Task):
         return self.user_template or _cached_template(row["template"])
 
     def bind(self, backbone, method) -> None:
-        from ptune import verbalizer
-
-        verbalizer.check_backbone(backbone, "task=lama")
+        check_backbone(backbone, "task=lama")
         if self.user_template is not None:
-            verbalizer.check_template(self.user_template, backbone)
+            check_template(self.user_template, backbone)
         n_soft = self.user_template.n_soft if self.user_template else 0
-        self.keep_soft = verbalizer.takes_soft_mask(method) and n_soft > 0
-        if self.keep_soft and n_soft != method.p:
+        self.keep_soft = takes_soft_mask(method) and n_soft > 0
+        if self.keep_soft and n_soft != method.num_virtual_tokens:
             raise PtuneError(f"task.template={self.user_template.source!r} has {n_soft} {{soft}} positions and "
-                             f"method.num_virtual_tokens={method.p}; set method.num_virtual_tokens={n_soft}")
+                             f"method.num_virtual_tokens={method.num_virtual_tokens}; set "
+                             f"method.num_virtual_tokens={n_soft}")
         tok = backbone.tokenizer
         self._mask_id = tok.mask_token_id if tok.mask_token_id is not None else tok.pad_token_id
         self._kind = backbone.kind
@@ -142,8 +141,6 @@ class LAMA(Task):
         return self.keep_soft
 
     def slot_head(self, backbone):
-        from ptune.verbalizer import VocabHead
-
         return VocabHead(backbone)
 
     def label_words(self) -> None:
@@ -151,8 +148,6 @@ class LAMA(Task):
 
     def _usable(self, tokenizer, rows: list[dict]) -> tuple[list[dict], list[int], int, int]:
         """(facts kept, their object ids, facts dropped as multi-token, relations skipped for a causal model)."""
-        from ptune.verbalizer import check_template
-
         kept, objects, dropped, skipped = [], [], 0, set()
         unk = tokenizer.unk_token_id
         ok_template: dict[str, bool] = {}
@@ -198,8 +193,6 @@ class LAMA(Task):
         rows, objects = [rows[i] for i in idx], [objects[i] for i in idx]
         if not rows:
             raise PtuneError(f"task lama: no {split} fact has a single-token object for model {method.backbone.name}")
-        from ptune.verbalizer import slot_scores
-
         examples = self._examples(tok, rows, objects)
         order = sorted(range(len(rows)), key=lambda i: len(examples[i].input_ids))
         preds = [0] * len(rows)
@@ -226,8 +219,6 @@ class LAMA(Task):
         if missing:
             raise PtuneError("task lama: every input row needs a 'sub' field (the subject)")
         self.refuse_empty(rows)
-        from ptune.verbalizer import slot_scores
-
         tok = method.backbone.tokenizer
         rows = [dict(r) for r in rows]  # a row's own template is in LAMA's "[X] ... [Y] ." form
         examples = self._examples(tok, rows, [0] * len(rows))

@@ -20,10 +20,13 @@ Without data_dir: hub `EdinburghNLP/xsum` and its real train/validation/test spl
 
 from __future__ import annotations
 
+from ptune import metrics
 from ptune.data import Example, subsample
 from ptune.errors import PtuneError
 from ptune.generate import beams, encode_sources, generate_from_ids, target_examples
+from ptune.metrics import MODULES
 from ptune.tasks.base import Task
+from ptune.tasks.custom import read_jsonl
 
 _HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 SPLITS = tuple(_HUB_SPLITS)
@@ -38,7 +41,6 @@ class XSum(Task):
                  max_source_length: int, max_target_len: int, local_dev_size: int, local_test_size: int,
                  metrics: list[str] | None, **kw):
         super().__init__(**kw)
-        from ptune.metrics import MODULES
 
         self.metrics = tuple(metrics or MODULES["rouge"])
         if not self.metrics or set(self.metrics) - set(MODULES["rouge"]):
@@ -112,8 +114,6 @@ class XSum(Task):
         return self.sources(tokenizer, [row["document"]], kind)[0], None
 
     def evaluate(self, method, split, batch_size):
-        from ptune import metrics
-
         rows = self.rows(split)
         rows = [rows[i] for i in subsample(len(rows), self.max_eval_samples, self.subsample_seed)]
         hyps = self._summarize(method, [r["document"] for r in rows], batch_size)
@@ -125,8 +125,6 @@ class XSum(Task):
 
 def _read_jsonl(path) -> list[dict]:
     """{document, summary, id} per line of an XSum JSON-lines file (custom.read_jsonl checks the JSON)."""
-    from ptune.tasks.custom import read_jsonl
-
     rows = []
     for n, row in read_jsonl(path):
         if not all(isinstance(row.get(k), str) and row[k].strip() for k in ("document", "summary")):

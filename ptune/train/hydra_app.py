@@ -24,15 +24,23 @@ import fcntl
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
+import torch
+from hydra import main as hydra_main
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ptune import rundir
-from ptune.config import CONF_DIR, check, compose
+from ptune import rundir, tasks
+from ptune.config import CONF_DIR, check, compose, task_kwargs
 from ptune.errors import PtuneError
+from ptune.train.job import headline, train
+from ptune.train.sweep import expand_sweep, sweep_report, write_sweep_summary
 
 HYDRA_FLAGS = ("--cfg", "-c", "--info", "-i", "--shell-completion", "-sc", "--hydra-help", "--package", "-p",
                "--resolve", "--config-name", "-cn", "--config-dir", "-cd")
@@ -70,8 +78,6 @@ def _given(overrides: list[str], key: str) -> str | None:
 
 def _sweeps(overrides: list[str]) -> tuple[list[str], list[str]]:
     """(sweep overrides a=1,2 / choice() / interval() ..., the fixed ones), by Hydra's parser."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:  # noqa: BLE001 -- Hydra's grammar errors have several types
@@ -90,8 +96,6 @@ def _refuse_taken(path: str, what: str) -> None:
 def prepare(argv: list[str]) -> tuple[list[str], list[str], bool]:
     """Check everything a job could fail on before Hydra starts any, and claim the directory:
     (flags, overrides to hand to Hydra, multirun)."""
-    from ptune.train.sweep import expand_sweep
-
     multirun = any(a in ("-m", "--multirun") for a in argv)
     flags, overrides = _split(argv)
     if any(f.split("=")[0] in ("--config-name", "-cn", "--config-dir", "-cd") for f in flags):
@@ -133,9 +137,6 @@ def prepare(argv: list[str]) -> tuple[list[str], list[str], bool]:
         what = f"{len(jobs)} jobs" if basic else f"a {hydra_cfg.sweeper._target_.rsplit('.', 1)[-1]} search"
         print(f"sweep: {what} in {where} (launcher {hydra_cfg.launcher._target_.rsplit('.', 1)[-1]})", flush=True)
         if not basic and "direction" in hydra_cfg.sweeper and _given(overrides, "hydra.sweeper.direction") is None:
-            from ptune import tasks
-            from ptune.config import task_kwargs
-
             task = tasks.build(configs[0].task.name, **task_kwargs(configs[0]))
             extra.append(f"hydra.sweeper.direction={'maximize' if task.greater_is_better else 'minimize'}")
     else:
@@ -150,11 +151,8 @@ def prepare(argv: list[str]) -> tuple[list[str], list[str], bool]:
 def run(argv: list[str]) -> int:
     """`ptune train` through Hydra: 0 when every job finished, 1 when a sweep's job failed, 2 for a
     single run that failed (its one line is printed by the job)."""
-    from hydra import main as hydra_main
-
     flags, overrides, multirun = prepare(argv)
     if multirun and not flags:  # the sweep as typed, for its report (a search's trials are not a grid)
-        import shlex
 
         where = Path(_given(overrides, "hydra.sweep.dir"))
         where.mkdir(parents=True, exist_ok=True)
@@ -181,11 +179,6 @@ STATE: dict = {}  # the outcome of a single run, in this process (Hydra's run mo
 def task(cfg: DictConfig) -> float:
     """Hydra's task function: one training job in the directory Hydra made for it. Returns the
     task's metric at the end (an Optuna objective), NaN when the job failed."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from ptune.cli import headline
-    from ptune.train.job import train
 
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
@@ -223,7 +216,6 @@ def _per_job_resources(hc) -> None:
     launcher = str(hc.launcher.get("_target_", ""))
     if "Joblib" not in launcher:
         return
-    import torch
 
     n_jobs = hc.launcher.get("n_jobs") or 1
     n_jobs = os.cpu_count() if n_jobs < 0 else n_jobs
@@ -236,8 +228,6 @@ def _per_job_resources(hc) -> None:
 def record_job(sweep_dir: Path, record: dict) -> None:
     """Append one job's record and rewrite summary.csv / summary.md, under an exclusive lock on the
     sweep's lock file: jobs finishing at once in several processes lose no row."""
-    from ptune.train.sweep import write_sweep_summary
-
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with open(sweep_dir / ".summary.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -273,8 +263,6 @@ def best_job(records: list[dict]) -> dict | None:
 
 
 def _greater_is_better(summary: dict) -> bool:
-    from ptune import tasks
-
     task = tasks.TASKS.get(summary.get("task"))
     return bool(getattr(task, "greater_is_better", True))
 
@@ -283,8 +271,6 @@ class SweepEnd(Callback):
     """At the end of a sweep, in the main process: best.json, the best job in summary.md, the report."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from ptune.train.sweep import sweep_report
-
         sweep_dir = Path(config.hydra.sweep.dir)
         records = read_jobs(sweep_dir)
         best = best_job(records)

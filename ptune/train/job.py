@@ -10,6 +10,9 @@ import platform
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
 from ptune import models, rundir
@@ -28,11 +31,8 @@ _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
 def _accelerator(precision: str):
-    from accelerate import Accelerator
-
     if precision == "fp16" and not torch.cuda.is_available():
         raise PtuneError("trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16 or fp32")
-    from accelerate.state import AcceleratorState
 
     # Accelerate keeps one process-wide state and refuses another mixed precision for a later
     # Accelerator; a sweep over trainer.precision (one process, several jobs) needs one per job. The
@@ -44,8 +44,6 @@ def _accelerator(precision: str):
 
 def _claim_run_dir(accelerator, cfg: DictConfig, run_dir: Path | None) -> Path:
     """Rank 0 creates the directory; the others receive its path."""
-    from accelerate.utils import broadcast_object_list
-
     box = [str(run_dir) if run_dir else None]
     if accelerator.is_main_process and run_dir is None:
         box = [str(rundir.new_run_dir(cfg.output_dir))]
@@ -66,6 +64,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     # is claimed or written, so a mistake leaves no half-made run behind.
     setup_logging(None, accelerator.is_main_process)  # console only until the run directory exists
     backbone, method, task = build(cfg)
+    # trainer.head_lr with no head tensors: refused before the training set is encoded
+    param_groups(list(method.trainable_tensors()), train_args(cfg))
     backbone.model.to(accelerator.device)
     method.to(accelerator.device)
     frozen = frozen_dtype(cfg)
@@ -75,7 +75,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     examples = task.train_examples(backbone.tokenizer, backbone.kind)
     check_context(method, examples)
     check_step_size(len(examples), cfg.trainer.batch_size, cfg.trainer.grad_accum, accelerator.num_processes)
-    param_groups(list(method.trainable_tensors()), train_args(cfg))  # trainer.head_lr with no head tensors: refused now
     if hasattr(task, "rows"):  # a bad evaluation file fails now, not at the first evaluation
         task.rows(cfg.trainer.eval_split)
 
@@ -176,7 +175,7 @@ def check_context(method, examples) -> None:
     (GPT-2 n_positions, BERT/BART/Llama max_position_embeddings; T5's relative positions: no limit)."""
     config = method.backbone.model.config
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    p = method.p  # the virtual positions the method adds (prompt, prefix, p-tuning, p-tuning-v2)
+    p = method.num_virtual_tokens  # the virtual positions the method adds (prompt, prefix, p-tuning, p-tuning-v2)
     longest = max((len(e.input_ids) for e in examples), default=0)
     if limit and p + longest > limit:
         what = f"method.num_virtual_tokens={p} plus the longest training input ({longest} tokens) is {p + longest} " \
@@ -209,3 +208,20 @@ def _summary(cfg, method, task, backbone, state, accelerator) -> dict:
     }
 
 
+def headline(result: dict) -> str:
+    """Run directory and headline metric; empty on processes other than rank 0 (no summary)."""
+    if result.get("summary") is None:
+        return ""
+    s = result["summary"]
+    key = s.get("metric_for_best")
+    value = (s.get("eval") or {}).get(key)
+    shown = f"{value:.4f}" if isinstance(value, float) else value
+    line = f"run: {result['run_dir']}\n{s.get('task')} dev {key}: {shown}  (final train loss {s.get('final_train_loss')})"
+    test = s.get("test")
+    if test:  # the few-shot protocol's reported number: the dev-selected adapter on the dataset's dev split
+        value = test["metrics"].get(key)
+        line += f"\n{s.get('task')} test {key}: {value:.4f}  ({test['adapter']}, {test['examples']} examples)"
+    if s.get("diverged"):
+        line += (f"\nwarning: training diverged (loss {s['first_train_loss']:.4g} at step 1, {s['final_train_loss']:.4g} at "
+                 f"the end); lower trainer.lr")
+    return line

@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from ptune.errors import PtuneError
 from ptune.rundir import write_atomic
 
@@ -411,7 +413,6 @@ def _eval_size(jobs: list[Job]) -> str:
     cfg = jobs[0].run_dir / "config.yaml" if jobs[0].run_dir else None
     if cfg is None or not cfg.is_file():
         return "size unknown"
-    import yaml
 
     n = ((yaml.safe_load(cfg.read_text()) or {}).get("task") or {}).get("max_eval_samples")
     return "all examples" if n is None else f"a deterministic subset of {n} examples, task.max_eval_samples={n}"

@@ -1,27 +1,30 @@
-"""`ptune train -m ...`: a sweep, one training job per point of the overrides' Cartesian product.
+"""What a sweep (`ptune train -m ...`, run by Hydra's launchers and sweepers: hydra_app.py) writes
+besides its jobs' run directories, and the expansion its checks read:
 
-Every job's config is composed and checked before the first job starts, so a bad value in job 2
-cannot let job 1 train. Jobs run one after another in this process, each into its own numbered
-run directory inside the sweep directory; summary.csv / summary.md are rewritten after every job
-(a crashed sweep still has its table, a failed job is a row), and report.md with its plots is
-written at the end (ptune.train.report). docs/design.md says why the loop is ptune's.
+- `expand_sweep`: the Cartesian product of a basic sweep's overrides in Hydra's grammar, so that
+  hydra_app composes and checks every job's config before the first job starts;
+- `write_sweep_summary`: summary.csv / summary.md, one row per job (a failed job is a row),
+  rewritten as each job ends;
+- `sweep_report`: report.md with its plots at the end of a sweep (ptune/train/report.py).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import sys
 from pathlib import Path
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
 from ptune.errors import PtuneError
 from ptune.rundir import write_atomic
+from ptune.train.report import write_report
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Cartesian product of the sweep overrides (`a=1,2 b=x,y` -> 4 jobs), in Hydra's grammar."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as e:
@@ -37,8 +40,6 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 def sweep_report(sweep_dir) -> None:
     """report.md + plots at the end of a sweep; a report that cannot be made costs one line, not the sweep."""
-    from ptune.train.report import write_report
-
     try:
         report, why = write_report(sweep_dir)
     except Exception as e:  # noqa: BLE001 -- the jobs are done and summarised; the report is extra
@@ -60,8 +61,6 @@ def write_sweep_summary(sweep_dir: Path, jobs: list[dict]) -> None:
 
     jobs: [{"job": i, "overrides": [...], "run_dir": str, "summary": dict | None, "error": str | None}]
     """
-    import io
-
     rows = []
     for job in jobs:
         s = job.get("summary") or {}

@@ -15,6 +15,7 @@ as separate runs of one experiment):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -57,8 +58,6 @@ class Trackers:
 
 def require(cfg: DictConfig) -> None:
     """One PtuneError line when a named tracker's package is missing (before a run directory is claimed)."""
-    import importlib.util
-
     for name in trackers_of(cfg):
         if importlib.util.find_spec(PACKAGES[name]) is None:
             raise PtuneError(f"trainer.log_with={name} needs the {PACKAGES[name]} package: pip install "

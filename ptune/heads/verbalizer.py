@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptune.errors import PtuneError
+from ptune.generate import special_wrap
 
 KINDS = ("causal", "masked", "seq2seq")
 
@@ -75,15 +76,9 @@ def check_template(template, backbone) -> None:
     if after:
         raise PtuneError(f"{template.key}={template.source!r} puts {{{after[0]}}} after {{mask}}, and a causal model "
                          f"(model={backbone.name}) predicts the mask from the text before it only; move {{mask}} to the end")
-    if not parts[:at] and not _special(backbone.tokenizer)[0]:
+    if not parts[:at] and not special_wrap(backbone.tokenizer)[0]:
         raise PtuneError(f"{template.key}={template.source!r} starts with {{mask}}, and a causal model has nothing to "
                          f"predict it from; put the mask after the input")
-
-
-def _special(tokenizer):
-    from ptune.generate import special_wrap
-
-    return special_wrap(tokenizer)
 
 
 def word_pieces(tokenizer, word: str, space: str, where: str) -> tuple[int, ...]:
@@ -96,6 +91,29 @@ def word_pieces(tokenizer, word: str, space: str, where: str) -> tuple[int, ...]
     return tuple(ids)
 
 
+def whole_words(tokenizer, space: str) -> list[tuple[str, int]]:
+    """(word, token id) for every token that is an alphabetic word which tokenizes back to itself
+    after `space` (the template's whitespace before {mask})."""
+    special = set(tokenizer.all_special_ids)
+    out = []
+    for tid in range(len(tokenizer)):
+        if tid in special:
+            continue
+        word = tokenizer.decode([tid]).strip()
+        if len(word) < 2 or not word.isalpha():
+            continue
+        if tokenizer(space + word, add_special_tokens=False).input_ids == [tid]:
+            out.append((word, tid))
+    return out
+
+
+def label_pieces(task, backbone) -> list[list[tuple[int, ...]]]:
+    """Per class its label words' piece ids (task.verbalizer), as the word verbalizer scores them:
+    after the template's whitespace before {mask}."""
+    return [[word_pieces(backbone.tokenizer, w, task.template.mask_space, f"task.verbalizer.{label}") for w in ws]
+            for label, ws in zip(task.labels, task.verbalizer)]
+
+
 class SlotHead(nn.Module):
     """What both heads share: queries around the mask slot and one batched forward over them."""
 
@@ -105,7 +123,7 @@ class SlotHead(nn.Module):
         super().__init__()
         if self.reads_lm_head:
             check_backbone(backbone)
-        elif backbone.kind not in (*KINDS, "encoder"):  # heads with tensors of their own (ptune/mask_heads.py)
+        elif backbone.kind not in (*KINDS, "encoder"):  # heads with tensors of their own (mask_state.py)
             raise PtuneError(f"task.head does not support model.kind={backbone.kind}")
         self.kind = backbone.kind
         tok = backbone.tokenizer
@@ -123,8 +141,6 @@ class SlotHead(nn.Module):
         # the sentinel where the encoder got one (T5's targets read "<extra_id_0> word ...").
         self.enc_slot, self.dec_prefix = [], [start]
         if self.kind == "seq2seq":
-            from ptune.generate import special_wrap
-
             sentinel = None
             if self.mask_id is None:
                 sid = tok.convert_tokens_to_ids("<extra_id_0>")
@@ -187,7 +203,7 @@ class SlotHead(nn.Module):
         inputs["use_cache"] = False
         if self.kind == "masked":
             return model(**inputs).logits[:, method.n_prepended:]
-        # causal: project only the positions that are read (see heads.lm_loss); a dense view is built
+        # causal: project only the positions that are read (see lm.lm_loss); a dense view is built
         # by the caller from (row, position) pairs, so return hidden states here
         return model.base_model(**inputs).last_hidden_state[:, method.n_prepended:]
 
@@ -209,7 +225,7 @@ class SlotHead(nn.Module):
 
     def _log_probs(self, method, queries: list[list]) -> list[torch.Tensor]:
         """One forward over queries [ids, soft, dec, targets [(position, token, key)]]: per query a
-        (n_targets,) tensor of log P(token at position) (shared with the rules head, ptune/rules.py)."""
+        (n_targets,) tensor of log P(token at position) (shared with the rules head, rules.py)."""
         states = self._forward(method, [q[0] for q in queries], [q[1] for q in queries], [q[2] for q in queries])
         qi, pi, toks = [], [], []
         for n, q in enumerate(queries):
@@ -301,7 +317,7 @@ def slot_scores(method, batch) -> torch.Tensor:
 
 def slot_loss(method, batch) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the head's classes (PET) and the number of examples; a head with a
-    loss of its own (ProtoVerb's contrastive losses, ptune/proto_verbalizer.py) gives it instead."""
+    loss of its own (ProtoVerb's contrastive losses, proto_verbalizer.py) gives it instead."""
     head = getattr(method, "head", None)
     if hasattr(head, "loss"):
         return head.loss(method, batch)

@@ -1,9 +1,9 @@
 """Heads with tensors of their own that read one vector at the template's {mask}: what the soft
-verbalizer (WARP, ptune/soft_verbalizer.py) and the prototypical verbalizer (ProtoVerb,
-ptune/proto_verbalizer.py) share.
+verbalizer (WARP, soft_verbalizer.py) and the prototypical verbalizer (ProtoVerb,
+proto_verbalizer.py) share.
 
 The vector is the state at the position that predicts the mask's word, per backbone kind (the
-position the word verbalizer reads, ptune/verbalizer.py):
+position the word verbalizer reads, verbalizer.py):
 
 - causal (GPT-2, Llama): the last token before {mask} (text after it is dropped, as for the verbalizer);
 - masked (BERT) and encoder (MiniLM, no LM head): the mask token itself;
@@ -27,8 +27,8 @@ from contextlib import contextmanager
 
 import torch
 
-from ptune.errors import PtuneError
-from ptune.verbalizer import SlotHead, takes_soft_mask, word_pieces
+from ptune.heads.verbalizer import SlotHead, takes_soft_mask
+
 
 @contextmanager
 def capture_input(module):
@@ -116,31 +116,3 @@ class MaskStateHead(SlotHead):
 
     def from_parts(self, states: torch.Tensor, words: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
-
-
-def check_options(kind, calibrate, proto_combine, proto_dim) -> tuple[bool, bool, int]:
-    """One-line refusals for task.calibrate, task.proto_combine and task.proto_dim under the head
-    `kind` (a ptune.head_kinds.HeadKind); the checked values."""
-    from ptune.head_kinds import names
-
-    for key, value in (("calibrate", calibrate), ("proto_combine", proto_combine)):
-        if not isinstance(value, bool):
-            raise PtuneError(f"task.{key}={value!r} is invalid: write true or false")
-    if calibrate and not kind.calibrates:
-        raise PtuneError(f"task.calibrate=true divides a verbalizer's class probabilities by those of content-free "
-                         f"inputs, and task.head={kind.name} has no verbalizer; use task.head="
-                         f"{', '.join(names('calibrates'))}, or task.calibrate=false")
-    if proto_combine and kind.name != "proto-verbalizer":  # ProtoVerb's own keys (ptune/proto_verbalizer.py)
-        raise PtuneError(f"task.proto_combine=true averages ProtoVerb's scores with the manual verbalizer's, and "
-                         f"task.head={kind.name}; use task.head=proto-verbalizer, or task.proto_combine=false")
-    if isinstance(proto_dim, bool) or not isinstance(proto_dim, int) or proto_dim < 1:
-        raise PtuneError(f"task.proto_dim={proto_dim!r} is invalid: the prototypes' dimension, an integer >= 1 "
-                         f"(ProtoVerb: 64)")
-    return calibrate, proto_combine, proto_dim
-
-
-def label_pieces(task, backbone) -> list[list[tuple[int, ...]]]:
-    """Per class its label words' piece ids, as the word verbalizer scores them (after the
-    template's whitespace before {mask}; the rule of ClassificationTask.slot_head)."""
-    return [[word_pieces(backbone.tokenizer, w, task.template.mask_space, f"task.verbalizer.{label}") for w in ws]
-            for label, ws in zip(task.labels, task.verbalizer)]

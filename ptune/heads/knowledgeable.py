@@ -16,7 +16,7 @@ A class is read through many label words instead of one or two. The words, per c
    subset, `task.subsample_seed`; labels never read), scored by the method being trained, as built
    (zero-shot: the frozen LM with the template; trained methods: their initial state, as the
    paper's code calibrates before tuning). With log P(v | x_i) the whole word's log-probability at
-   {mask} (multi-piece words teacher-forced, ptune/verbalizer.py):
+   {mask} (multi-piece words teacher-forced, verbalizer.py):
    - frequency refinement: the contextualized prior P_D(v) = 1/M sum_i P(v | x_i); a word with
      P_D(v) < `task.kpt_threshold` is removed;
    - relevance refinement (`task.kpt_relevance`, a minimum score R): with q_v = the column of
@@ -59,21 +59,24 @@ import math
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
+from ptune.data import collate, subsample
 from ptune.errors import PtuneError
-from ptune.verbalizer import VerbalizerHead, word_pieces
+from ptune.heads.verbalizer import VerbalizerHead, whole_words, word_pieces
 
 log = logging.getLogger("ptune")
 
 AGGREGATES = ("mean", "weighted")
-SETTINGS = ("kpt_words", "kpt_neighbours", "kpt_prior_rows", "kpt_threshold", "kpt_relevance", "kpt_calibrate",
+KEYS = ("kpt_words", "kpt_neighbours", "kpt_prior_rows", "kpt_threshold", "kpt_relevance", "kpt_calibrate",
             "kpt_aggregate")
 PRIOR_BATCH = 16  # rows per forward when the prior is computed
 
 
-def check_options(words, neighbours, prior_rows, threshold, relevance, calibrate, aggregate) -> dict:
-    """One-line refusals for the task.kpt_* keys; {key: checked value}."""
+def check_options(values: dict, task) -> dict:
+    """One-line refusals for the task.kpt_* keys (`values`, by key); {key: checked value}."""
+    words, neighbours, prior_rows, threshold, relevance, calibrate, aggregate = (values[k] for k in KEYS)
     if words is not None and not (isinstance(words, str) and words.strip()):
         raise PtuneError(f"task.kpt_words={words!r} must be a .yaml/.yml/.json file of {{label: [words]}} or null")
     for key, value, low in (("kpt_neighbours", neighbours, 0), ("kpt_prior_rows", prior_rows, 1)):
@@ -87,13 +90,11 @@ def check_options(words, neighbours, prior_rows, threshold, relevance, calibrate
         raise PtuneError(f"task.kpt_calibrate={calibrate!r} is invalid: write true or false")
     if aggregate not in AGGREGATES:
         raise PtuneError(f"task.kpt_aggregate={aggregate!r} is not one of {', '.join(AGGREGATES)}")
-    return dict(zip(SETTINGS, (words, neighbours, prior_rows, threshold, relevance, calibrate, aggregate)))
+    return dict(zip(KEYS, (words, neighbours, prior_rows, threshold, relevance, calibrate, aggregate)))
 
 
 def read_related(path: str, labels: list[str]) -> list[list[str]]:
     """task.kpt_words: per label (in class order) its related words from a YAML/JSON {label: [words]}."""
-    import yaml
-
     p = Path(path).expanduser()
     if p.suffix.lower() not in (".yaml", ".yml", ".json") or not p.is_file():
         raise PtuneError(f"task.kpt_words={path}: {'no such file' if not p.is_file() else 'not .yaml/.yml/.json'}; "
@@ -146,8 +147,6 @@ def merge(manual: list[list[tuple]], *sources: list[list[tuple]]) -> list[list[t
 
 @functools.lru_cache(maxsize=4)
 def _whole_words(tokenizer, space: str) -> tuple:
-    from ptune.search.label_words import whole_words
-
     return tuple(whole_words(tokenizer, space))
 
 
@@ -173,8 +172,6 @@ def neighbours(backbone, manual: list[list[tuple[int, ...]]], space: str, n: int
 
 def word_log_probs(method, task, words: list[tuple[int, ...]], rows: list[dict]) -> torch.Tensor:
     """(len(rows), len(words)) log P(word at {mask} | row) under `method`, in eval mode, no grad."""
-    from ptune.data import collate
-
     tok = method.backbone.tokenizer
     scorer = VerbalizerHead(method.backbone, [[w] for w in words])  # one "class" per word: log P(word)
     examples = task.examples(tok, [{**r, "label": 0} for r in rows])
@@ -280,8 +277,6 @@ def _expanded(task, backbone, settings: dict) -> list[list[tuple]]:
 def refine(task, method, classes: list[list[tuple]], settings: dict) -> tuple[list[list[tuple]], list | None, dict]:
     """Frequency and relevance refinement on the prior rows: (kept words per class, their log priors
     per class or None, the record for adapter_config.json)."""
-    from ptune.data import subsample
-
     rows = task.training_rows()
     rows = [rows[i] for i in subsample(len(rows), settings["kpt_prior_rows"], task.subsample_seed)]
     flat = [(c, w) for c, ws in enumerate(classes) for w in ws]
@@ -319,10 +314,10 @@ def refine(task, method, classes: list[list[tuple]], settings: dict) -> tuple[li
     return kept, (priors if settings["kpt_calibrate"] else None), record
 
 
-def build_head(task, backbone, method, saved: dict | None) -> KnowledgeableHead:
+def build(task, backbone, method, seed: int, saved: dict | None) -> KnowledgeableHead:
     """The head for `task` (task.head=knowledgeable): from the adapter's saved head config when one is
     given (inference), else expanded and refined now (training; module docstring)."""
-    settings = {**task.kpt, "verbalizer": dict(zip(task.labels, task.verbalizer))}
+    settings = {**task.head_options, "verbalizer": dict(zip(task.labels, task.verbalizer))}
     prompt = {"template": task.template.source, "triggers": task.triggers}
     if settings["kpt_aggregate"] == "weighted" and not method.trains:  # before any refinement is computed
         raise PtuneError(f"task.kpt_aggregate=weighted trains a weight per label word, and method={method.name} trains "

@@ -10,7 +10,7 @@ Slots:
 - `{name}`: the example's field `name` (an identifier), filled with its text;
 - `{mask}`: the answer slot; a verbalizer head scores its label words there (at most one per template);
 - `{mask:name}`: a named answer slot. Several may stand in one template (`{mask:a} ... {mask:b}`,
-  distinct names), read by the rules head (PTR, ptune/rules.py; task.head=rules), which gives each
+  distinct names), read by the rules head (PTR, ptune/heads/rules.py; task.head=rules), which gives each
   slot its own words; an unnamed `{mask}` is the slot "mask" there. Every other head reads one slot;
 - `{soft}` / `{soft:N}`: 1 / N continuous prompt positions. p-tuning puts its prompt vectors there
   (through its `soft_mask`); methods that place their own prompts (prompt, prefix, ...) get rows
@@ -39,6 +39,7 @@ import re
 from dataclasses import dataclass
 
 from ptune.errors import PtuneError
+from ptune.generate import special_wrap
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -217,8 +218,6 @@ class Template:
         with keep_soft=False they are left out. special: (before, after) ids, default special_wrap.
         triggers: the n_trigger ids written at the {trigger} slots, in order (required when there are any).
         """
-        from ptune.generate import special_wrap
-
         self.check_triggers(triggers)
         triggers = list(triggers or [])
 

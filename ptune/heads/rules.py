@@ -1,7 +1,7 @@
 """Rules over several masks — Han, Zhao, Ding, Liu & Sun 2021, "PTR: Prompt Tuning with Rules for
 Text Classification" (`task.head=rules`).
 
-A template holds several named answer slots, `{mask:a} ... {mask:b}` (ptune/templates.py); each slot
+A template holds several named answer slots, `{mask:a} ... {mask:b}` (ptune/tasks/templates.py); each slot
 has its own small verbalizer, and a rule table says which combination of slot values stands for
 which class:
 
@@ -17,7 +17,7 @@ product of per-slot probabilities, as a log:
 
 a path being one word per slot from the values rule y names (a value of one word: one path; a value
 of several words: their probabilities summed, the logsumexp of the word verbalizer), each word
-scored by all its pieces (teacher-forced, ptune/verbalizer.py). Training is cross-entropy over the
+scored by all its pieces (teacher-forced, verbalizer.py). Training is cross-entropy over the
 classes' scores.
 
 Per backbone kind:
@@ -48,7 +48,8 @@ import itertools
 import torch
 
 from ptune.errors import PtuneError
-from ptune.verbalizer import SlotHead, word_pieces
+from ptune.generate import special_wrap
+from ptune.heads.verbalizer import SlotHead, word_pieces
 
 MAX_PATHS = 4096  # word combinations per class (each one query row on causal and seq2seq models)
 
@@ -60,11 +61,14 @@ def _words(value, where: str) -> list[str]:
     return [w.strip() for w in words]
 
 
-def check(slots, rules, template, labels) -> tuple[dict, list[dict]]:
-    """task.slots and task.rules against the template's slots and the labels: ({slot: {value: [words]}},
-    per class {slot: value}); one PtuneError line for the first problem."""
-    table = _slot_table(slots, template)
-    return table, _rule_table(rules, table, template.mask_names, labels)
+KEYS = ("slots", "rules")  # the task keys this head alone reads
+
+
+def check_options(values: dict, task) -> dict:
+    """task.slots and task.rules against the task's template slots and labels: {"slots": {slot: {value:
+    [words]}}, "rules": per class {slot: value}}; one PtuneError line for the first problem."""
+    table = _slot_table(values["slots"], task.template)
+    return {"slots": table, "rules": _rule_table(values["rules"], table, task.template.mask_names, list(task.labels))}
 
 
 def _slot_table(slots, template) -> dict:
@@ -165,8 +169,6 @@ class RulesHead(SlotHead):
         self.enc_tokens = [[]] * len(slots)  # seq2seq: what the encoder reads at each slot
         self.sentinels = [[]] * len(slots)  # seq2seq: what the decoder writes before each slot's word
         if self.kind == "seq2seq":
-            from ptune.generate import special_wrap
-
             self.dec_start = [self.start_id, *special_wrap(tok)[0]]
             if self.mask_id is not None:
                 self.enc_tokens = [[self.mask_id]] * len(slots)
@@ -258,11 +260,11 @@ class RulesHead(SlotHead):
                 **({"template": self.template} if self.template else {})}
 
 
-def build_head(task, backbone) -> RulesHead:
-    """The rules head of `task` (task.slots, task.rules checked by the task) on `backbone`."""
+def build(task, backbone, method, seed: int, saved) -> RulesHead:
+    """The rules head of `task` (task.slots, task.rules as check_options gave them) on `backbone`."""
     tok = backbone.tokenizer
     spaces = task.template.mask_spaces
     words = {s: {v: [word_pieces(tok, w, spaces[s], f"task.slots.{s}.{v}") for w in ws]
-                 for v, ws in task.slot_words[s].items()} for s in task.template.mask_names}
-    return RulesHead(backbone, list(task.template.mask_names), words, task.rule_table, list(task.labels),
-                     texts=task.slot_words, template=task.template.source)
+                 for v, ws in task.head_options["slots"][s].items()} for s in task.template.mask_names}
+    return RulesHead(backbone, list(task.template.mask_names), words, task.head_options["rules"], list(task.labels),
+                     texts=task.head_options["slots"], template=task.template.source)

@@ -3,7 +3,7 @@ ReProgramming" (`task.head=soft-verbalizer`; with method=prompt this is WARP).
 
 One trained vector per class, scored against the representation at the template's {mask}:
 
-    logits = h · W^T + b,   h (batch, d) at the mask (ptune/mask_heads.py),  W (n_classes, d),  b (n_classes,)
+    logits = h · W^T + b,   h (batch, d) at the mask (mask_state.py),  W (n_classes, d),  b (n_classes,)
 
 WARP puts its class vectors in the space of the MLM's output word embeddings: h is what the LM's
 output embedding reads (BERT/RoBERTa: after the MLM transform; GPT-2, Llama: the last hidden
@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptune.mask_heads import MaskStateHead, label_pieces
+from ptune.heads.mask_state import MaskStateHead
+from ptune.heads.verbalizer import label_pieces
 
 
 class SoftVerbalizerHead(MaskStateHead):
@@ -67,6 +68,6 @@ class SoftVerbalizerHead(MaskStateHead):
                 "tensors": "head.weight (n_classes, hidden), head.bias (n_classes,): logits = h_mask W^T + b"}
 
 
-def build_head(task, backbone, seed: int) -> SoftVerbalizerHead:
-    """task.head=soft-verbalizer: a class vector per label, from its label words (ptune/head_kinds.py)."""
+def build(task, backbone, method, seed: int, saved) -> SoftVerbalizerHead:
+    """task.head=soft-verbalizer: a class vector per label, from its label words."""
     return SoftVerbalizerHead(backbone, label_pieces(task, backbone), list(task.labels), seed=seed)

@@ -1,6 +1,6 @@
-"""Verbalizers beyond a word list: the soft verbalizer (WARP, ptune/soft_verbalizer.py), the
-prototypical verbalizer (ProtoVerb, ptune/proto_verbalizer.py), contextual calibration
-(ptune/calibration.py), and prompt tuning's label init scoring the verbalizer's own pieces.
+"""Verbalizers beyond a word list: the soft verbalizer (WARP, ptune/heads/soft_verbalizer.py), the
+prototypical verbalizer (ProtoVerb, ptune/heads/proto_verbalizer.py), contextual calibration
+(ptune/heads/calibration.py), and prompt tuning's label init scoring the verbalizer's own pieces.
 
 Scores and losses are recomputed by hand from the plain model's states; the CLI round trip, mixed
 batches and refusals run on tiny models."""
@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_pool, randomize
-from ptune import calibration
+from ptune.heads import calibration
 from ptune.build import build
 from ptune.cli import compose, main
 from ptune.data import collate
 from ptune.heads import loss as head_loss
-from ptune.proto_verbalizer import cosine, losses, zscore_mean
+from ptune.heads.proto_verbalizer import cosine, losses, zscore_mean
 
 ROWS = [{"sentence": "a gorgeous , witty , seductive movie .", "label": 1}, {"sentence": "dull", "label": 0},
         {"sentence": "the plot is nothing but boilerplate clichés", "label": 0}]

@@ -14,6 +14,8 @@ sweep over data splits, and `ptune report` aggregates over `task.few_shot_seed`.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ptune.errors import PtuneError
 
 SEEDS = (13, 21, 42, 87, 100)  # LM-BFF's five data seeds
@@ -24,8 +26,6 @@ def split(rows: list[dict], n_classes: int, k: int, seed: int, labels=None) -> t
 
     rows: dicts with an integer `label` in [0, n_classes). Each set keeps the shuffled order.
     PtuneError when a class has fewer than 2K rows (both sets need K of it)."""
-    import numpy as np
-
     order = np.random.RandomState(seed).permutation(len(rows))  # == np.random.seed(s); np.random.shuffle
     train, dev = [], []
     taken = [0] * n_classes

@@ -1,4 +1,4 @@
-"""The verbalizer head (ptune/verbalizer.py): label words scored by all their pieces on every backbone
+"""The verbalizer head (ptune/heads/verbalizer.py): label words scored by all their pieces on every backbone
 kind (checked by hand against the plain model), and methods x heads composing on tiny models."""
 
 import pytest
@@ -9,7 +9,7 @@ from ptune.cli import compose
 from ptune.data import collate
 from ptune.heads import loss as head_loss
 from ptune.build import build
-from ptune.verbalizer import VerbalizerHead
+from ptune.heads.verbalizer import VerbalizerHead
 
 ROWS = [{"sentence": "a gorgeous , witty , seductive movie .", "label": 1}, {"sentence": "dull", "label": 0}]
 

@@ -1,7 +1,7 @@
 """The prototypical verbalizer — Cui, Hu, Ding, Huang & Liu 2022, "Prototypical Verbalizer for
 Prompt-based Few-shot Tuning" (ProtoVerb; `task.head=proto-verbalizer`).
 
-The last hidden state at the template's {mask}, h (batch, hidden) (ptune/mask_heads.py), is
+The last hidden state at the template's {mask}, h (batch, hidden) (mask_state.py), is
 projected, v = W h with W (dim, hidden) and no bias (`task.proto_dim`, 64 as in OpenPrompt), and
 compared by cosine similarity S(a, b) = a·b / (|a| |b|) with one prototype per class, c
 (n_classes, dim). Class scores are S(v, c_n); P(n | x) = softmax_n S(v, c_n), the distribution the
@@ -17,7 +17,7 @@ An example's loss is the sum of its two terms; the trainer divides the batch's s
 of examples. (The paper names no prototype-prototype loss; these two are its objective.)
 
 `task.proto_combine=true` (the paper's "ProtoVerb + manual verbalizer"): the manual verbalizer's
-class scores (log P(label words), ptune/verbalizer.py) and the similarities are each standardised
+class scores (log P(label words), verbalizer.py) and the similarities are each standardised
 over the classes (z-scores, (x - mean) / std with the unbiased std, as OpenPrompt's `scaler`) and
 averaged; training adds the manual verbalizer's cross-entropy (PET's loss) to each example's loss.
 With two classes every z-scored pair is ±1/sqrt(2), so the combined score only says whether the
@@ -43,7 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptune.mask_heads import MaskStateHead, label_pieces
+from ptune.errors import PtuneError
+from ptune.heads.mask_state import MaskStateHead
+from ptune.heads.verbalizer import VerbalizerHead, check_backbone, label_pieces
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -111,13 +113,25 @@ class ProtoVerbHead(MaskStateHead):
                 "tensors": "head.proj.weight (dim, hidden), head.prototypes (n_classes, dim)"}
 
 
-def build_head(task, backbone, seed: int) -> ProtoVerbHead:
-    """task.head=proto-verbalizer: prototypes of task.proto_dim, with the manual verbalizer beside them
-    under task.proto_combine (ptune/head_kinds.py)."""
-    from ptune.verbalizer import VerbalizerHead, check_backbone
+KEYS = ("proto_dim", "proto_combine")  # the task keys this head alone reads
 
+
+def check_options(values: dict, task) -> dict:
+    """task.proto_dim (an integer >= 1) and task.proto_combine (a bool)."""
+    dim, combine = values["proto_dim"], values["proto_combine"]
+    if not isinstance(combine, bool):
+        raise PtuneError(f"task.proto_combine={combine!r} is invalid: write true or false")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise PtuneError(f"task.proto_dim={dim!r} is invalid: the prototypes' dimension, an integer >= 1 "
+                         f"(ProtoVerb: 64)")
+    return {"proto_dim": dim, "proto_combine": combine}
+
+
+def build(task, backbone, method, seed: int, saved) -> ProtoVerbHead:
+    """task.head=proto-verbalizer: prototypes of task.proto_dim, with the manual verbalizer beside them
+    under task.proto_combine."""
     manual = None
-    if task.proto_combine:
+    if task.head_options["proto_combine"]:
         check_backbone(backbone, "task.proto_combine=true (the manual verbalizer's word scores beside the prototypes)")
         manual = VerbalizerHead(backbone, label_pieces(task, backbone), list(task.labels))
-    return ProtoVerbHead(backbone, list(task.labels), dim=task.proto_dim, seed=seed, manual=manual)
+    return ProtoVerbHead(backbone, list(task.labels), dim=task.head_options["proto_dim"], seed=seed, manual=manual)
