@@ -7,6 +7,7 @@ import pytest
 from conftest import load_script
 
 
+@pytest.mark.slow  # runs scripts/bench.py: ptune and PEFT + Trainer
 def test_quick_bench_runs_every_method_in_both_tools(tmp_path):
     bench = load_script("bench")
     out = tmp_path / "quick"
@@ -27,6 +28,7 @@ def test_quick_bench_runs_every_method_in_both_tools(tmp_path):
     assert "ptune / PEFT" in md and md.count("| fp32 | ptune |") == len(bench.METHODS)
 
 
+@pytest.mark.slow  # runs scripts/bench.py
 def test_quick_bench_on_a_classifier_runs_peft_sequence_classification(tmp_path):
     """minilm / SST-2's path on tiny-bert: PEFT trains BertForSequenceClassification (SEQ_CLS) around the
     same encoder, ptune its linear head; both report accuracy and a dev loss on the same examples. (PEFT 0.21's
@@ -44,6 +46,7 @@ def test_quick_bench_on_a_classifier_runs_peft_sequence_classification(tmp_path)
     assert "accuracy" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow  # runs scripts/bench.py --scaling
 def test_quick_scaling_writes_table_json_and_plot(tmp_path):
     """--scaling: ptune alone, prompt vs prefix against prompt length, batch and sequence length (tiny-llama)."""
     bench = load_script("bench")

@@ -121,6 +121,7 @@ def test_hard_prompt_evaluates_without_training(in_tmp, data_dir):
     assert summary["steps"] == 0 and summary["trainable_params"] == 0 and "bleu" in summary["eval"]
 
 
+@pytest.mark.slow  # a real `python -m ptune` process per case (test_errors checks the messages in-process)
 @pytest.mark.parametrize("args, words", [
     (["train", "method=nope"], "unknown method 'nope'"),
     (["train", "trainer.nope=3"], "unknown key 'trainer.nope'"),
@@ -152,6 +153,7 @@ def test_run_directories_are_unique_within_one_second(tmp_path):
     assert len(set(dirs)) == 5 and all(d.is_dir() for d in dirs)
 
 
+@pytest.mark.slow  # a training process stopped by SIGTERM
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(in_tmp, data_dir):
     """SIGTERM mid-run: checkpoint, one clear line, non-zero exit; resume then completes the run."""
     import signal

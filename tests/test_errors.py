@@ -205,6 +205,7 @@ def test_the_table_has_a_row_per_case():
     assert not missing and len(CASES) >= 30, missing
 
 
+@pytest.mark.slow  # a real ptune process per case
 @pytest.mark.parametrize("name", ["data-cut-inside-quotes", "output-dir-not-writable"])
 def test_a_real_ptune_process_exits_2_with_one_line(ws, name):
     [(argv, words)] = [(a, w) for n, a, w in CASES if n == name]

@@ -178,6 +178,7 @@ def test_the_commands_server_keys_reach_the_server(run, monkeypatch):
                                                                   timeout=7)
 
 
+@pytest.mark.slow  # a server process
 def test_ctrl_c_stops_a_server_started_with_sigint_ignored(run, tmp_path):
     """A background job (a shell's `&`, some supervisors) starts with SIGINT ignored, and Python then
     installs no KeyboardInterrupt handler: ptune serve installs its own, so Ctrl-C still stops it."""

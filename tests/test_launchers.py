@@ -27,6 +27,7 @@ def summary_rows(sweep: Path) -> list[str]:
     return (sweep / "summary.csv").read_text().splitlines()[1:]
 
 
+@pytest.mark.slow  # two joblib worker processes
 def test_a_joblib_sweep_runs_jobs_in_two_worker_processes(tmp_path, data_dir):
     argv = ["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *JOB,
             "method.num_virtual_tokens=1,2,3,4", f"output_dir={tmp_path}"]
@@ -40,6 +41,7 @@ def test_a_joblib_sweep_runs_jobs_in_two_worker_processes(tmp_path, data_dir):
     assert (sweep / "report.md").is_file() and json.loads((sweep / "best.json").read_text())["job"] in range(4)
 
 
+@pytest.mark.slow  # submitit job processes
 def test_a_submitit_local_sweep_runs_jobs_as_processes_with_logs_in_the_sweep(tmp_path, data_dir):
     argv = ["train", "-m", "hydra/launcher=submitit_local", *JOB, "method.num_virtual_tokens=1,2",
             f"output_dir={tmp_path}"]

@@ -36,6 +36,7 @@ def run(cwd: Path, launcher: list[str], batch: int) -> Path:
     return dirs[0]
 
 
+@pytest.mark.slow  # two gloo processes under accelerate launch
 def test_two_processes_match_one(tmp_path, data_dir):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     if accelerate is None:

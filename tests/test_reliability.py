@@ -286,6 +286,7 @@ print(json.dumps({"codes": codes, "attempts": attempts}))
 """
 
 
+@pytest.mark.slow  # a ptune process with the network cut
 def test_nothing_reaches_the_network_when_offline(in_tmp, data_dir):
     proc = subprocess.run([sys.executable, "-c", NO_NETWORK, *TINY], cwd=in_tmp, capture_output=True, text=True,
                           timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})

@@ -87,8 +87,8 @@ def test_oversized_body_is_refused_before_it_is_read(server):
     assert call(port, "GET", "/health")[0] == 200
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
-                         ids=["ctrl-c", "sigterm"])  # one subprocess (~10 s) in the default suite
+@pytest.mark.slow  # a `ptune serve` process per signal
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_cli_serves_until_stopped(tmp_path, data_dir, stop):
     run = make_run(tmp_path / "sst2run", "tiny-llama", CAUSAL["lin"], 0)
     env = {**os.environ, "PYTHONPATH": ROOT}
