@@ -153,9 +153,10 @@ def test_run_directories_are_unique_within_one_second(tmp_path):
     assert len(set(dirs)) == 5 and all(d.is_dir() for d in dirs)
 
 
-@pytest.mark.slow  # a training process stopped by SIGTERM
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(in_tmp, data_dir):
-    """SIGTERM mid-run: checkpoint, one clear line, non-zero exit; resume then completes the run."""
+@pytest.mark.slow  # a training process stopped by a signal
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])  # USR1/USR2: what clusters send before a preemption
+def test_a_signal_saves_a_checkpoint_and_resume_finishes(in_tmp, data_dir, sig):
+    """SIGTERM (or SIGUSR1) mid-run: checkpoint, one clear line, non-zero exit; resume then completes the run."""
     import signal
     import time
 
@@ -166,11 +167,11 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(in_tmp, data_dir):
     while time.time() < deadline and not list(in_tmp.glob("outputs/*/*/metrics.jsonl")):
         time.sleep(0.2)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: stopped by SIGTERM at step ") and "ptune train resume=" in last
+    assert last.startswith(f"error: stopped by {sig} at step ") and "ptune train resume=" in last
     [run] = run_dirs(in_tmp)
     [ckpt] = checkpoint.list_checkpoints(run / "checkpoints")
     step = int(ckpt.name.split("-")[1])

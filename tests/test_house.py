@@ -206,6 +206,7 @@ LOCAL_OK = {
     "matplotlib": "ptune report's plots only",
     "accelerate": "accelerate.tracking imports each tracker's package; only when trainer.log_with names one",
     "mlflow": "an optional tracker (trainer.log_with=mlflow)",
+    "submitit": "only inside a SLURM job, to requeue it (0.1 s at every start otherwise)",
 }
 
 

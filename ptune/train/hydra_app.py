@@ -11,11 +11,16 @@ What ptune adds around Hydra, in the main process, before any job starts (`run`)
 - an Optuna sweep's direction comes from the task's metric (maximize accuracy, BLEU, ...) unless
   hydra.sweeper.direction is given.
 In each job (`task`, which a launcher may run in another process or on another machine): the
-training boundary (ptune.train.job.train) into the job's directory, its row appended to the
+training boundary (ptune.train.job.train) into the job's directory (a job whose directory already
+holds its own run, because a cluster requeued it, resumes that run from its last checkpoint), its
+row appended to the
 sweep's summary (summary.csv / summary.md, under a file lock: jobs of several processes lose no
 row), its metric returned (an Optuna trial's objective; NaN for a failed job, which Optuna records
-as a failed trial and a basic sweep as a failed row). At the end of a sweep (`SweepEnd`, a Hydra
-callback in the main process): best.json and a "best job" line in summary.md, and the report.
+as a failed trial and a basic sweep as a failed row). A job that a signal stops on SLURM
+(submitit_slurm: a preemption or time-limit signal, USR1/USR2, or SIGTERM) saves a checkpoint at
+its step boundary and is requeued through submitit, with no row until it ends; its row then carries
+its SLURM job id and how many times it was requeued, once. At the end of a sweep (`SweepEnd`, a
+Hydra callback in the main process): best.json and a "best job" line in summary.md, and the report.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import json
 import math
 import os
 import shlex
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,11 +41,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ptune import rundir, tasks
 from ptune.config import CONF_DIR, check, compose, task_kwargs
-from ptune.errors import PtuneError
+from ptune.errors import PtuneError, Stopped
 from ptune.train.job import headline, train
 from ptune.train.sweep import expand_sweep, sweep_report, write_sweep_summary
 
@@ -184,13 +191,13 @@ def task(cfg: DictConfig) -> float:
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     record = {"job": hc.job.num if multirun else 0, "overrides": list(hc.overrides.task), "run_dir": "",
-              "summary": None, "error": None, "pid": os.getpid()}
+              "summary": None, "error": None, "pid": os.getpid(), **_slurm_job()}
     _per_job_resources(hc)
     value = math.nan
     try:
         if multirun and cfg.trainer.get("log_with") and not cfg.trainer.get("tracker_dir"):
             cfg.trainer.tracker_dir = str(Path(hc.sweep.dir).absolute())  # the sweep is the experiment
-        result = train(cfg, run_dir=out)
+        result = train(cfg, run_dir=out, resume=_own_run(out, cfg))
         record.update(run_dir=result["run_dir"], summary=result["summary"])
         text = headline(result)
         if text:
@@ -199,21 +206,96 @@ def task(cfg: DictConfig) -> float:
         metric = (summary.get("eval") or {}).get(summary.get("metric_for_best"))
         value = float(metric) if isinstance(metric, (int, float)) else math.nan
     except PtuneError as e:
-        record["error"] = str(e)
-        label = f"job {record['job']} ({' '.join(record['overrides'])}): " if multirun else ""
-        print(f"error: {label}{e}", file=sys.stderr, flush=True)
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # nothing was written: no empty directory is left behind
-        STATE["error"] = str(e)
+        if isinstance(e, Stopped):
+            try:
+                _requeue(e)  # on SLURM under submitit: does not return (the job is requeued, this process exits)
+            except PtuneError as not_requeued:
+                e = not_requeued
+        _failed(record, e, out, multirun)
     if multirun:
         record_job(Path(hc.sweep.dir), record)
     return value
 
 
+def _failed(record: dict, e: PtuneError, out: Path, multirun: bool) -> None:
+    record["error"] = str(e)
+    label = f"job {record['job']} ({' '.join(record['overrides'])}): " if multirun else ""
+    print(f"error: {label}{e}", file=sys.stderr, flush=True)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()  # nothing was written: no empty directory is left behind
+    STATE["error"] = str(e)
+
+
+def _own_run(out: Path, cfg: DictConfig) -> bool:
+    """Whether the job's directory already holds this job's run: a cluster requeued the job (ptune
+    claimed the sweep directory new, so nothing else writes there), and training resumes it from
+    its last checkpoint. A run of another config there is refused, never overwritten."""
+    if not rundir.is_run_dir(out):
+        return False
+    saved = rundir.RunDir(out).config.read_text()
+    if saved != OmegaConf.to_yaml(cfg, resolve=True):
+        raise PtuneError(f"{out} already holds a run of another config; a requeued job resumes only its own run")
+    return True
+
+
+def _slurm_state(job_id: str) -> str:
+    """SLURM's state of a job (squeue: RUNNING, COMPLETING, ...); '' when squeue cannot say."""
+    try:
+        done = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip().split("\n")[0] if done.returncode == 0 else ""
+
+
+def _slurm_job() -> dict:
+    """A SLURM job's id (array jobs: <array id>_<task>) and how many times SLURM requeued it."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return {}
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job_id = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+    return {"slurm_job_id": job_id, "requeued": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+
+
+def _requeue(stopped: Stopped) -> None:
+    """Hand a stopped job to submitit's own preemption handler (the one it installed for its signal,
+    USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise): it pickles the job again (the launcher's
+    `checkpoint`), runs `scontrol requeue` (a time-limit stop counts against max_num_timeout) and
+    exits. Returns only where there is nothing to requeue: no submitit job on SLURM, or a stop by
+    Ctrl-C or another process's signal. SIGTERM is also what `scancel <job>` sends: a job that SLURM
+    no longer calls RUNNING (COMPLETING: cancelled or at its time limit) is not requeued but ends as
+    a failed row (PtuneError), its checkpoint saved for `ptune train resume=`."""
+    if stopped.signum is None or stopped.signum == signal.SIGINT or "SLURM_JOB_ID" not in os.environ:
+        return
+    try:
+        from submitit import JobEnvironment  # the job's own launcher; imported only inside a SLURM job
+    except ImportError:
+        return
+    env = JobEnvironment()
+    if not env.activated() or env.cluster != "slurm":
+        return
+    handler = signal.getsignal(env._usr_sig())  # restored by the loop when it stopped
+    if not callable(handler) or getattr(handler, "__name__", "") != "checkpoint_and_try_requeue":
+        return
+    if stopped.signum == signal.SIGTERM:
+        state = _slurm_state(env.job_id)
+        if state != "RUNNING":
+            raise PtuneError(f"{stopped}; not requeued: SLURM job {env.job_id} is {state or 'gone'} (cancelled, or past "
+                             f"its time limit), not preempted")
+    print(f"{stopped}; requeueing SLURM job {env.job_id}", file=sys.stderr, flush=True)
+    try:
+        handler(stopped.signum, None)
+    except Exception as e:  # noqa: BLE001 -- scontrol refused (a cancelled job) or submitit gave up (timeouts)
+        raise PtuneError(f"{stopped}; not requeued: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
 def _per_job_resources(hc) -> None:
     """Parallel jobs on one machine share it: under the joblib launcher each job takes
-    cores / n_jobs torch threads, and, with several GPUs, GPU (job number mod GPUs)."""
+    cores / n_jobs torch threads, and, with several GPUs, GPU (job number mod GPUs); a SLURM job
+    takes the cores it was given (SLURM_CPUS_PER_TASK, hydra.launcher.cpus_per_task), so jobs
+    sharing a node do not oversubscribe it."""
     launcher = str(hc.launcher.get("_target_", ""))
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
     if "Joblib" not in launcher:
         return
 
@@ -239,11 +321,17 @@ def record_job(sweep_dir: Path, record: dict) -> None:
 
 
 def read_jobs(sweep_dir: Path) -> list[dict]:
+    """One record per job, the last it appended: a job that a cluster ran again (requeued after a
+    failure row, say) counts once, with its final outcome."""
     path = Path(sweep_dir) / JOBS
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sorted(records, key=lambda r: r["job"])
+    records = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            records[r["job"]] = r
+    return sorted(records.values(), key=lambda r: r["job"])
 
 
 def best_job(records: list[dict]) -> dict | None:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ptune import heads
 from ptune.data import collate
-from ptune.errors import PtuneError
+from ptune.errors import PtuneError, Stopped
 from ptune.rundir import RunDir
 from ptune.train import checkpoint as ckpt
 from ptune.train.plan import epoch_plan, micro_batches
@@ -307,8 +307,8 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
             if state.step % args.save_every == 0 or state.step == args.max_steps or stop.signal:
                 save()
             if stop.signal:
-                raise PtuneError(f"stopped by {stop.signal} at step {state.step}; a checkpoint was saved. Continue with: "
-                                 f"ptune train resume={run_dir}")
+                raise Stopped(f"stopped by {stop.signal} at step {state.step}; a checkpoint was saved. Continue with: "
+                              f"ptune train resume={run_dir}", stop.signum)
     finally:
         bar.close()  # also on an error, so its line ends before the error's
         stop.restore()
@@ -328,20 +328,28 @@ def _stop_non_finite(what: str, step: int, run_dir: Path):
 
 
 class _StopOnSignal:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves a checkpoint and stops.
+    """SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 set a flag; the loop finishes its step, saves a
+    checkpoint and stops (`Stopped`, which says the signal). USR1/USR2 are what clusters send
+    before a time limit or a preemption (SLURM's --signal; submitit's USR2): in a submitit job
+    on SLURM, ptune.train.hydra_app then requeues the job, which resumes from that checkpoint.
 
-    A second signal while saving is left to the default handler (Ctrl-C twice kills at once).
+    A second signal while saving is left to the handler that was there before (Ctrl-C twice
+    kills at once).
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
         self.signal = None
+        self.signum = None
         self._old = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
+        self.signum = signum
         self.restore()
 
     def restore(self):

@@ -59,13 +59,16 @@ def _flatten_eval(summary: dict) -> dict:
 def write_sweep_summary(sweep_dir: Path, jobs: list[dict]) -> None:
     """summary.csv and summary.md: one row per job, its overrides and final metrics.
 
-    jobs: [{"job": i, "overrides": [...], "run_dir": str, "summary": dict | None, "error": str | None}]
+    jobs: [{"job": i, "overrides": [...], "run_dir": str, "summary": dict | None, "error": str | None,
+            "slurm_job_id": str, "requeued": int (a SLURM job's)}]
     """
     rows = []
     for job in jobs:
         s = job.get("summary") or {}
         row = {"job": job["job"], "overrides": " ".join(job["overrides"]), "run_dir": job["run_dir"],
                "status": "ok" if job.get("error") is None else f"failed: {job['error']}"}
+        if job.get("slurm_job_id"):
+            row.update(slurm_job_id=job["slurm_job_id"], requeued=job.get("requeued", 0))
         for key in ("steps", "trainable_params", "final_train_loss", "train_tokens_per_s", "wall_time_s"):
             row[key] = s.get(key, "")
         row.update(_flatten_eval(s))
