@@ -54,8 +54,17 @@ def _sweep(root: Path) -> Path:
 
 
 def _sacct_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True)
-    return out.stdout.split("\n")[0].strip()
+    """The job's final state in SLURM's accounting; a job whose result is in may still be finishing
+    (its other tasks, the epilogue) for a few seconds."""
+    import time
+
+    for _ in range(60):
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True)
+        state = out.stdout.split("\n")[0].strip()
+        if state not in ("RUNNING", "COMPLETING", "PENDING", ""):
+            return state
+        time.sleep(0.5)
+    return state
 
 
 def test_a_4_job_sweep_through_sbatch(slurm, tmp_path, data_dir):
@@ -119,3 +128,15 @@ def test_a_job_cancelled_is_one_failed_row_not_a_requeue(slurm, tmp_path, data_d
     assert rows["0"]["status"] == "ok"
     assert rows["1"]["status"].startswith("failed:") and "not requeued" in rows["1"]["status"], rows["1"]["status"]
     assert _sacct_state(job).startswith("CANCELLED")
+
+
+def test_a_job_of_two_slurm_tasks_is_one_training_of_two_processes(slurm, tmp_path, data_dir):
+    """hydra.launcher.tasks_per_node=2: SLURM starts 2 tasks, ptune gives them torch.distributed's
+    env:// variables from SLURM's, Accelerate joins them (gloo), and the job is one row."""
+    assert main(["train", "-m", "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1",
+                 "hydra.launcher.tasks_per_node=2", *JOB, "method.num_virtual_tokens=1", f"output_dir={tmp_path}"]) == 0
+    sweep = _sweep(tmp_path)
+    [row] = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert row["status"] == "ok" and len((sweep / "jobs.jsonl").read_text().splitlines()) == 1
+    assert json.loads((sweep / "0" / "summary.json").read_text())["processes"] == 2
+    assert _sacct_state(row["slurm_job_id"]) == "COMPLETED"

@@ -193,6 +193,7 @@ def task(cfg: DictConfig) -> float:
     record = {"job": hc.job.num if multirun else 0, "overrides": list(hc.overrides.task), "run_dir": "",
               "summary": None, "error": None, "pid": os.getpid(), **_slurm_job()}
     _per_job_resources(hc)
+    _distributed_from_slurm()
     value = math.nan
     try:
         if multirun and cfg.trainer.get("log_with") and not cfg.trainer.get("tracker_dir"):
@@ -212,7 +213,7 @@ def task(cfg: DictConfig) -> float:
             except PtuneError as not_requeued:
                 e = not_requeued
         _failed(record, e, out, multirun)
-    if multirun:
+    if multirun and int(os.environ.get("RANK", 0)) == 0:  # a job of several processes is one row
         record_job(Path(hc.sweep.dir), record)
     return value
 
@@ -224,6 +225,20 @@ def _failed(record: dict, e: PtuneError, out: Path, multirun: bool) -> None:
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()  # nothing was written: no empty directory is left behind
     STATE["error"] = str(e)
+
+
+def _distributed_from_slurm() -> None:
+    """A SLURM job of several tasks (hydra.launcher.tasks_per_node=N, nodes=M) is one training job of
+    N*M processes: each task gets torch.distributed's env:// variables (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK) from SLURM's, as `accelerate launch` or torchrun would set
+    them, and Accelerate joins them (gloo on CPU, NCCL on GPUs). Variables already set are kept."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or "RANK" in os.environ:
+        return
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if JobEnvironment().activated():
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def _own_run(out: Path, cfg: DictConfig) -> bool:
