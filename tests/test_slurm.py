@@ -81,6 +81,8 @@ def test_a_4_job_sweep_through_sbatch(slurm, tmp_path, data_dir):
         logs = sweep / ".submitit" / r["slurm_job_id"]  # submitit's folder per SLURM job, inside the sweep
         assert (logs / f"{r['slurm_job_id']}_0_log.out").is_file() and (logs / f"{r['slurm_job_id']}_0_log.err").is_file()
     assert len({r["slurm_job_id"].split("_")[0] for r in rows}) == 1  # one job array
+    records = [json.loads(line) for line in (sweep / "jobs.jsonl").read_text().splitlines()]
+    assert [r["torch_threads"] for r in records] == [1] * 4  # hydra.launcher.cpus_per_task=1 is read
     best = json.loads((sweep / "best.json").read_text())
     assert best["job"] in range(4) and "Best job" in (sweep / "summary.md").read_text()
     assert (sweep / "report.md").is_file()

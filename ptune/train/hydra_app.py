@@ -193,6 +193,8 @@ def task(cfg: DictConfig) -> float:
     record = {"job": hc.job.num if multirun else 0, "overrides": list(hc.overrides.task), "run_dir": "",
               "summary": None, "error": None, "pid": os.getpid(), **_slurm_job()}
     _per_job_resources(hc)
+    if "slurm_job_id" in record:
+        record["torch_threads"] = torch.get_num_threads()  # what cpus_per_task gave the job
     _distributed_from_slurm()
     value = math.nan
     try:
@@ -281,10 +283,8 @@ def _requeue(stopped: Stopped) -> None:
     a failed row (PtuneError), its checkpoint saved for `ptune train resume=`."""
     if stopped.signum is None or stopped.signum == signal.SIGINT or "SLURM_JOB_ID" not in os.environ:
         return
-    try:
-        from submitit import JobEnvironment  # the job's own launcher; imported only inside a SLURM job
-    except ImportError:
-        return
+    from submitit import JobEnvironment  # the job's own launcher (a dependency); imported only inside a SLURM job
+
     env = JobEnvironment()
     if not env.activated() or env.cluster != "slurm":
         return
