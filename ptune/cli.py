@@ -44,7 +44,9 @@ commands:
   predict   predict for a file: ptune predict run=<run dir> input=<file.jsonl|csv> [output=<file.jsonl>]
             several runs on one backbone, rows naming their "adapter": run=sst2:<dir>,e2e:<dir>
   serve     answer JSON over HTTP with one or several runs: ptune serve run=<dir>[,<dir>...] [host=127.0.0.1]
-            [port=8000] [max_batch=64] [max_input_chars=4000] [batch_size=16]  (POST /predict, GET /adapters)
+            [port=8000] [max_batch=64] [max_input_chars=4000] [max_batch_rows=32] [max_wait_ms=5]
+            [max_connections=256] [timeout=10] [max_tokens=256]  (POST /predict, GET /adapters, GET /metrics,
+            OpenAI-compatible GET /v1/models and POST /v1/completions; rows of all clients batched together)
   export    write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it):
             ptune export run=<run dir> out=<new dir> [format=peft] [adapter=adapter|adapter_best]
   report    a sweep's table and plots (report.md + PNGs in the sweep dir): ptune report <sweep dir>
@@ -173,7 +175,8 @@ def cmd_predict(argv: list[str]) -> int:
 
 
 def cmd_serve(argv: list[str]) -> int:
-    a = command_args("serve", argv, {**LOADING, **{k: str(v) for k, v in DEFAULTS.items()}},
+    loading = {k: v for k, v in LOADING.items() if k != "batch_size"}  # rows per forward: max_batch_rows
+    a = command_args("serve", argv, {**loading, **{k: str(v) for k, v in DEFAULTS.items()}},
                      usage="ptune serve needs run=<run dir>[,<run dir>...] (or name:<dir>,...)")
     return serve(a["run"], a["host"], **{k: a[k] for k in DEFAULTS if k != "host"}, which=a["adapter"],
                  trust_remote_code=a["trust_remote_code"])

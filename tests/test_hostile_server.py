@@ -1,8 +1,9 @@
 """`ptune serve` under hostile clients, over a real socket on localhost (ptune/infer/serve.py).
 
 Every client mistake is a 4xx with a one-line JSON body, including what the JSON decoder raises and
-what http.server itself answers; a client that stops sending is closed after the timeout; the
-handler threads are bounded; a stop answers the requests in flight before the process exits.
+what the HTTP parser (uvicorn's h11) itself refuses; a client that stops sending is closed after the
+timeout; open connections are bounded (one more is a JSON 503); a stop answers the requests in flight
+before the process exits.
 """
 
 import json
@@ -26,6 +27,7 @@ TRAIN = ["train", "model=tiny-llama", "task=sst2", "method=prompt", "method.num_
          "task.max_train_samples=16", "task.max_eval_samples=4", "trainer.batch_size=4", "trainer.max_steps=2",
          "trainer.eval_every=2", "trainer.save_every=2"]
 TIMEOUT = 1  # seconds a silent client is given
+MAX_CONNECTIONS = 6
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def run(tmp_path_factory, data_dir):
 @pytest.fixture(scope="module")
 def server(run):
     pool = Pool.load([str(run)])
-    srv = make_server(pool, port=0, max_threads=4, timeout=TIMEOUT)
+    srv = make_server(pool, port=0, max_connections=MAX_CONNECTIONS, timeout=TIMEOUT)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -47,12 +49,17 @@ def server(run):
 
 
 def exchange(server, raw: bytes, wait: float = 5.0) -> tuple[int, dict | None, bytes]:
-    """Send raw bytes, read until the server closes: (status, JSON body or None, raw reply)."""
+    """Send raw bytes, read one answer (to its Content-Length, or until the server closes): (status, JSON
+    body or None, raw reply)."""
     with socket.create_connection(server.server_address[:2], timeout=wait) as s:
         s.sendall(raw)
         reply = b""
         while chunk := s.recv(65536):
             reply += chunk
+            head, sep, rest = reply.partition(b"\r\n\r\n")
+            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+            if sep and length and len(rest) >= length[0]:
+                break
     head, _, body = reply.partition(b"\r\n\r\n")
     status = int(head.split()[1]) if head.startswith(b"HTTP/") else 0
     try:
@@ -71,9 +78,11 @@ CLIENT_MISTAKES = {
     "binary-request-line": (b"\x00\x01\x02\xff\r\n\r\n", 400),
     "unknown-method": (b"BREW /predict HTTP/1.1\r\nHost: x\r\n\r\n", 405),
     "http-version": (b"GET /health HTTP/3.0\r\nHost: x\r\n\r\n", 400),
-    "long-header": (b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
-    "many-headers": (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n", 431),
-    "long-url": (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+    "no-host": (b"GET /health HTTP/1.1\r\n\r\n", 400),
+    "long-header": (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    "many-headers": (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n", 431),
+    "long-url": (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+    "long-url-in-pieces": (b"GET /" + b"a" * 100_000, 414),  # past the parser's buffer before the line ends
     "deep-nesting": (post(b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400),
     "huge-integer": (post(b'{"inputs": [{"sentence": "x", "n": ' + b"9" * 5000 + b"}]}"), 400),
     "not-json": (post(b"{inputs: nope"), 400),
@@ -97,7 +106,7 @@ def test_every_client_mistake_is_a_4xx_with_one_json_line(server, case):
 
 def test_a_body_that_stops_arriving_is_answered_408_and_closed(server):
     t0 = time.monotonic()
-    status, body, _ = exchange(server, b"POST /predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"inputs\"")
+    status, body, _ = exchange(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"inputs\"")
     assert status == 408 and "did not arrive" in body["error"]
     assert time.monotonic() - t0 < TIMEOUT + 3
 
@@ -109,29 +118,46 @@ def test_a_silent_connection_is_closed_after_the_timeout(server):
         assert TIMEOUT - 0.2 < time.monotonic() - t0 < TIMEOUT + 3
 
 
-def test_handler_threads_are_bounded_and_others_wait_their_turn(server):
-    before = threading.active_count()
-    idle = [socket.create_connection(server.server_address[:2]) for _ in range(20)]  # slow-loris
+def test_connections_are_bounded_and_one_more_gets_a_json_503(server):
+    idle = [socket.create_connection(server.server_address[:2]) for _ in range(MAX_CONNECTIONS - 1)]  # slow-loris
     try:
-        time.sleep(0.3)
-        assert threading.active_count() - before <= 4  # max_threads
-        t0 = time.monotonic()
-        status, _, _ = exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", wait=30)
-        assert status == 200  # served once the idle ones timed out: waiting, not refused
-        assert time.monotonic() - t0 < 5 * (TIMEOUT + 1) + 3
+        time.sleep(0.2)
+        t0 = time.monotonic()  # idle connections hold no thread: a request beside them is answered at once
+        assert exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
+        assert time.monotonic() - t0 < TIMEOUT
+        idle.append(socket.create_connection(server.server_address[:2]))
+        time.sleep(0.2)
+        status, body, reply = exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and "max_connections=6" in body["error"] and b"retry-after: 1" in reply.lower()
+        time.sleep(TIMEOUT + 0.5)  # the idle ones are closed at the deadline for their request line
+        assert exchange(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 200
     finally:
         for s in idle:
             s.close()
 
 
+def test_a_request_line_sent_byte_by_byte_is_cut_at_the_deadline(server):
+    """Each byte resets no clock: the request line and headers have `timeout` seconds in all."""
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        t0 = time.monotonic()
+        try:
+            for byte in b"GET /health HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+                s.sendall(bytes([byte]))
+                time.sleep(0.05)
+        except OSError:
+            pass  # closed by the server
+        assert s.recv(1) == b""
+        assert time.monotonic() - t0 < TIMEOUT + 2
+
+
 @pytest.mark.slow
 def test_sigterm_answers_the_request_in_flight_then_exits(run, tmp_path):
-    """A real `ptune serve` process whose model call takes 2 s: SIGTERM arrives during it; the
-    client still gets its 200 and the process exits 0 (the wrapper slows Pool.predict, as
+    """A real `ptune serve` process whose model thread takes 2 s: SIGTERM arrives during it; the
+    client still gets its 200 and the process exits 0 (the wrapper slows Pool.encode, as
     scripts/fault_inject.py wraps ptune's own functions; ptune has no test hooks)."""
-    wrapper = ("import sys, time\nfrom ptune.infer import pool\nreal = pool.Pool.predict\n"
+    wrapper = ("import sys, time\nfrom ptune.infer import pool\nreal = pool.Pool.encode\n"
                "def slow(self, *a, **k):\n    time.sleep(2)\n    return real(self, *a, **k)\n"
-               "pool.Pool.predict = slow\nfrom ptune.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+               "pool.Pool.encode = slow\nfrom ptune.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", wrapper, "serve", f"run={run}", "port=0"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
@@ -152,30 +178,37 @@ def test_sigterm_answers_the_request_in_flight_then_exits(run, tmp_path):
         t.join(30)
         assert proc.wait(30) == 0
         head, _, body = result["reply"].partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.0 200") and "outputs" in json.loads(body)
+        assert head.startswith(b"HTTP/1.1 200") and "outputs" in json.loads(body)
     finally:
         proc.kill()
 
 
 def test_the_commands_server_keys_reach_the_server(run, monkeypatch):
-    """ptune serve's max_threads=, timeout=, max_batch=, max_input_chars=, batch_size= and adapter= are
-    what the server is built with (not accepted and dropped)."""
+    """Every key of ptune serve (DEFAULTS) and adapter= are what the server is built with (not accepted and dropped)."""
     from ptune.infer import serve as serve_module
 
     seen = {}
 
-    def fake(pool, host, port, max_batch, max_input_chars, batch_size, max_threads, timeout):
+    def fake(pool, host, port, max_batch, max_input_chars, max_batch_rows, max_wait_ms, max_connections, timeout,
+             max_tokens):
         seen.update(host=host, port=port, max_batch=max_batch, max_input_chars=max_input_chars,
-                    batch_size=batch_size, max_threads=max_threads, timeout=timeout, pool=pool)
+                    max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, max_connections=max_connections,
+                    timeout=timeout, max_tokens=max_tokens, pool=pool)
         raise OSError(98, "Address already in use")
 
     monkeypatch.setattr(serve_module, "make_server", fake)
-    argv = ["serve", f"run={run}", "port=0", "max_threads=3", "timeout=7", "max_batch=5", "max_input_chars=99",
-            "batch_size=2", "adapter=adapter_best"]
+    argv = ["serve", f"run={run}", "port=0", "max_connections=3", "timeout=7", "max_batch=5", "max_input_chars=99",
+            "max_batch_rows=2", "max_wait_ms=11", "max_tokens=9", "adapter=adapter_best"]
     assert main(argv) == 2  # the fake refuses to bind: one line, after the keys were handed over
-    assert {k: v for k, v in seen.items() if k != "pool"} == dict(host="127.0.0.1", port=0, max_batch=5,
-                                                                  max_input_chars=99, batch_size=2, max_threads=3,
-                                                                  timeout=7)
+    assert {k: v for k, v in seen.items() if k != "pool"} == dict(
+        host="127.0.0.1", port=0, max_batch=5, max_input_chars=99, max_batch_rows=2, max_wait_ms=11, max_connections=3,
+        timeout=7, max_tokens=9)
+    assert set(seen) - {"pool"} == set(serve_module.DEFAULTS)
+
+
+def test_batch_size_is_refused_by_serve_with_its_replacement(run, capsys):
+    assert main(["serve", f"run={run}", "batch_size=4"]) == 2
+    assert "unexpected argument 'batch_size=4'" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a server process

@@ -1,259 +1,405 @@
-"""`ptune serve run=<dir>[,<dir>...]`: a small JSON-over-HTTP server for a Pool of adapters.
+"""`ptune serve run=<dir>[,<dir>...]`: many adapters on one frozen backbone over HTTP, rows of different
+clients batched together.
 
-    GET  /health     {"status": "ok", "adapters": K}
-    GET  /adapters   {"adapters": [{name, method, task, head, prompt_length, labels?, fields, run}, ...]}
-    POST /predict    {"inputs": [{"adapter": "sst2", "sentence": "..."}, ...]}
-                  -> {"outputs": [{"adapter": "sst2", "prediction": "positive"}, ...]}   (input order)
+    GET  /health          {"status": "ok", "adapters": K}
+    GET  /adapters        {"adapters": [{name, method, task, head, prompt_length, labels?, fields, run}, ...]}
+    POST /predict         {"inputs": [{"adapter": "sst2", "sentence": "..."}, ...]}
+                       -> {"outputs": [{"adapter": "sst2", "prediction": "positive"}, ...]}   (input order)
+    GET  /v1/models       OpenAI-compatible: the adapters as models (ptune/infer/openai_api.py)
+    POST /v1/completions  OpenAI-compatible completions, `model` names the adapter; `stream: true` streams
+    GET  /metrics         Prometheus text format (ptune/infer/serve_metrics.py)
 
-Every client mistake is a JSON body {"error": "<one line>"} with a 4xx status, and the server goes
-on serving: a body that is not JSON, or JSON the decoder refuses (nesting too deep, an integer of
-thousands of digits), or no "inputs" list (400), empty inputs (400), unknown adapter or a missing,
-non-text or empty field (400, the Pool's own message), more rows than max_batch or a field longer
-than max_input_chars or a body past their product (413), no Content-Length (411), an unknown path
-(404), a method no endpoint takes (405), and what the standard library's HTTP layer itself
-answers (a garbage request line or an unsupported HTTP version 400, a URL too long 414, headers too long
-or too many 431): all JSON with a status line, never its HTML pages. A client that stops sending (request line, headers
-or body) is closed after `timeout` seconds (a body that stops is answered 408 first). An unexpected exception inside the
-model call is a 500 with its one line (and the traceback in the server's log).
+Batching (ptune/infer/batcher.py): every request's rows go to one model thread, which runs rows of
+different requests together: classification rows in mixed forwards of up to `max_batch_rows` rows
+(waiting at most `max_wait_ms` for a batch to fill), generation rows in one continuously batched decoding
+loop (ptune/infer/continuous.py: rows join and leave at token boundaries). Rows are taken round-robin over
+the queued requests, oldest first, one row per request per turn.
 
-Concurrency: stdlib `ThreadingHTTPServer` (one thread per connection, so a slow client never
-blocks another's parsing), at most `max_threads` at once: a connection beyond them waits in the
-listen queue until a thread is free (backpressure, not an error). ONE lock around the model call:
-the frozen backbone runs one request's mixed batch at a time, in arrival order of the lock. Rows of
-one request are batched together (Pool.predict, batch_size rows per forward, any mix of adapters);
-rows of different requests are not merged. SIGTERM (or Ctrl-C) closes the listening socket, lets
-the requests in flight finish and answer, then exits. Localhost by default: the server has no
-authentication.
+The HTTP stack is uvicorn (h11) with Starlette (docs/design.md says why). What it keeps of the hand-written
+server it replaces: every client mistake is a JSON body {"error": "<one line>"} with a 4xx status, and the
+server goes on serving: a body that is not JSON, or JSON the decoder refuses (nesting too deep, an integer
+of thousands of digits), or no "inputs" list (400), empty inputs (400), unknown adapter or a missing,
+non-text or empty field (400, the Pool's own message), more rows than `max_batch` or a field longer than
+`max_input_chars` or a body past their product (413, refused before it is read), no Content-Length (411),
+an unknown path (404), a method no endpoint takes (405), and what the HTTP parser itself refuses (a garbage
+request line 400, no Host header on HTTP/1.1 400, a URL past 16 KiB 414, headers past 64 KiB or more than
+100 of them 431, an HTTP version other than 1.x 400): all JSON, never the parser's plain text (the `_Protocol` below answers for h11). /v1/ paths
+answer errors in OpenAI's shape {"error": {"message", "type", ...}}. A connection that has not sent a
+whole request line and headers within `timeout` seconds of opening (or of its last answer) is closed; a
+body that stops arriving is answered 408 after `timeout` seconds. At most `max_connections` connections
+are open at once; one more is answered 503 (JSON, Retry-After: 1) and closed. An unexpected exception in
+the model call is a 500 with its one line (and the traceback in the server's log). SIGTERM or Ctrl-C
+stops accepting, lets the requests in flight finish and answer (up to `timeout` + 5 s), then exits 0.
+Localhost by default: the server has no authentication.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 import traceback
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ptune.errors import PtuneError
+from ptune.infer import openai_api
+from ptune.infer.batcher import Job, Scheduler
+from ptune.infer.bodies import Refused, parse_inputs
 from ptune.infer.pool import ADAPTER_FIELD, Pool, parse_runs
+from ptune.infer.serve_metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("ptune.serve")
 
-DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch": 64, "max_input_chars": 4000, "batch_size": 16,
-            "max_threads": 64, "timeout": 10}
-# http.server's own refusals, as the status a client mistake gets (501 "Unsupported method": 405)
-# (and 505 "Invalid HTTP version": 400, the client's mistake like any other malformed request line)
-_LAYER_STATUS = {HTTPStatus.NOT_IMPLEMENTED: HTTPStatus.METHOD_NOT_ALLOWED,
-                 HTTPStatus.HTTP_VERSION_NOT_SUPPORTED: HTTPStatus.BAD_REQUEST}
+DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch": 64, "max_input_chars": 4000, "max_batch_rows": 32,
+            "max_wait_ms": 5, "max_connections": 256, "timeout": 10, "max_tokens": 256}
+MAX_HEADERS = 100  # as http.client / http.server count them
+MAX_URL = 16_384  # bytes of the request target
+MAX_HEAD = 65_536  # bytes of all header lines
+ENDPOINTS = {"/health": "GET", "/adapters": "GET", "/predict": "POST", "/metrics": "GET", "/v1/models": "GET",
+             "/v1/completions": "POST"}
 
 
-class Refused(Exception):
-    """A request the server answers with `status` and {"error": message}."""
+class Service:
+    """What the endpoints share: the pool, its scheduler, the limits and the metrics."""
 
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
+    def __init__(self, pool: Pool, max_batch: int, max_input_chars: int, max_batch_rows: int, max_wait_ms: float,
+                 timeout: float, max_tokens: int):
+        self.pool = pool
+        self.max_batch, self.max_input_chars, self.timeout, self.max_tokens = max_batch, max_input_chars, timeout, max_tokens
+        self.max_body = max_batch * (max_input_chars + 1024)  # every row at its largest, with room for field names
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(pool, max_batch_rows, max_wait_ms, self.metrics)
 
+    async def body(self, request: Request) -> bytes:
+        """The whole body within `timeout` seconds and `max_body` bytes, or Refused (411, 413, 408)."""
+        length = request.headers.get("content-length")
+        chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
+        if not chunked and (length is None or not length.isdigit()):
+            raise Refused(HTTPStatus.LENGTH_REQUIRED, f"POST {request.url.path} needs a Content-Length header")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                          f"the body has {length} bytes, more than this server's limit of {self.max_body}", close=True)
 
-def parse_inputs(body: bytes, max_batch: int, max_input_chars: int) -> list[dict]:
-    """The request's rows, or Refused with the one line that says what is wrong."""
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Refused(HTTPStatus.BAD_REQUEST, f"the body is not JSON: {str(e).splitlines()[0]}") from None
-    except RecursionError:
-        raise Refused(HTTPStatus.BAD_REQUEST, "the body's JSON nests too deeply; send flat rows") from None
-    except ValueError as e:  # e.g. an integer past Python's digit limit for int(str)
-        raise Refused(HTTPStatus.BAD_REQUEST, f"the body's JSON cannot be read: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("inputs"), list):
-        raise Refused(HTTPStatus.BAD_REQUEST, 'the body must be {"inputs": [{"adapter": "<name>", ...fields}, ...]}')
-    rows = data["inputs"]
-    if not rows:
-        raise Refused(HTTPStatus.BAD_REQUEST, "inputs is empty; send at least one row")
-    if len(rows) > max_batch:
-        raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                      f"{len(rows)} inputs, more than this server's max_batch={max_batch}; split the request")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise Refused(HTTPStatus.BAD_REQUEST, f"input {i} is not an object of named fields")
-        for key, value in row.items():
-            if isinstance(value, str) and len(value) > max_input_chars:
-                raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              f"input {i} field {key!r} has {len(value)} characters, more than this server's "
-                              f"max_input_chars={max_input_chars}")
-    return rows
+        async def read() -> bytes:
+            data = bytearray()
+            async for chunk in request.stream():
+                data += chunk
+                if len(data) > self.max_body:
+                    raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                  f"the body has more than this server's limit of {self.max_body} bytes", close=True)
+            return bytes(data)
 
-
-class BoundedServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with at most `max_threads` handler threads; a connection past them waits
-    in the listen queue. On close the requests in flight are given `drain_s` seconds to finish and
-    answer (their threads are joined up to then; they are daemon threads, so a stuck one cannot keep
-    the process from exiting)."""
-
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 1024
-
-    def __init__(self, address, handler, max_threads: int, drain_s: float):
-        self._slots = threading.BoundedSemaphore(max_threads)
-        self._closing = threading.Event()
-        self._active: set[threading.Thread] = set()
-        self._active_lock = threading.Lock()
-        self.drain_s = drain_s
-        super().__init__(address, handler)
-
-    def process_request(self, request, client_address):
-        while not self._slots.acquire(timeout=0.2):
-            if self._closing.is_set():
-                self.shutdown_request(request)
-                return
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
+            return await asyncio.wait_for(read(), self.timeout)
+        except TimeoutError:
+            raise Refused(HTTPStatus.REQUEST_TIMEOUT, f"the request body did not arrive within {self.timeout} s",
+                          close=True) from None
+
+    async def run(self, rows: list[dict], on_text=None, max_tokens=None, stop=()) -> list:
+        """The rows' Results through the scheduler (a cancelled await cancels the job)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def settle(results, error):
+            if not future.done():
+                future.set_exception(error) if error is not None else future.set_result(results)
+
+        job = Job(rows, lambda results, error: loop.call_soon_threadsafe(settle, results, error), on_text=on_text,
+                  max_tokens=max_tokens, stop=tuple(stop))
+        self.scheduler.submit(job)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            job.cancel()
             raise
 
-    def process_request_thread(self, request, client_address):
-        me = threading.current_thread()
-        with self._active_lock:
-            self._active.add(me)
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._active_lock:
-                self._active.discard(me)
-            self._slots.release()
 
-    def server_close(self):
-        """Stop accepting (the listening socket closes), then let the requests in flight answer."""
-        self._closing.set()
-        super().server_close()
-        deadline = time.monotonic() + self.drain_s
-        with self._active_lock:
-            active = list(self._active)
-        for t in active:
-            t.join(max(0.0, deadline - time.monotonic()))
+def _error(status: int, line: str, path: str, close: bool = False) -> JSONResponse:
+    """{"error": line}, or OpenAI's error object under /v1/."""
+    payload = {"error": line}
+    if path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        payload = {"error": {"message": line, "type": kind, "param": None, "code": None}}
+    headers = {"Connection": "close"} if close else None
+    return JSONResponse(payload, status_code=status, headers=headers)
+
+
+def make_app(service: Service) -> Starlette:
+    pool = service.pool
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "adapters": len(pool.names)})
+
+    async def adapters(request):
+        return JSONResponse({"adapters": pool.info()})
+
+    async def metrics(request):
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    async def predict(request):
+        rows = parse_inputs(await service.body(request), service.max_batch, service.max_input_chars)
+        pool.check(rows)  # a bad row costs no model time
+        results = await service.run(rows)
+        default = pool.names[0]
+        return JSONResponse({"outputs": [{"adapter": r.get(ADAPTER_FIELD, default), "prediction": res.text}
+                                         for r, res in zip(rows, results)]})
+
+    routes = [Route("/health", health, methods=["GET"]), Route("/adapters", adapters, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"]), Route("/predict", predict, methods=["POST"]),
+              *openai_api.routes(service)]
+
+    async def http_error(request, exc: HTTPException):
+        path = request.url.path
+        if exc.status_code == 404:
+            return _error(404, f"no endpoint {path}; use {_listing()}", path)
+        if exc.status_code == 405:
+            return _error(405, f"{request.method} {path}: use {ENDPOINTS.get(path, 'another method')}", path)
+        return _error(exc.status_code, str(exc.detail).splitlines()[0], path)
+
+    async def refused(request, exc: Refused):
+        return _error(exc.status, str(exc), request.url.path, exc.close)
+
+    async def ptune_error(request, exc: PtuneError):
+        return _error(400, str(exc), request.url.path)
+
+    async def server_error(request, exc: Exception):  # Starlette answers with it, then re-raises to _Guard (logged)
+        line = str(exc).splitlines()[0] if str(exc) else ""
+        return _error(500, f"{type(exc).__name__}: {line}", request.url.path)
+
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Refused: refused,
+                                                       PtuneError: ptune_error, Exception: server_error})
+    return _Guard(app, service)
+
+
+def _listing() -> str:
+    return ", ".join(f"{m} {p}" for p, m in ENDPOINTS.items())
+
+
+class _Guard:
+    """The ASGI app around Starlette: refuses what the parser let through (too many headers, HTTP/2+ request
+    lines), answers every Refused / PtuneError / exception as one JSON line, and counts requests."""
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        t0 = time.monotonic()
+        started = {}
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                started["status"] = message["status"]
+            await send(message)
+
+        try:
+            if len(scope.get("raw_path", b"")) + len(scope.get("query_string", b"")) > MAX_URL:
+                raise Refused(HTTPStatus.REQUEST_URI_TOO_LONG, f"the URL is longer than {MAX_URL} bytes", close=True)
+            if len(scope["headers"]) > MAX_HEADERS:
+                raise Refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                              f"{len(scope['headers'])} header lines, more than {MAX_HEADERS}", close=True)
+            if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > MAX_HEAD:
+                raise Refused(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"the headers are longer than {MAX_HEAD} "
+                              f"bytes", close=True)
+            if scope.get("http_version") not in ("1.0", "1.1"):
+                raise Refused(HTTPStatus.BAD_REQUEST, f"HTTP/{scope.get('http_version')} is not served; use HTTP/1.1",
+                              close=True)
+            await self.app(scope, receive, sending)
+            response = None
+        except Refused as e:
+            response = _error(e.status, str(e), path, e.close)
+        except PtuneError as e:
+            response = _error(400, str(e), path)
+        except ClientDisconnect:
+            return
+        except Exception as e:  # noqa: BLE001 -- one request fails, the server stays up
+            log.error("request failed:\n%s", traceback.format_exc())
+            line = str(e).splitlines()[0] if str(e) else ""
+            response = _error(500, f"{type(e).__name__}: {line}", path)
+        if response is not None and "status" not in started:
+            await response(scope, receive, sending)
+        endpoint = path if path in ENDPOINTS else "other"
+        self.service.metrics.answered(endpoint, started.get("status", 500), time.monotonic() - t0)
+
+
+class _Conn(h11.Connection):
+    """h11's connection, keeping the protocol error it raised (uvicorn's handler drops it)."""
+
+    error: h11.RemoteProtocolError | None = None
+
+    def next_event(self):
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as e:
+            self.error = e
+            raise
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol with ptune's connection rules (module docstring): JSON for the parser's own
+    refusals (400, 414, 431), a deadline for the request line and headers, a cap on open connections."""
+
+    def __init__(self, config, server_state, app_state, _loop=None):
+        super().__init__(config, server_state, app_state, _loop)
+        self.conn = _Conn(h11.SERVER, self.conn._max_incomplete_event_size)
+        self.limits = config.ptune_limits
+        self._deadline = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        if len(self.connections) > self.limits["max_connections"]:
+            self._raw(503, f"more than max_connections={self.limits['max_connections']} connections are open; "
+                           f"retry shortly", retry=True)
+            return
+        self._arm()
+
+    def _arm(self):
+        self._disarm()
+        self._deadline = self.loop.call_later(self.limits["timeout"], self._headers_late)
+
+    def _disarm(self):
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_late(self):
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+    def handle_events(self):
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:
+            self._disarm()  # a whole request line and headers: the app's own timeout covers the body
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc):
+        self._disarm()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        error = self.conn.error
+        status, line = 400, f"the request cannot be parsed: {error}" if error else msg
+        if error is not None and error.error_status_hint == 431:
+            head = self.conn.trailing_data[0]
+            if b"\r\n" not in head and b"\n" not in head:
+                status, line = 414, "the request line (URL) is longer than this server reads"
+            else:
+                status, line = 431, "the request headers are longer than this server reads"
+        self._raw(status, line)
+
+    def _raw(self, status: int, line: str, retry: bool = False) -> None:
+        body = json.dumps({"error": line}).encode()
+        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n" + ("retry-after: 1\r\n" if retry else "") + "\r\n")
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server without its own signal handlers: `serve` installs ptune's (the ready line comes after them)."""
+
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
+class Server:
+    """A bound, not yet serving server: serve_forever() in any thread, shutdown() from another,
+    server_close() after (server_address: the bound (host, port); port 0 lets the OS pick)."""
+
+    def __init__(self, service: Service, host: str, port: int, max_connections: int, timeout: float):
+        self.service = service
+        self.sock = socket.create_server((host, port), backlog=1024)
+        self.server_address = self.sock.getsockname()[:2]
+        config = uvicorn.Config(make_app(service), http=_Protocol, lifespan="off", log_config=None, access_log=False,
+                                h11_max_incomplete_event_size=MAX_URL + MAX_HEAD,
+                                timeout_keep_alive=timeout, timeout_graceful_shutdown=timeout + 5, backlog=1024)
+        config.ptune_limits = {"max_connections": max_connections, "timeout": timeout}
+        self._uv = _Uvicorn(config)
+        self._stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        self.service.scheduler.start()
+        try:
+            asyncio.run(self._uv.serve(sockets=[self.sock]))
+        finally:
+            self._stopped.set()
+
+    def stop_soon(self) -> None:
+        """Graceful stop (a second call: stop without waiting for the requests in flight)."""
+        if self._uv.should_exit:
+            self._uv.force_exit = True
+        self._uv.should_exit = True
+
+    def shutdown(self) -> None:
+        self.stop_soon()
+        self._stopped.wait(60)
+
+    def server_close(self) -> None:
+        self.service.scheduler.stop(timeout=self.service.timeout + 5)
+        self.sock.close()
 
 
 def make_server(pool: Pool, host: str = DEFAULTS["host"], port: int = DEFAULTS["port"],
                 max_batch: int = DEFAULTS["max_batch"], max_input_chars: int = DEFAULTS["max_input_chars"],
-                batch_size: int = DEFAULTS["batch_size"], max_threads: int = DEFAULTS["max_threads"],
-                timeout: int = DEFAULTS["timeout"]) -> BoundedServer:
-    """A bound, not yet serving server (port 0: the OS picks one; see server.server_address)."""
-    lock = threading.Lock()
-    max_body = max_batch * (max_input_chars + 1024)  # every row at its largest, with room for field names
+                max_batch_rows: int = DEFAULTS["max_batch_rows"], max_wait_ms: float = DEFAULTS["max_wait_ms"],
+                max_connections: int = DEFAULTS["max_connections"], timeout: float = DEFAULTS["timeout"],
+                max_tokens: int = DEFAULTS["max_tokens"]) -> Server:
+    """A bound, not yet serving server (see Server)."""
+    for key, value, least in (("max_batch", max_batch, 1), ("max_input_chars", max_input_chars, 1),
+                              ("max_connections", max_connections, 1), ("max_tokens", max_tokens, 1)):
+        if int(value) < least:
+            raise PtuneError(f"{key}={value} is invalid: at least {least}")
+    if float(timeout) <= 0:
+        raise PtuneError(f"timeout={timeout} is invalid: seconds > 0")
+    service = Service(pool, int(max_batch), int(max_input_chars), max_batch_rows, max_wait_ms, float(timeout),
+                      int(max_tokens))
+    return Server(service, host, port, int(max_connections), float(timeout))
 
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "ptune"
 
-        def setup(self):
-            self.timeout = timeout  # StreamRequestHandler puts it on the socket: every read waits at most this
-            super().setup()
-
-        def log_message(self, fmt, *args):  # through logging, not raw stderr lines
-            log.info("%s %s", self.address_string(), fmt % args)
-
-        def send_error(self, code, message=None, explain=None):
-            """http.server's own refusals (bad request line, long headers, unknown method, ...) as
-            one-line JSON instead of its HTML page."""
-            status = _LAYER_STATUS.get(HTTPStatus(code), HTTPStatus(code))
-            line = (message or HTTPStatus(code).phrase).splitlines()[0]
-            if status == HTTPStatus.METHOD_NOT_ALLOWED:
-                line = f"method {self.command!r} is not served; use GET /health, GET /adapters, POST /predict"
-            self.close_connection = True
-            if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9":  # unparsed line: answer with a status line
-                self.request_version = "HTTP/1.0"
-            try:
-                self._send(status, {"error": line})
-            except OSError:  # the client is gone
-                pass
-
-        def _send(self, status: HTTPStatus, payload: dict) -> None:
-            body = json.dumps(payload).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _answer(self, work) -> None:
-            try:
-                self._send(HTTPStatus.OK, work())
-            except Refused as e:
-                self._send(e.status, {"error": str(e)})
-            except TimeoutError:
-                self.close_connection = True
-                self._send(HTTPStatus.REQUEST_TIMEOUT, {"error": f"the request body did not arrive within {timeout} s"})
-            except PtuneError as e:
-                self._send(HTTPStatus.BAD_REQUEST, {"error": str(e)})
-            except Exception as e:  # noqa: BLE001 -- one request fails, the server stays up
-                log.error("request failed:\n%s", traceback.format_exc())
-                line = str(e).splitlines()[0] if str(e) else ""
-                self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {line}"})
-
-        def do_GET(self):  # noqa: N802 -- http.server's naming
-            if self.path == "/health":
-                return self._answer(lambda: {"status": "ok", "adapters": len(pool.names)})
-            if self.path == "/adapters":
-                return self._answer(lambda: {"adapters": pool.info()})
-            return self._refuse_path("GET")
-
-        def do_POST(self):  # noqa: N802
-            if self.path != "/predict":
-                return self._refuse_path("POST")
-            return self._answer(self._predict)
-
-        def _refuse_path(self, method: str) -> None:
-            known = {"/health": "GET", "/adapters": "GET", "/predict": "POST"}
-            if self.path in known:
-                status, msg = HTTPStatus.METHOD_NOT_ALLOWED, f"{method} {self.path}: use {known[self.path]}"
-            else:
-                status, msg = HTTPStatus.NOT_FOUND, f"no endpoint {self.path}; use GET /health, GET /adapters, POST /predict"
-            self._send(status, {"error": msg})
-
-        def do_PUT(self):  # noqa: N802 -- and DELETE, PATCH: no endpoint takes them
-            self._refuse_path(self.command)
-
-        do_DELETE = do_PATCH = do_PUT
-
-        def _predict(self) -> dict:
-            length = self.headers.get("Content-Length")
-            if length is None or not length.isdigit():
-                raise Refused(HTTPStatus.LENGTH_REQUIRED, "POST /predict needs a Content-Length header")
-            if int(length) > max_body:
-                self.close_connection = True  # the unread body is dropped with the connection
-                raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                              f"the body has {length} bytes, more than this server's limit of {max_body}")
-            rows = parse_inputs(self.rfile.read(int(length)), max_batch, max_input_chars)
-            pool.check(rows)  # a bad row costs no model time and never waits for the lock
-            with lock:
-                preds = pool.predict(rows, batch_size)
-            default = pool.names[0]
-            return {"outputs": [{"adapter": r.get(ADAPTER_FIELD, default), "prediction": p}
-                                for r, p in zip(rows, preds)]}
-
-    return BoundedServer((host, port), Handler, max_threads, drain_s=timeout + 5)
+_serving: list[Server] = []
 
 
 def _interrupt(signum, frame):
+    """SIGINT / SIGTERM: a serving server stops gracefully (a second one: at once); before it serves, stop here."""
+    if _serving:
+        _serving[-1].stop_soon()
+        return
     raise KeyboardInterrupt
 
 
-def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int, batch_size: int,
-          max_threads: int = DEFAULTS["max_threads"], timeout: int = DEFAULTS["timeout"], which: str = "adapter",
-          trust_remote_code: bool = False) -> int:
-    """Load the runs, serve until Ctrl-C or SIGTERM, then close the socket and answer the requests in
-    flight. Prints the URL once bound."""
-
+def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int,
+          max_batch_rows: int = DEFAULTS["max_batch_rows"], max_wait_ms: float = DEFAULTS["max_wait_ms"],
+          max_connections: int = DEFAULTS["max_connections"], timeout: float = DEFAULTS["timeout"],
+          max_tokens: int = DEFAULTS["max_tokens"], which: str = "adapter", trust_remote_code: bool = False) -> int:
+    """Load the runs, serve until Ctrl-C or SIGTERM, then answer the requests in flight and exit.
+    Prints the URL once bound."""
     pool = Pool.load(parse_runs(spec), which, trust_remote_code)
     try:
-        server = make_server(pool, host, port, max_batch, max_input_chars, batch_size, max_threads, timeout)
+        server = make_server(pool, host, port, max_batch, max_input_chars, max_batch_rows, max_wait_ms,
+                             max_connections, timeout, max_tokens)
     except OSError as e:
         raise PtuneError(f"cannot listen on {host}:{port}: {e.strerror}; choose another port= (port=0: any free one)") from None
-    bound_host, bound_port = server.server_address[:2]
+    bound_host, bound_port = server.server_address
     if threading.current_thread() is threading.main_thread():  # a process manager's SIGTERM stops it like Ctrl-C
         # Ctrl-C too, explicitly: a process started in the background (a shell's `&`, some supervisors) inherits
         # SIGINT ignored or blocked, and Python then installs no KeyboardInterrupt handler of its own. Before the
@@ -261,12 +407,16 @@ def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int,
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.signal(signal.SIGINT, _interrupt)
         signal.signal(signal.SIGTERM, _interrupt)
-    try:  # from here a Ctrl-C raises KeyboardInterrupt, the ready line included
+    try:  # from here a Ctrl-C raises KeyboardInterrupt until the server serves, then stops it gracefully
         print(f"serving {len(pool.names)} adapter(s) ({', '.join(pool.names)}) at http://{bound_host}:{bound_port} "
               f"(Ctrl-C stops)", flush=True)
+        _serving.append(server)
         server.serve_forever()
+        print("stopped", flush=True)
     except KeyboardInterrupt:
         print("stopped", flush=True)
     finally:
+        if server in _serving:
+            _serving.remove(server)
         server.server_close()
     return 0
