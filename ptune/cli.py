@@ -45,7 +45,7 @@ commands:
             several runs on one backbone, rows naming their "adapter": run=sst2:<dir>,e2e:<dir>
   serve     answer JSON over HTTP with one or several runs: ptune serve run=<dir>[,<dir>...] [host=127.0.0.1]
             [port=8000] [max_batch=64] [max_input_chars=4000] [max_batch_rows=32] [max_wait_ms=5]
-            [max_connections=256] [timeout=10] [max_tokens=256]  (POST /predict, GET /adapters, GET /metrics,
+            [max_connections=256] [timeout=10] [max_tokens=256] [workers=1]  (POST /predict, GET /adapters, GET /metrics,
             OpenAI-compatible GET /v1/models and POST /v1/completions; rows of all clients batched together)
   export    write a run's adapter in PEFT's format (peft.PeftModel.from_pretrained loads it):
             ptune export run=<run dir> out=<new dir> [format=peft] [adapter=adapter|adapter_best]

@@ -254,7 +254,7 @@ COMMAND_KEYS = {
     "output": None, "input": None, "out": None, "format": None, "task": None, "label_map": None, "ensemble": None,
     "host": _text, "port": _whole(0, 65535), "max_batch": _whole(1, 100_000), "max_input_chars": _whole(1, 10**8),
     "max_batch_rows": _whole(1, 4096), "max_wait_ms": _whole(0, 60_000), "max_connections": _whole(1, 100_000),
-    "max_tokens": _whole(1, 100_000), "timeout": _whole(1, 3600), "trust_remote_code": _bool,
+    "max_tokens": _whole(1, 100_000), "workers": _whole(1, 256), "timeout": _whole(1, 3600), "trust_remote_code": _bool,
 }
 # What every run-loading command takes: the run, which adapter, batch size, and whether the model's
 # own code may run (only ever from the command line: ptune.build.load_run).

@@ -203,7 +203,44 @@ def test_the_commands_server_keys_reach_the_server(run, monkeypatch):
     assert {k: v for k, v in seen.items() if k != "pool"} == dict(
         host="127.0.0.1", port=0, max_batch=5, max_input_chars=99, max_batch_rows=2, max_wait_ms=11, max_connections=3,
         timeout=7, max_tokens=9)
-    assert set(seen) - {"pool"} == set(serve_module.DEFAULTS)
+    assert set(seen) - {"pool"} == set(serve_module.DEFAULTS) - {"workers"}  # workers: the next test
+
+
+def test_workers_start_replicas_with_every_key(run, monkeypatch):
+    from ptune.infer import serve as serve_module
+
+    seen = {}
+    monkeypatch.setattr(serve_module, "_replicas", lambda *a: seen.update(args=a) or 0)
+    argv = ["serve", f"run={run}", "port=0", "workers=3", "max_batch_rows=2", "max_wait_ms=11", "timeout=7"]
+    assert main(argv) == 0
+    spec, host, port, workers, keys, which, trust = seen["args"]
+    assert (spec, host, port, workers, which, trust) == (str(run), "127.0.0.1", 0, 3, "adapter", False)
+    assert keys == dict(max_batch=64, max_input_chars=4000, max_batch_rows=2, max_wait_ms=11, max_connections=256,
+                        timeout=7, max_tokens=256)
+
+
+@pytest.mark.slow  # three processes
+def test_two_replicas_answer_behind_one_port_and_stop_on_sigterm(run, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "ptune", "serve", f"run={run}", "port=0", "workers=2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert "in 2 replica processes" in line, line
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        replicas, deadline = set(), time.monotonic() + 120
+        while len(replicas) < 2 and time.monotonic() < deadline:  # new connections until both have answered
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                reply = b"".join(iter(lambda: s.recv(65536), b""))
+                assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+                head = reply.partition(b"\r\n\r\n")[0].lower()
+                replicas.add(head.split(b"x-ptune-replica: ")[1].split(b"\r\n")[0])
+        assert len(replicas) == 2 and str(proc.pid).encode() not in replicas
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0 and proc.stdout.read().strip().endswith("stopped")
+    finally:
+        proc.kill()
 
 
 def test_batch_size_is_refused_by_serve_with_its_replacement(run, capsys):

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -54,7 +55,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.supervisors import Multiprocess
 
+from ptune.build import load_run
 from ptune.errors import PtuneError
 from ptune.infer import openai_api
 from ptune.infer.batcher import Job, Scheduler
@@ -65,7 +68,9 @@ from ptune.infer.serve_metrics import CONTENT_TYPE, Metrics
 log = logging.getLogger("ptune.serve")
 
 DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch": 64, "max_input_chars": 4000, "max_batch_rows": 32,
-            "max_wait_ms": 5, "max_connections": 256, "timeout": 10, "max_tokens": 256}
+            "max_wait_ms": 5, "max_connections": 256, "timeout": 10, "max_tokens": 256, "workers": 1}
+REPLICA_ENV = "PTUNE_SERVE_REPLICA"  # a replica process's settings (workers > 1), JSON
+PID = str(os.getpid()).encode()  # which replica answered (header x-ptune-replica), set again in each replica
 MAX_HEADERS = 100  # as http.client / http.server count them
 MAX_URL = 16_384  # bytes of the request target
 MAX_HEAD = 65_536  # bytes of all header lines
@@ -206,6 +211,7 @@ class _Guard:
         async def sending(message):
             if message["type"] == "http.response.start":
                 started["status"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-ptune-replica", PID)]}
             await send(message)
 
         try:
@@ -359,18 +365,25 @@ class Server:
         self.sock.close()
 
 
+def make_server_checks(max_batch, max_input_chars, max_batch_rows, max_wait_ms, max_connections, timeout,
+                       max_tokens) -> None:
+    """One PtuneError line for a server key out of range (the CLI checks its text first: ptune.config)."""
+    for key, value, least in (("max_batch", max_batch, 1), ("max_input_chars", max_input_chars, 1),
+                              ("max_batch_rows", max_batch_rows, 1), ("max_wait_ms", max_wait_ms, 0),
+                              ("max_connections", max_connections, 1), ("max_tokens", max_tokens, 1)):
+        if float(value) < least:
+            raise PtuneError(f"{key}={value} is invalid: at least {least}")
+    if float(timeout) <= 0:
+        raise PtuneError(f"timeout={timeout} is invalid: seconds > 0")
+
+
 def make_server(pool: Pool, host: str = DEFAULTS["host"], port: int = DEFAULTS["port"],
                 max_batch: int = DEFAULTS["max_batch"], max_input_chars: int = DEFAULTS["max_input_chars"],
                 max_batch_rows: int = DEFAULTS["max_batch_rows"], max_wait_ms: float = DEFAULTS["max_wait_ms"],
                 max_connections: int = DEFAULTS["max_connections"], timeout: float = DEFAULTS["timeout"],
                 max_tokens: int = DEFAULTS["max_tokens"]) -> Server:
     """A bound, not yet serving server (see Server)."""
-    for key, value, least in (("max_batch", max_batch, 1), ("max_input_chars", max_input_chars, 1),
-                              ("max_connections", max_connections, 1), ("max_tokens", max_tokens, 1)):
-        if int(value) < least:
-            raise PtuneError(f"{key}={value} is invalid: at least {least}")
-    if float(timeout) <= 0:
-        raise PtuneError(f"timeout={timeout} is invalid: seconds > 0")
+    make_server_checks(max_batch, max_input_chars, max_batch_rows, max_wait_ms, max_connections, timeout, max_tokens)
     service = Service(pool, int(max_batch), int(max_input_chars), max_batch_rows, max_wait_ms, float(timeout),
                       int(max_tokens))
     return Server(service, host, port, int(max_connections), float(timeout))
@@ -390,26 +403,22 @@ def _interrupt(signum, frame):
 def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int,
           max_batch_rows: int = DEFAULTS["max_batch_rows"], max_wait_ms: float = DEFAULTS["max_wait_ms"],
           max_connections: int = DEFAULTS["max_connections"], timeout: float = DEFAULTS["timeout"],
-          max_tokens: int = DEFAULTS["max_tokens"], which: str = "adapter", trust_remote_code: bool = False) -> int:
+          max_tokens: int = DEFAULTS["max_tokens"], workers: int = DEFAULTS["workers"], which: str = "adapter",
+          trust_remote_code: bool = False) -> int:
     """Load the runs, serve until Ctrl-C or SIGTERM, then answer the requests in flight and exit.
-    Prints the URL once bound."""
+    Prints the URL once bound. workers > 1: that many replica processes behind the one port (`_replicas`)."""
+    keys = dict(max_batch=max_batch, max_input_chars=max_input_chars, max_batch_rows=max_batch_rows,
+                max_wait_ms=max_wait_ms, max_connections=max_connections, timeout=timeout, max_tokens=max_tokens)
+    if int(workers) > 1:
+        return _replicas(spec, host, port, int(workers), keys, which, trust_remote_code)
     pool = Pool.load(parse_runs(spec), which, trust_remote_code)
     try:
-        server = make_server(pool, host, port, max_batch, max_input_chars, max_batch_rows, max_wait_ms,
-                             max_connections, timeout, max_tokens)
+        server = make_server(pool, host, port, **keys)
     except OSError as e:
         raise PtuneError(f"cannot listen on {host}:{port}: {e.strerror}; choose another port= (port=0: any free one)") from None
-    bound_host, bound_port = server.server_address
-    if threading.current_thread() is threading.main_thread():  # a process manager's SIGTERM stops it like Ctrl-C
-        # Ctrl-C too, explicitly: a process started in the background (a shell's `&`, some supervisors) inherits
-        # SIGINT ignored or blocked, and Python then installs no KeyboardInterrupt handler of its own. Before the
-        # line below, which tells a caller the server is up: a Ctrl-C sent as soon as it reads it must stop it.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-        signal.signal(signal.SIGINT, _interrupt)
-        signal.signal(signal.SIGTERM, _interrupt)
+    _own_signals()
     try:  # from here a Ctrl-C raises KeyboardInterrupt until the server serves, then stops it gracefully
-        print(f"serving {len(pool.names)} adapter(s) ({', '.join(pool.names)}) at http://{bound_host}:{bound_port} "
-              f"(Ctrl-C stops)", flush=True)
+        _ready(pool.names, server.server_address)
         _serving.append(server)
         server.serve_forever()
         print("stopped", flush=True)
@@ -420,3 +429,63 @@ def serve(spec: str, host: str, port: int, max_batch: int, max_input_chars: int,
             _serving.remove(server)
         server.server_close()
     return 0
+
+
+def _own_signals() -> None:
+    if threading.current_thread() is threading.main_thread():  # a process manager's SIGTERM stops it like Ctrl-C
+        # Ctrl-C too, explicitly: a process started in the background (a shell's `&`, some supervisors) inherits
+        # SIGINT ignored or blocked, and Python then installs no KeyboardInterrupt handler of its own. Before the
+        # ready line, which tells a caller the server is up: a Ctrl-C sent as soon as it reads it must stop it.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.signal(signal.SIGINT, _interrupt)
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _ready(names: list[str], address, replicas: int = 1) -> None:
+    where = f" in {replicas} replica processes" if replicas > 1 else ""
+    print(f"serving {len(names)} adapter(s) ({', '.join(names)}) at http://{address[0]}:{address[1]}{where} "
+          f"(Ctrl-C stops)", flush=True)
+
+
+def _replicas(spec: str, host: str, port: int, workers: int, keys: dict, which: str, trust_remote_code: bool) -> int:
+    """`workers` replica processes behind one port, through uvicorn's own process supervisor: the port is bound
+    here, each replica (a spawned process) loads the runs and serves on the shared socket with its own backbone,
+    scheduler and metrics; the kernel hands each new connection to one of them. SIGTERM / Ctrl-C: uvicorn
+    stops every replica gracefully (each answers its requests in flight)."""
+    runs = parse_runs(spec)
+    for path in runs.values():  # a bad run fails here in one line, not in every replica
+        load_run(path, trust_remote_code)
+    make_server_checks(**keys)
+    try:
+        sock = socket.create_server((host, port), backlog=1024)
+    except OSError as e:
+        raise PtuneError(f"cannot listen on {host}:{port}: {e.strerror}; choose another port= (port=0: any free one)") from None
+    os.environ[REPLICA_ENV] = json.dumps({"spec": spec, "which": which, "trust_remote_code": trust_remote_code, **keys})
+    config = uvicorn.Config(f"{__name__}:replica_app", factory=True, http=_Protocol, workers=workers, lifespan="off",
+                            log_config=None, access_log=False, timeout_keep_alive=float(keys["timeout"]),
+                            timeout_graceful_shutdown=float(keys["timeout"]) + 5, h11_max_incomplete_event_size=MAX_URL + MAX_HEAD)
+    config.ptune_limits = {"max_connections": int(keys["max_connections"]), "timeout": float(keys["timeout"])}
+    _own_signals()
+    try:
+        _ready(list(runs), sock.getsockname()[:2], workers)
+        Multiprocess(config, sockets=[sock]).run()  # its own signal handlers and health checks
+        print("stopped", flush=True)
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        sock.close()
+    return 0
+
+
+def replica_app():
+    """One replica's app (uvicorn's factory, in a process `_replicas` spawned): the settings from REPLICA_ENV."""
+    global PID
+    PID = str(os.getpid()).encode()
+    s = json.loads(os.environ[REPLICA_ENV])
+    pool = Pool.load(parse_runs(s["spec"]), s["which"], s["trust_remote_code"])
+    make_server_checks(**{k: s[k] for k in ("max_batch", "max_input_chars", "max_connections", "timeout", "max_tokens")},
+                       max_batch_rows=s["max_batch_rows"], max_wait_ms=s["max_wait_ms"])
+    service = Service(pool, int(s["max_batch"]), int(s["max_input_chars"]), s["max_batch_rows"], s["max_wait_ms"],
+                      float(s["timeout"]), int(s["max_tokens"]))
+    service.scheduler.start()  # a daemon thread: uvicorn drains the requests in flight before the process ends
+    return make_app(service)
