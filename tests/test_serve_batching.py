@@ -11,6 +11,7 @@ import time
 
 import openai
 import pytest
+import torch
 
 from conftest import CAUSAL, MRS, build_pool
 from ptune.infer.batcher import Job, Scheduler
@@ -261,3 +262,22 @@ def test_a_failing_row_fails_its_request_only(pool, monkeypatch):
     wait(bad[1], good[1])
     sched.stop()
     assert "exploded" in str(bad[2]["error"]) and good[2]["results"][0].text in ("negative", "positive")
+
+
+def test_a_beam_search_run_is_served_with_its_beams(data_dir):
+    specs = {"beam": [*CAUSAL["gen_prefix"], "task.decoding=beam", "task.num_beams=3"], "greedy": CAUSAL["gen_prefix"]}
+    pool = build_pool("tiny-llama", specs)
+    with torch.no_grad():  # the same tensors: only the decoding differs
+        for p, q in zip(pool.adapters["beam"].method.parameters(), pool.adapters["greedy"].method.parameters()):
+            p.copy_(q)
+    rows = [{"adapter": "beam", "mr": mr} for mr in MRS] + [{"adapter": "greedy", "mr": MRS[0]}]
+    sched = Scheduler(pool, max_batch_rows=4, max_wait_ms=0)
+    job = submit(sched, rows)
+    sched.start()
+    wait(job[1])
+    sched.stop()
+    method, task = pool.alone("beam")
+    want = task.predict(method, [{"mr": mr} for mr in MRS], 4)
+    assert [r.text for r in job[2]["results"]] == want + [pool.generate([rows[-1]])[0]]
+    assert pool.predict(rows) == want + [pool.generate([rows[-1]])[0]]
+    assert want != [pool.generate([{"adapter": "greedy", "mr": mr}])[0] for mr in MRS]  # beams decode otherwise

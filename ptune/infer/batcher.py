@@ -12,7 +12,9 @@ Requests (`Job`s) queue their rows; each turn of the thread's loop:
    queued, it waits up to `max_wait_ms` after the oldest queued row for more rows to arrive;
 2. **classification**: takes up to `max_batch_rows` classification rows and runs them as ONE mixed
    forward (`Pool.class_scores` of the encoded rows: any mix of adapters, heads and methods);
-3. **generation**: the running decoder (`ptune.infer.continuous.Decoder`) takes as many queued
+3. **beam search** (runs with task.decoding=beam): up to `max_batch_rows` of their rows, decoded by each
+   run's own task, adapter by adapter (a beam is not a row of the decoding batch);
+4. **generation**: the running decoder (`ptune.infer.continuous.Decoder`) takes as many queued
    generation rows as it has free places (`max_batch_rows` rows decode at once), prefills them, and
    every running row gets one token; rows that end leave the batch at that token.
 
@@ -78,6 +80,7 @@ class Job:
     queued: int = field(init=False)
     cls_rows: deque = field(init=False, default_factory=deque)
     gen_rows: deque = field(init=False, default_factory=deque)
+    beam_rows: deque = field(init=False, default_factory=deque)
     running: list = field(init=False, default_factory=list)
 
     def __post_init__(self):
@@ -192,13 +195,16 @@ class Scheduler:
             for job in list(self._jobs):
                 if job.cancelled or job.failed:
                     self._drop(job)
-                elif not job.cls_rows and not job.gen_rows and not job.running and job.left:
+                elif job.queued == job.left == len(job.rows) and not (job.cls_rows or job.gen_rows or job.beam_rows):
                     self._admit(job)  # first turn: encode its rows (tokenizer: this thread only)
             cls_take = self._round_robin("cls_rows", self.max_batch_rows)
+            beam_take = self._round_robin("beam_rows", self.max_batch_rows)
             free = self.max_batch_rows - (len(self.decoder.rows) if self.decoder else 0)
             gen_take = self._round_robin("gen_rows", free) if self.decoder else []
         if cls_take:
             self._classify(cls_take)
+        if beam_take:
+            self._beams(beam_take)
         if gen_take:
             self._join(gen_take)
         elif self._decoding():
@@ -214,7 +220,9 @@ class Scheduler:
             self._fail(job, e)
             return
         for i, e in enumerate(encoded):
-            if self.pool._served(e) == "text":
+            if self.pool.adapters[self.pool.names[e["adapter"]]].decodes_alone:
+                job.beam_rows.append((i, e))
+            elif self.pool._served(e) == "text":
                 job.gen_rows.append((i, e))
             else:
                 job.cls_rows.append((i, e))
@@ -254,6 +262,24 @@ class Scheduler:
         for (job, i, e), s in zip(taken, scores):
             labels = self.pool.adapters[self.pool.names[e["adapter"]]].task.labels
             self._answer(job, i, Result(labels[int(s.argmax())], "stop", len(e["ids"]), 0))
+
+    def _beams(self, taken: list[tuple[Job, int, dict]]) -> None:
+        """Rows of beam-search adapters: decoded by their own task, adapter by adapter (Pool.decode_alone)."""
+        rows = [job.rows[i] for job, i, _ in taken]
+        try:
+            texts = self.pool.decode_alone(rows, list(range(len(rows))), self.max_batch_rows)
+        except Exception as e:  # noqa: BLE001
+            for job in {id(j): j for j, _, _ in taken}.values():
+                self._fail(job, e)
+            return
+        self._observe("beam", [self.pool.names[e["adapter"]] for _, _, e in taken])
+        tok = self.pool.backbone.tokenizer
+        for k, (job, i, e) in enumerate(taken):
+            text = texts[k]
+            if job.stop:
+                cut = [text.index(s) for s in job.stop if s in text]
+                text = text[:min(cut)].strip() if cut else text
+            self._answer(job, i, Result(text, "stop", len(e["ids"]), len(tok(text, add_special_tokens=False)["input_ids"])))
 
     def _join(self, taken: list[tuple[Job, int, dict]]) -> None:
         rows = []
@@ -296,6 +322,7 @@ class Scheduler:
         self._dequeued(job, job.queued)
         job.cls_rows.clear()
         job.gen_rows.clear()
+        job.beam_rows.clear()
         if job in self._jobs and not job.running:
             self._jobs.remove(job)
 

@@ -9,8 +9,9 @@ with `model` naming an adapter.
 `prompt` fills the adapter's one input field (E2E's `mr`, SST-2's `sentence`); a task of several fields
 (RTE's premise and hypothesis) takes them as `fields` instead ({"premise": ..., "hypothesis": ...} or a list
 of such, one per choice; the openai client sends it with `extra_body`). A generation adapter answers with
-its decoded line (greedy, as `ptune predict`), up to `max_tokens` new tokens (default: its task's
-max_new_tokens; at most the server's max_tokens); a classification adapter answers with its label.
+its decoded line (as `ptune predict`: greedy, continuously batched, up to `max_tokens` new tokens, default
+its task's max_new_tokens, at most the server's max_tokens; a task.decoding=beam run with its beams,
+alone, to its task's max_new_tokens); a classification adapter answers with its label.
 `stop` (up to 4 strings) ends a line where one first appears. `stream: true` sends server-sent events,
 one chunk per piece of text as the continuous decoder produces it, a last chunk per choice with its
 finish_reason, a usage chunk with `stream_options: {"include_usage": true}`, then `data: [DONE]`.
@@ -84,6 +85,9 @@ def routes(service) -> list[Route]:
                                        or not 1 <= max_tokens <= service.max_tokens):
             raise Refused(400, f"max_tokens={max_tokens!r} is invalid: an integer from 1 to this server's "
                                f"max_tokens={service.max_tokens}")
+        if max_tokens is not None and pool.adapters[name].decodes_alone:
+            raise Refused(400, f"adapter {name!r} decodes with beam search up to its task's max_new_tokens="
+                               f"{pool.adapters[name].task.max_new_tokens}; max_tokens is not applied to it: drop it")
         stop = data.get("stop")
         stop = [stop] if isinstance(stop, str) else (stop or [])
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):

@@ -27,9 +27,10 @@ ensembles, the serving benchmark): `encode` (rows -> token rows with their adapt
 `class_scores` (per row its own head's (n_classes,) scores), `generate` (per row its text), and
 `alone(name)` -> (method, task) to run one adapter by itself (`task.predict(method, rows, b)`).
 
-Not supported: seq2seq backbones (T5, BART) are served adapter by adapter (rows grouped by
-adapter, one forward per group; `class_scores` and `generate` refuse them); p-tuning with {soft}
-slots inside its template; beam search (greedy only); LAMA's vocabulary head.
+Served adapter by adapter, not mixed: seq2seq backbones (T5, BART; rows grouped by adapter, one
+forward per group; `class_scores` and `generate` refuse them) and beam-search runs
+(task.decoding=beam: `decode_alone`, the run's own task with its beams). Not supported: p-tuning with
+{soft} slots inside its template; LAMA's vocabulary head.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ class Adapter:
     def served(self) -> str | None:
         """How a mixed forward scores its rows (HeadKind.served): pooled, words, state, text, or None."""
         return heads.get(self.head).served
+
+    @property
+    def decodes_alone(self) -> bool:
+        """A generation adapter whose task decodes with beam search (task.decoding=beam): its rows are
+        decoded by its own task (transformers' beam search), not in mixed greedy batches."""
+        return self.served == "text" and getattr(self.task, "num_beams", 1) != 1
 
     def info(self) -> dict:
         """JSON-able description (GET /adapters)."""
@@ -292,12 +299,27 @@ class Pool:
         for i, e in enumerate(encoded):
             if self._served(e) != "text":
                 raise PtuneError(f"input {i} belongs to a classification adapter; generate takes generation rows")
+            if self.adapters[self.names[e["adapter"]]].decodes_alone:
+                raise PtuneError(f"input {i} belongs to adapter {self.names[e['adapter']]!r}, which decodes with beam "
+                                 f"search; Pool.predict decodes its rows with its own task")
         tok = self.backbone.tokenizer
         ids, mask, adapters = self._batch(encoded, "left")
         limits = [self.adapters[self.names[e["adapter"]]].task.max_new_tokens for e in encoded]
         new = mixed.greedy(self._methods, ids, mask, adapters, limits, [tok.eos_token_id] + newline_ids(tok),
                            tok.pad_token_id)
         return [tok.decode(n, skip_special_tokens=True).split("\n")[0].strip() for n in new]
+
+    def decode_alone(self, inputs: list[dict], idx: list[int], batch_size: int = 16) -> dict[int, str]:
+        """{i: text} for the rows inputs[i] (i in idx) of beam-search adapters, adapter by adapter through
+        its own task (as `ptune predict` with that run alone)."""
+        out = {}
+        for name in self.names:
+            mine = [i for i in idx if self._adapter_of(inputs[i]).name == name]
+            if mine:
+                a = self.adapters[name]
+                rows = [{k: v for k, v in inputs[i].items() if k != ADAPTER_FIELD} for i in mine]
+                out.update(zip(mine, a.task.predict(a.method, rows, batch_size)))
+        return out
 
     # -- answers -------------------------------------------------------------------------------
     def predict(self, inputs: list[dict], batch_size: int = 16) -> list[str]:
@@ -318,6 +340,10 @@ class Pool:
         # a forward is as wide as its widest row, so rows of similar widths pad less.
         encoded = self.encode(inputs)
         order = sorted(range(len(inputs)), key=lambda i: self.width(encoded[i]))
+        for i, text in self.decode_alone(inputs, [i for i in order if self._adapter_of(inputs[i]).decodes_alone],
+                                         batch_size).items():
+            out[i] = text
+        order = [i for i in order if out[i] is None]
         gen = [i for i in order if self._served(encoded[i]) == "text"]
         cls_ = [i for i in order if self._served(encoded[i]) != "text"]
         for idx in _chunks(cls_, batch_size):
@@ -339,9 +365,6 @@ def _check_task(a: Adapter) -> None:
         raise PtuneError(f"adapter {a.name!r}: task {a.task.name} is not served by several-run predict (served: "
                          f"classification with a linear or verbalizer head, and generation tasks that name their "
                          f"input fields); run it alone with ptune predict run=<dir>")
-    if served == "text" and getattr(a.task, "num_beams", 1) != 1:
-        raise PtuneError(f"adapter {a.name!r} decodes with beam search (task.decoding=beam); several-run predict "
-                         f"decodes greedily: retrain or evaluate it with task.decoding=greedy")
     if served is None:  # LAMA's vocabulary head
         raise PtuneError(f"adapter {a.name!r}: task.head={a.head} is not served by several-run predict (mixed batches, "
                          f"ensembles, serve with several runs); run it alone: ptune predict run=<dir>")
