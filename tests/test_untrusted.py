@@ -175,15 +175,19 @@ BAD_VALUES = {
     "port": ["-1", "70000", "http"],
     "max_batch": ["0", "-5"],
     "max_input_chars": ["0", "x"],
-    "max_threads": ["0"],
+    "max_batch_rows": ["0", "-1", "x"],
+    "max_wait_ms": ["-1", "0.5x"],
+    "max_connections": ["0"],
+    "max_tokens": ["0", "many"],
+    "workers": ["0", "two"],
     "timeout": ["0", "1.5"],
 }
 COMMANDS = {  # command -> (the keys it takes from BAD_VALUES, its other arguments)
     "eval": (["batch_size", "adapter", "trust_remote_code", "split"], lambda r, rows: []),
     "predict": (["batch_size", "adapter", "trust_remote_code"],
                 lambda r, rows: [f"input={rows}", f"output={rows.parent / 'p.jsonl'}"]),
-    "serve": (["batch_size", "adapter", "trust_remote_code", "host", "port", "max_batch", "max_input_chars",
-               "max_threads", "timeout"], lambda r, rows: ["port=0"]),
+    "serve": (["adapter", "trust_remote_code", "host", "port", "max_batch", "max_input_chars", "max_batch_rows",
+               "max_wait_ms", "max_connections", "max_tokens", "workers", "timeout"], lambda r, rows: ["port=0"]),
     "export": (["adapter", "trust_remote_code"], lambda r, rows: [f"out={rows.parent / 'peft'}"]),
 }
 CASES = [(c, k, v) for c, (keys, _) in COMMANDS.items() for k in keys for v in BAD_VALUES[k]]
