@@ -1,6 +1,6 @@
 """Cross-request batching in `ptune serve`: rows/s and latency of many one-row clients, old server vs new.
 
-    python scripts/bench_serve_load.py [--sections cls,adapters,gen,peft] [--quick] [--cls-run <dir>] [--gen-run <dir>]
+    python scripts/bench_serve_load.py [--sections cls,peft,adapters,model,gen] [--quick] [--cls-run <dir>] [--gen-run <dir>]
         [--old-commit 57d42ca] [--max-batch-rows 16] [--max-wait-ms 5] [--new-extra 'max_batch_rows={N} max_wait_ms={M}']
         [--rows N] [--gen-rows N] [--adapter-counts 8,64,512] [--out bench/serve-batching-<date>]
 
@@ -20,6 +20,8 @@ http.client.HTTPConnection (kept alive when the server's responses allow it: the
             forward (PEFT's model is one shared object); prediction = argmax of the last token's logits.
   adapters  the new server with 8, 64, 512 aliases of the SST-2 run, 16 clients spread over all of
             them: rows/s, latency, server RSS after the load, MB per adapter beyond 8.
+  model     no HTTP: the SST-2 run's rows through Pool.predict in this process, one row per forward against
+            16 rows per forward (torch threads as the server's): what batching can gain on this machine at all.
   gen       E2E prefix-tuning run, 8 clients (one adapter each) sending one MR per request, old vs
             new server: rows/s, latency, generated tokens/s (the run's own tokenizer).
 
@@ -251,9 +253,26 @@ def peft_load(run: Path, per_client: list[list[list[dict]]]) -> dict:
     return stats
 
 
-def main() -> int:
+def model_bound(run: Path, rows: list[dict]) -> dict:
+    """Pool.predict of the same rows one per forward and 16 per forward, in this process (no HTTP)."""
+    from ptune.infer.pool import Pool
+
+    pool = Pool.load({f"a{i}": str(run) for i in range(ADAPTERS)})
+    pool.predict(rows[:CLIENTS], CLIENTS)  # warm-up
+    out = {"rows": len(rows)}
+    for label, size in (("one_row", 1), ("batched", CLIENTS)):
+        t0 = time.perf_counter()
+        for i in range(0, len(rows), size):
+            pool.predict(rows[i:i + size], size)
+        out[f"{label}_ms_per_row"] = round((time.perf_counter() - t0) * 1000 / len(rows), 1)
+    out["gain"] = round(out["one_row_ms_per_row"] / out["batched_ms_per_row"], 2)
+    out["adapter_file_kb"] = round((run / "adapter" / "adapter_model.safetensors").stat().st_size / 1024, 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="cls,peft,adapters,gen", help="any of cls,peft,adapters,gen")
+    ap.add_argument("--sections", default="cls,peft,adapters,model,gen", help="any of cls,peft,adapters,model,gen")
     ap.add_argument("--quick", action="store_true", help="tiny-llama runs and small counts (validation)")
     ap.add_argument("--cls-run", help="an SST-2 prompt-tuning run directory (default: train one)")
     ap.add_argument("--gen-run", help="an E2E prefix-tuning run directory (default: train one)")
@@ -266,10 +285,10 @@ def main() -> int:
     ap.add_argument("--gen-rows", type=int, help="rows per gen measurement (default 64; --quick 16)")
     ap.add_argument("--adapter-counts", default="8,64,512")
     ap.add_argument("--out", default=f"bench/serve-batching-{time.strftime('%Y-%m-%d')}")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    if unknown := set(sections) - {"cls", "peft", "adapters", "gen"}:
-        ap.error(f"unknown sections {sorted(unknown)}; choose from cls,peft,adapters,gen")
+    if unknown := set(sections) - {"cls", "peft", "adapters", "model", "gen"}:
+        ap.error(f"unknown sections {sorted(unknown)}; choose from cls,peft,adapters,model,gen")
     n_rows = args.rows or (96 if args.quick else 960)
     n_gen = args.gen_rows or (16 if args.quick else 64)
     new_extra = args.new_extra.format(N=args.max_batch_rows, M=f"{args.max_wait_ms:g}").split()
@@ -278,11 +297,11 @@ def main() -> int:
     gen_rows = [{"adapter": f"a{i % ADAPTERS}", "mr": mrs[i % len(mrs)]} for i in range(n_gen)]
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} cores, {platform.platform()}, "
                     f"python {platform.python_version()}", "load_average": round(os.getloadavg()[0], 2),
-                    "command": "python scripts/bench_serve_load.py " + " ".join(sys.argv[1:]), "sections": sections,
+                    "command": "python scripts/bench_serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv), "sections": sections,
                     "old_commit": args.old_commit, "new_extra": " ".join(new_extra), "servers": {}}
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp_s:
         tmp = Path(tmp_s)
-        need_cls, need_gen = bool({"cls", "peft", "adapters"} & set(sections)), "gen" in sections
+        need_cls, need_gen = bool({"cls", "peft", "adapters", "model"} & set(sections)), "gen" in sections
         result["runs"], runs = {}, {}
         for key, given, task, needed in (("cls", args.cls_run, "sst2", need_cls), ("gen", args.gen_run, "e2e", need_gen)):
             if given:
@@ -328,11 +347,15 @@ def main() -> int:
                 for k in [int(c) for c in args.adapter_counts.split(",")]:
                     rows = [{"adapter": f"a{i % k}", "sentence": sst2[i % len(sst2)]} for i in range(n_rows)]
                     with server(f"new-{k}", cls_run, k) as s:
+                        idle = s.rss_mb()  # loaded, before any request
                         stats, _ = http_load(s.port, one_row_clients(rows, CLIENTS))
-                        result["adapters"].append({"adapters": k, **stats, "rss_mb": s.rss_mb()})
-                base = result["adapters"][0]
+                        result["adapters"].append({"adapters": k, **stats, "rss_idle_mb": idle, "rss_mb": s.rss_mb()})
+                base = result["adapters"][0]  # a count given twice (8,512,8: drift on a shared machine) is measured twice
                 for a in result["adapters"][1:]:
-                    a["mb_per_adapter"] = round((a["rss_mb"] - base["rss_mb"]) / (a["adapters"] - base["adapters"]), 3)
+                    if a["adapters"] != base["adapters"]:
+                        a["mb_per_adapter"] = round((a["rss_mb"] - base["rss_mb"]) / (a["adapters"] - base["adapters"]), 3)
+            if "model" in sections:
+                result["model"] = model_bound(cls_run, cls_rows[:min(len(cls_rows), 64)])
             if "gen" in sections:
                 from ptune.build import build_backbone, load_run
 
@@ -389,11 +412,18 @@ def markdown(r: dict, n_rows: int, n_gen: int) -> list[str]:
                   + (f"; new/PEFT {c['new_over_peft']}x" if "new_over_peft" in c else "") + "."]
     if "adapters" in r:
         lines += ["", f"## Many adapters: new server, {CLIENTS} clients spread over all adapters, {n_rows} rows", "",
-                  ("| adapters | rows/s | p50 ms | p99 ms | statuses | server RSS MB after the load | MB per adapter "
-                   f"(RSS_K - RSS_{r['adapters'][0]['adapters']}) / (K - {r['adapters'][0]['adapters']}) |"),
-                  "|---|---|---|---|---|---|---|"]
+                  ("| adapters | rows/s | p50 ms | p99 ms | statuses | server RSS MB loaded, before requests | after the "
+                   f"load | MB per adapter (RSS_K - RSS_{r['adapters'][0]['adapters']}) / (K - {r['adapters'][0]['adapters']}) "
+                   "after the load |"), "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {a['adapters']} | {a['rows_per_s']} | {a['p50_ms']} | {a['p99_ms']} | {a['statuses']} | "
-                  f"{a['rss_mb']} | {a.get('mb_per_adapter', '-')} |" for a in r["adapters"]]
+                  f"{a.get('rss_idle_mb', '-')} | {a['rss_mb']} | {a.get('mb_per_adapter', '-')} |" for a in r["adapters"]]
+    if "model" in r:
+        m = r["model"]
+        lines += ["", "## The model alone: what batching can gain on this machine (Pool.predict in this process, no HTTP)",
+                  "", "| rows | ms per row, one row per forward | ms per row, 16 rows per forward | gain |",
+                  "|---|---|---|---|",
+                  f"| {m['rows']} | {m['one_row_ms_per_row']} | {m['batched_ms_per_row']} | {m['gain']}x |", "",
+                  f"One adapter file (adapter_model.safetensors): {m['adapter_file_kb']} KB."]
     if "gen" in r:
         g = r["gen"]
         lines += ["", (f"## Generation: E2E prefix tuning, {GEN_CLIENTS} clients over {ADAPTERS} adapters, {n_gen} "

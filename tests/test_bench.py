@@ -62,3 +62,17 @@ def test_quick_scaling_writes_table_json_and_plot(tmp_path):
     assert by[("p", 4, "prompt")]["trainable_params"] == 4 * hidden
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert "![scaling](scaling.png)" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow  # server processes and a git worktree
+def test_quick_serve_load_bench_measures_batching_many_adapters_and_the_model(tmp_path):
+    """scripts/bench_serve_load.py --quick, the sections that need no old commit (a shallow clone has none)."""
+    bench = load_script("bench_serve_load")
+    out = tmp_path / "serve"
+    argv = ["--quick", "--sections", "cls,adapters,model", "--adapter-counts", "2,4", "--rows", "32", "--out", str(out),
+            "--old-commit", "HEAD"]
+    assert bench.main(argv) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["cls"]["new"]["statuses"] == {"200": 32} and result["cls"]["old"]["statuses"] == {"200": 32}
+    assert [a["adapters"] for a in result["adapters"]] == [2, 4] and result["model"]["gain"] > 0
+    assert "## The model alone" in out.with_suffix(".md").read_text()

@@ -281,3 +281,48 @@ def test_a_beam_search_run_is_served_with_its_beams(data_dir):
     assert [r.text for r in job[2]["results"]] == want + [pool.generate([rows[-1]])[0]]
     assert pool.predict(rows) == want + [pool.generate([rows[-1]])[0]]
     assert want != [pool.generate([{"adapter": "greedy", "mr": mr}])[0] for mr in MRS]  # beams decode otherwise
+
+
+def test_a_failing_decoding_step_fails_the_rows_in_it_and_the_thread_goes_on(pool, monkeypatch):
+    sched = Scheduler(pool, max_batch_rows=4, max_wait_ms=0)
+    real, calls = sched.decoder.step, []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real()
+
+    monkeypatch.setattr(sched.decoder, "step", step)
+    first = submit(sched, [{"adapter": "gen_prompt", "mr": MRS[0]}])
+    sched.start()
+    wait(first[1])
+    later = submit(sched, [{"adapter": "gen_prefix", "mr": MRS[1]}])
+    wait(later[1])
+    sched.stop()
+    assert "device lost" in str(first[2]["error"]) and not sched.decoder.rows
+    assert later[2]["results"][0].text == pool.generate([later[0].rows[0]])[0]
+
+
+def test_a_stream_whose_client_goes_away_leaves_the_decoding_batch(server, monkeypatch):
+    import socket
+
+    decoder = server.service.scheduler.decoder
+    real = decoder.step
+
+    def slow_step():
+        time.sleep(0.1)
+        return real()
+
+    monkeypatch.setattr(decoder, "step", slow_step)
+    body = b'{"model": "gen_prefix", "prompt": "name[X]", "max_tokens": 16, "stream": true}'
+    with socket.create_connection(server.server_address, timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: "
+                  + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")  # the status line: decoding has begun
+        time.sleep(0.15)
+        assert decoder.rows  # still decoding when the client leaves
+    deadline = time.monotonic() + 10
+    while decoder.rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not decoder.rows  # left at a token boundary, well before its 16 tokens x 0.1 s

@@ -120,8 +120,12 @@ class Service:
         future = loop.create_future()
 
         def settle(results, error):
-            if not future.done():
-                future.set_exception(error) if error is not None else future.set_result(results)
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(results)
 
         job = Job(rows, lambda results, error: loop.call_soon_threadsafe(settle, results, error), on_text=on_text,
                   max_tokens=max_tokens, stop=tuple(stop))
