@@ -185,6 +185,8 @@ def check(cfg: DictConfig) -> None:
           f"choose one of {', '.join(FROZEN_DTYPES)}")
     _need(t.get("attention", "sdpa") in ATTENTIONS, "trainer.attention", t.get("attention"),
           f"choose one of {', '.join(ATTENTIONS)}")
+    _need(isinstance(t.get("gradient_checkpointing", False), bool), "trainer.gradient_checkpointing",
+          t.get("gradient_checkpointing"), "write true or false")
     _need(t.schedule in SCHEDULES, "trainer.schedule", t.schedule, f"choose one of {', '.join(SCHEDULES)}")
     trackers = trackers_of(cfg)
     _need(all(x in TRACKERS for x in trackers), "trainer.log_with", t.get("log_with"),
@@ -286,7 +288,8 @@ def command_args(command: str, argv: list[str], keys: dict[str, str | None], req
 # -- a saved config.yaml: untrusted input ----------------------------------------------------------
 # Keys a saved config may lack: configs written before they existed, read with .get() and their old
 # meaning (build.attention: sdpa; job.frozen_dtype: fp32) or filled from conf/ by the builders.
-OPTIONAL_SAVED = {"trainer.head_lr", "trainer.attention", "trainer.frozen_dtype", "trainer.log_with", "trainer.tracker_dir"}
+OPTIONAL_SAVED = {"trainer.head_lr", "trainer.attention", "trainer.frozen_dtype", "trainer.log_with", "trainer.tracker_dir",
+                  "trainer.gradient_checkpointing"}
 TOP_LEVEL = {"method", "model", "task", "trainer", "output_dir", "resume", "search"}  # search: `ptune search` only
 
 

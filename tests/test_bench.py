@@ -76,3 +76,13 @@ def test_quick_serve_load_bench_measures_batching_many_adapters_and_the_model(tm
     assert result["cls"]["new"]["statuses"] == {"200": 32} and result["cls"]["old"]["statuses"] == {"200": 32}
     assert [a["adapters"] for a in result["adapters"]] == [2, 4] and result["model"]["gain"] > 0
     assert "## The model alone" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow  # four ptune train processes
+def test_quick_checkpointing_bench_compares_both_jobs(tmp_path):
+    bench = load_script("bench_checkpointing")
+    out = tmp_path / "ckpt"
+    assert bench.main(["--quick", "--batch-size", "4", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["prompt", "prefix"]
+    assert all(r["max_loss_difference"] < 1e-4 and len(r["plain"]["losses"]) == 2 for r in rows)

@@ -24,6 +24,7 @@ import inspect
 import torch
 from torch import nn
 
+from ptune.methods import kv
 from ptune.models import Backbone
 
 
@@ -61,6 +62,15 @@ class Method(nn.Module):
         """(p, n_layers * 2 * kv_heads * head_dim): the collapsed keys/values an `acts_on == "kv"`
         method puts in front of attention stack `stack` (kv.py's flat layout)."""
         raise TypeError(f"method {self.name} acts on {self.acts_on!r}, it has no prefix")
+
+    # -- activation checkpointing (trainer.gradient_checkpointing) ------------------------------
+    checkpointed = False  # the backbone recomputes its layers' activations in the backward pass
+
+    def checkpoint_activations(self) -> None:
+        """Checkpoint the backbone's layers: their activations are recomputed in the backward pass instead
+        of kept (less memory, one more forward of time). The same numbers: recomputation repeats the forward."""
+        kv.checkpoint_activations(self.backbone.model)
+        self.checkpointed = True
 
     # -- forward -------------------------------------------------------------------------------
     def model_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:

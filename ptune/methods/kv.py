@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -178,9 +180,43 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
 
 
-def dynamic_cache(layers, config=None) -> DynamicCache:
-    """A cache pre-filled with the prefix of every layer (decoder-only and BERT self-attention)."""
-    return DynamicCache(ddp_cache_data=layers, config=config)
+def dynamic_cache(layers, config=None, read_only: bool = False) -> DynamicCache:
+    """A cache pre-filled with the prefix of every layer (decoder-only and BERT self-attention).
+
+    read_only: each layer answers `update` with [prefix; new keys] without storing them, so a layer run
+    twice (activation checkpointing recomputes every layer in the backward pass) sees the prefix both
+    times. transformers' checkpointed layers drop a cache altogether (PEFT issue #869: prefix-tuning
+    refuses gradient checkpointing); a one-forward training step needs no stored keys, so ptune keeps
+    the cache and marks the layers to keep it (`checkpoint_activations`)."""
+    cache = DynamicCache(ddp_cache_data=layers, config=config)
+    if read_only:
+        for layer in cache.layers:
+            layer.__class__ = _PrefixLayer
+    return cache
+
+
+class _PrefixLayer(DynamicLayer):
+    """A prefix cache layer that never grows (dynamic_cache(read_only=True))."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def checkpoint_activations(model) -> None:
+    """Activation checkpointing of every layer of a transformers model (non-reentrant: the frozen layers'
+    inputs need not require grad, and tensors that reach a layer by keyword, such as prefix caches, get
+    their gradients); its layers keep a read-only prefix cache (dynamic_cache(read_only=True))."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise PtuneError(f"trainer.gradient_checkpointing=true: {type(model).__name__} has no activation "
+                         f"checkpointing in transformers; set trainer.gradient_checkpointing=false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module._can_checkpoint_with_cache = True  # the cache it gets is read-only (see dynamic_cache)
+        elif hasattr(module, "gradient_checkpointing"):
+            # the stack around the layers (GPT2Model, BertEncoder, ...): some withhold the cache from their
+            # layers while the flag is on (GPT-2); the layers checkpoint by their own flag
+            module.gradient_checkpointing = False
 
 
 def encoder_decoder_cache(self_layers, cross_layers) -> EncoderDecoderCache:

@@ -44,7 +44,11 @@ self-attention (its cross part is discarded: `cross_attention_cache = DynamicCac
 the encoder alone; its flat prefix reaches decoder layer j as flat layer 2j mod L (cat([kv, kv])
 then split(4)), so with L > 1 some layers share one slot; decoder-only positions there count pads.
 Given PEFT's subset and pairing, the logits agree (tests). `dropout` on the prefix (Li & Liang's
-prefix_dropout, 0 by default) has no PEFT counterpart.
+prefix_dropout, 0 by default) has no PEFT counterpart. Activation checkpointing of the frozen backbone
+(trainer.gradient_checkpointing) works with prefixes on causal and encoder models: PEFT refuses it for
+prefix tuning (issue #869) because transformers' checkpointed layers drop the cache that carries the
+prefix; ptune keeps the cache and makes it read-only (kv.dynamic_cache), so a recomputed layer sees the
+same prefix (tests/test_checkpointing.py). On encoder-decoders it is refused (the cross cache is written).
 Generation: decoder-only models get p placeholder ids in front of the prompt so that generate()
 numbers its cache from p; encoder-decoders pass encoder_outputs, the extended mask and the cache
 to generate(), which decodes from the decoder start token (greedy and beam search alike).
@@ -160,7 +164,8 @@ class Prefix(Method):
         if self.backbone.kind == "seq2seq":
             return self._seq2seq_inputs(input_ids, attention_mask, input_ids.shape[0])
         name = self.stacks[0].name
-        cache = kv.dynamic_cache(self._layers(name, input_ids.shape[0]), self.backbone.model.config)
+        cache = kv.dynamic_cache(self._layers(name, input_ids.shape[0]), self.backbone.model.config,
+                                 read_only=self.checkpointed)  # a recomputed layer sees the prefix again
         inputs = {"input_ids": input_ids, "attention_mask": self._mask(attention_mask), "use_cache": False,
                   self._cache: cache}
         pos = self._position_ids(attention_mask, self.num_virtual_tokens)
@@ -204,6 +209,14 @@ class Prefix(Method):
                                            attention_mask=self._mask(attention_mask), **{self._cache: cache},
                                            **gen_kwargs)
         return out[:, self.num_virtual_tokens + input_ids.shape[1]:]
+
+    def checkpoint_activations(self) -> None:
+        if self.backbone.kind == "seq2seq":
+            raise PtuneError(f"trainer.gradient_checkpointing=true with method={self.name} on an encoder-decoder "
+                             f"({self.backbone.name}) is not built: the decoder's cross-attention cache is filled by "
+                             f"the first forward and read back by the recomputation; use it on causal or encoder "
+                             f"models, or set trainer.gradient_checkpointing=false")
+        super().checkpoint_activations()
 
     # -- saving --------------------------------------------------------------------------------
     def prefix_rows(self, stack: str) -> torch.Tensor:

@@ -68,6 +68,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     param_groups(list(method.trainable_tensors()), train_args(cfg))
     backbone.model.to(accelerator.device)
     method.to(accelerator.device)
+    if cfg.trainer.get("gradient_checkpointing", False):
+        method.checkpoint_activations()
+        log.info("activation checkpointing: the backbone's layers recompute their activations in backward")
     frozen = frozen_dtype(cfg)
     if frozen is not None:
         n = models.store_frozen(backbone.model, frozen)
