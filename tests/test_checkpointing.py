@@ -87,3 +87,16 @@ def test_prefix_on_an_encoder_decoder_is_refused_in_one_line(tmp_path, data_dir,
 def test_a_non_boolean_is_refused(tmp_path, data_dir, capsys):
     assert main(["train", "model=tiny-llama", "trainer.gradient_checkpointing=sometimes", f"output_dir={tmp_path}"]) == 2
     assert "trainer.gradient_checkpointing='sometimes' is invalid: write true or false" in capsys.readouterr().err
+
+
+def test_the_key_reaches_the_method(tmp_path, data_dir, monkeypatch):
+    """trainer.gradient_checkpointing=true is what switches it on (the equality tests would pass if it were ignored)."""
+    from ptune.methods.base import Method
+
+    called = []
+    real = Method.checkpoint_activations
+    monkeypatch.setattr(Method, "checkpoint_activations", lambda self: called.append(self.name) or real(self))
+    _train(tmp_path, "off", CASES["llama-prefix"])
+    assert called == []
+    _train(tmp_path, "on", [*CASES["llama-prefix"], "trainer.gradient_checkpointing=true"])
+    assert called == ["prefix"]

@@ -8,7 +8,10 @@ Python adds to sys.path without processing the .pth files in it: the checkout's 
 stays invisible, and `ptune` resolves to the wheel's copy (asserted).
 """
 
+import http.client
+import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -79,3 +82,21 @@ def test_a_wheel_built_from_the_checkout_runs_from_a_fresh_venv(tmp_path, data_d
     assert "run: " in out
     [run] = (work / "outputs").glob("*/*")
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "summary.json").is_file()
+    # the wheel's server (uvicorn, Starlette, prometheus_client) answers /predict, /v1/models, /metrics, then stops
+    proc = subprocess.Popen([str(env_dir / "bin" / "ptune"), "serve", f"run=e2e:{run}", "port=0"], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(line.split("http://127.0.0.1:")[1].split()[0])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/predict", json.dumps({"inputs": [{"mr": "name[X]"}]}), {"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+        conn.request("GET", "/v1/models")
+        assert [m["id"] for m in json.loads(conn.getresponse().read())["data"]] == ["e2e"]
+        conn.request("GET", "/metrics")
+        assert b"ptune_rows_total" in conn.getresponse().read()
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()

@@ -326,3 +326,18 @@ def test_a_stream_whose_client_goes_away_leaves_the_decoding_batch(server, monke
     while decoder.rows and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not decoder.rows  # left at a token boundary, well before its 16 tokens x 0.1 s
+
+
+def test_openai_request_keys_each_do_what_they_say(pool, server):
+    """stop, fields, stream_options and user: read and applied, or refused in one line (never accepted and ignored)."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused", max_retries=0)
+    full = client.completions.create(model="gen_prefix", prompt=MRS[0]).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = client.completions.create(model="gen_prefix", prompt=MRS[0], stop=[stop]).choices[0]
+    assert cut.text == full[:full.index(stop)].strip() and cut.finish_reason == "stop"
+    by_fields = client.completions.create(model="lin", prompt=None, extra_body={"fields": {"sentence": "wow"}})
+    assert by_fields.choices[0].text == pool.predict([{"adapter": "lin", "sentence": "wow"}])[0]
+    with pytest.raises(openai.BadRequestError, match="stream_options applies to streamed answers"):
+        client.completions.create(model="lin", prompt="wow", stream_options={"include_usage": True})
+    with pytest.raises(openai.BadRequestError, match="user='me' is not served"):
+        client.completions.create(model="lin", prompt="wow", user="me")

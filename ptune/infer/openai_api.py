@@ -18,7 +18,7 @@ finish_reason, a usage chunk with `stream_options: {"include_usage": true}`, the
 
 What ptune's decoding does not do is refused in one line (400), not accepted and ignored: temperature or
 top_p other than greedy's (0 / 1), n or best_of above 1, logprobs, echo, suffix, penalties, logit_bias,
-seed, and any key OpenAI does not define.
+seed, user (nothing here would read it), stream_options without stream, and any key OpenAI does not define.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from starlette.routing import Route
 from ptune.errors import PtuneError
 from ptune.infer.bodies import Refused, check_rows, parse_json
 
-# keys of OpenAI's completions request; value: what ptune accepts (None: any value it reads)
+# keys of OpenAI's completions request that ptune's decoding does not read; value: the values it accepts (no effect)
 GREEDY = {"temperature": (0, 0.0, None), "top_p": (1, 1.0, None), "n": (1, None), "best_of": (1, None),
           "logprobs": (None,), "echo": (False, None), "suffix": (None, ""), "presence_penalty": (0, 0.0, None),
-          "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {}), "seed": (None,), "user": None}
+          "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {}), "seed": (None,), "user": (None,)}
 READ = {"model", "prompt", "max_tokens", "stream", "stop", "stream_options", "fields"}
 
 
@@ -57,7 +57,7 @@ def routes(service) -> list[Route]:
             raise Refused(400, f"{unknown[0]!r} is not an OpenAI completions key ptune reads; it reads "
                                f"{', '.join(sorted(READ | set(GREEDY)))}")
         for key, allowed in GREEDY.items():
-            if key in data and allowed is not None and data[key] not in allowed:
+            if key in data and data[key] not in allowed:
                 raise Refused(400, f"{key}={data[key]!r} is not served: ptune decodes greedily, one choice per prompt "
                                    f"(accepted: {', '.join(repr(a) for a in allowed)})")
         name = data.get("model")
@@ -95,6 +95,8 @@ def routes(service) -> list[Route]:
         options = data.get("stream_options") or {}
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
             raise Refused(400, "stream_options takes only include_usage")
+        if options and not data.get("stream"):
+            raise Refused(400, "stream_options applies to streamed answers: add \"stream\": true or drop it")
         return name, rows, {"max_tokens": max_tokens, "stop": stop, "stream": bool(data.get("stream")),
                             "usage": bool(options.get("include_usage"))}
 
