@@ -68,7 +68,7 @@ class Decoder:
         self.methods = methods
         self.model = backbone.model
         self.key = kv.cache_kwarg(self.model)
-        self.stops = torch.tensor(stop_ids)
+        self.stops = set(stop_ids)
         self.pad_id = pad_id
         self.device = next(self.model.parameters()).device
         self.rows: list[Row] = []
@@ -129,7 +129,6 @@ class Decoder:
         """Hand rows[first:] their new token (the rows before it just joined... or all rows after a step),
         then drop every row that has ended."""
         tokens = self.token.tolist()
-        stops = set(self.stops.tolist())
         keep = []
         for i, row in enumerate(self.rows):
             reason = "cancelled" if row.cancelled else None
@@ -138,7 +137,7 @@ class Decoder:
                 row.on_token(tokens[i])
                 if row.cancelled:  # the callback ended it (a stop string)
                     reason = "cancelled"
-                elif tokens[i] in stops:
+                elif tokens[i] in self.stops:
                     reason = "stop"
                 elif len(row.tokens) >= row.limit:
                     reason = "length"

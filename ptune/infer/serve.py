@@ -486,9 +486,7 @@ def replica_app():
     global PID
     PID = str(os.getpid()).encode()
     s = json.loads(os.environ[REPLICA_ENV])
-    pool = Pool.load(parse_runs(s["spec"]), s["which"], s["trust_remote_code"])
-    make_server_checks(**{k: s[k] for k in ("max_batch", "max_input_chars", "max_connections", "timeout", "max_tokens")},
-                       max_batch_rows=s["max_batch_rows"], max_wait_ms=s["max_wait_ms"])
+    pool = Pool.load(parse_runs(s["spec"]), s["which"], s["trust_remote_code"])  # keys checked by _replicas
     service = Service(pool, int(s["max_batch"]), int(s["max_input_chars"]), s["max_batch_rows"], s["max_wait_ms"],
                       float(s["timeout"]), int(s["max_tokens"]))
     service.scheduler.start()  # a daemon thread: uvicorn drains the requests in flight before the process ends

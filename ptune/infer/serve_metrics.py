@@ -12,8 +12,6 @@ registry (several servers in one process, as the tests start them, do not share 
 
 from __future__ import annotations
 
-import threading
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -34,7 +32,6 @@ class Metrics:
         self.requests = Counter("ptune_requests", "Requests answered", ["endpoint", "status"], registry=r)
         self.rows = Counter("ptune_rows", "Rows answered per adapter", ["adapter"], registry=r)
         self.generated = Counter("ptune_generated_tokens", "Tokens generated per adapter", ["adapter"], registry=r)
-        self._lock = threading.Lock()
 
     def queued(self, n: int) -> None:
         self.queue.inc(n)
