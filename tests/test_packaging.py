@@ -90,7 +90,8 @@ def test_a_wheel_built_from_the_checkout_runs_from_a_fresh_venv(tmp_path, data_d
         port = int(line.split("http://127.0.0.1:")[1].split()[0])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         conn.request("POST", "/predict", json.dumps({"inputs": [{"mr": "name[X]"}]}), {"Content-Type": "application/json"})
-        assert conn.getresponse().status == 200
+        answer = conn.getresponse()
+        assert answer.status == 200 and "outputs" in json.loads(answer.read())
         conn.request("GET", "/v1/models")
         assert [m["id"] for m in json.loads(conn.getresponse().read())["data"]] == ["e2e"]
         conn.request("GET", "/metrics")
