@@ -32,6 +32,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 FROZEN_DTYPES = ("auto", "fp32")
 ATTENTIONS = ("auto", "sdpa", "eager")
+SHARDS = ("none", "fsdp")  # trainer.shard (ptune.train.shard)
+QUANTIZE = ("none", "int8", "int4", "nf4")  # model.quantize (ptune.quantize)
 
 
 # -- conf/ -----------------------------------------------------------------------------------------
@@ -187,6 +189,9 @@ def check(cfg: DictConfig) -> None:
           f"choose one of {', '.join(ATTENTIONS)}")
     _need(isinstance(t.get("gradient_checkpointing", False), bool), "trainer.gradient_checkpointing",
           t.get("gradient_checkpointing"), "write true or false")
+    _need(t.get("shard", "none") in SHARDS, "trainer.shard", t.get("shard"), f"choose one of {', '.join(SHARDS)}")
+    _need(cfg.model.get("quantize", "none") in QUANTIZE, "model.quantize", cfg.model.get("quantize"),
+          f"choose one of {', '.join(QUANTIZE)}")
     _need(t.schedule in SCHEDULES, "trainer.schedule", t.schedule, f"choose one of {', '.join(SCHEDULES)}")
     trackers = trackers_of(cfg)
     _need(all(x in TRACKERS for x in trackers), "trainer.log_with", t.get("log_with"),
@@ -289,7 +294,7 @@ def command_args(command: str, argv: list[str], keys: dict[str, str | None], req
 # Keys a saved config may lack: configs written before they existed, read with .get() and their old
 # meaning (build.attention: sdpa; job.frozen_dtype: fp32) or filled from conf/ by the builders.
 OPTIONAL_SAVED = {"trainer.head_lr", "trainer.attention", "trainer.frozen_dtype", "trainer.log_with", "trainer.tracker_dir",
-                  "trainer.gradient_checkpointing"}
+                  "trainer.gradient_checkpointing", "trainer.shard", "model.quantize"}
 TOP_LEVEL = {"method", "model", "task", "trainer", "output_dir", "resume", "search"}  # search: `ptune search` only
 
 

@@ -5,6 +5,7 @@ claims the run directory and hands plain arguments to the loop (ptune.train.loop
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import platform
 from pathlib import Path
@@ -22,7 +23,7 @@ from ptune.config import OPTIONAL_SAVED, check
 from ptune.errors import PtuneError
 from ptune.rundir import RunDir
 from ptune.train import checkpoint as ckpt
-from ptune.train import trackers
+from ptune.train import shard, trackers
 from ptune.train.loop import TrainArgs, check_step_size, fit, param_groups, peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger("ptune")
@@ -60,6 +61,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
         rundir.refuse_inside_run(cfg.output_dir, "output_dir")  # a run is never nested in another run
     reset_peak_memory()  # this job's peak, also when a sweep runs several in one process
     accelerator = _accelerator(cfg.trainer.precision)
+    sharded = cfg.trainer.get("shard", "none") == "fsdp"  # a config saved before the key existed: unsharded
+    if sharded:
+        shard.refuse(cfg.method.name, accelerator.num_processes, cfg.model.get("quantize", "none") != "none")
     # Everything that can fail on bad input (model, method, data) is loaded before a run directory
     # is claimed or written, so a mistake leaves no half-made run behind.
     setup_logging(None, accelerator.is_main_process)  # console only until the run directory exists
@@ -75,6 +79,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     if frozen is not None:
         n = models.store_frozen(backbone.model, frozen)
         log.info("frozen matmul weights stored in %s (%d parameters); trained tensors stay fp32", frozen, n)
+    if sharded:
+        n = shard.shard_backbone(backbone.model, accelerator.num_processes, accelerator.device)
+        gc.collect()
+        reset_peak_memory()  # the job's peak from the sharded state on (every process loaded the whole model once)
+        log.info("trainer.shard=fsdp: %d layers sharded over %d processes; this process holds %.1f MB of the backbone",
+                 n, accelerator.num_processes, shard.local_bytes(backbone.model) / 2**20)
     examples = task.train_examples(backbone.tokenizer, backbone.kind)
     check_context(method, examples)
     check_step_size(len(examples), cfg.trainer.batch_size, cfg.trainer.grad_accum, accelerator.num_processes)
@@ -114,11 +124,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     if main:
         write_adapter(run.adapter("adapter"))
         summary = _summary(cfg, method, task, backbone, state, accelerator)
-        split = getattr(task, "report_split", None)
-        if split is not None:  # the few-shot protocol: the adapter chosen on dev, scored on test
-            summary["test"] = score_report_split(method, task, run, split, cfg.trainer.eval_batch_size, accelerator)
+    split = getattr(task, "report_split", None)
+    if split is not None and (main or sharded):  # the few-shot protocol: the adapter chosen on dev, scored on test
+        test = score_report_split(method, task, run, split, cfg.trainer.eval_batch_size, accelerator, write=main)
+        if main:
+            summary["test"] = test
             log.info("%s (%s, %d examples): %s", split, summary["test"]["adapter"], summary["test"]["examples"],
                      ", ".join(f"{k} {v:.4f}" for k, v in summary["test"]["metrics"].items()))
+    if main:
         if summary["diverged"]:
             log.warning("training diverged: the loss went from %.4g at step 1 to %.4g at step %d without becoming "
                         "NaN; the adapter is unlikely to be useful: lower trainer.lr", state.first_loss,
@@ -129,10 +142,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     return {"run_dir": str(run_dir), "summary": summary}
 
 
-def score_report_split(method, task, run: RunDir, split: str, batch_size: int, accelerator) -> dict:
+def score_report_split(method, task, run: RunDir, split: str, batch_size: int, accelerator, write: bool = True) -> dict:
     """Score the adapter selected on dev (adapter_best; the final one when no evaluation improved)
-    on `split` and write eval_<split>.json + predictions/<split>.jsonl, as `ptune eval` would.
-    The method is left holding that adapter (the final one is already written)."""
+    on `split` and write eval_<split>.json + predictions/<split>.jsonl (if `write`), as `ptune eval` would.
+    The method is left holding that adapter. Runs after the final adapter is written (rank 0 wrote it
+    at the last step), so the final one is safe."""
     which = "adapter_best" if (run.adapter("adapter_best") / WEIGHTS).is_file() else "adapter"
     _, tensors = load_adapter(run.adapter(which))
     load_adapter_tensors(method, tensors)
@@ -140,8 +154,9 @@ def score_report_split(method, task, run: RunDir, split: str, batch_size: int, a
     with accelerator.autocast():
         scores, records = task.evaluate(method, split, batch_size)
     out = {"run": str(run.path), "split": split, "adapter": which, "examples": len(records), "metrics": scores}
-    run.write_eval(split, out)
-    run.write_predictions(split, records)
+    if write:
+        run.write_eval(split, out)
+        run.write_predictions(split, records)
     return out
 
 
@@ -207,6 +222,8 @@ def _summary(cfg, method, task, backbone, state, accelerator) -> dict:
         "first_train_loss": state.first_loss, "diverged": diverged(state),
         "eval": last_eval, "metric_for_best": task.metric_for_best,
         "best": state.best, "processes": accelerator.num_processes, "precision": cfg.trainer.precision,
+        "shard": cfg.trainer.get("shard", "none"), "quantize": cfg.model.get("quantize", "none"),
+        "backbone_mb": round(shard.local_bytes(backbone.model) / 2**20, 1),  # this process's share of the backbone
         "device": str(accelerator.device), "torch": torch.__version__, "python": platform.python_version(),
     }
 

@@ -55,6 +55,7 @@ class TrainArgs:
     group_by_length: bool
     eval_split: str
     head_lr: float | None  # the task head's tensors (head.*) at this peak rate; None: lr (param_groups)
+    shard: str | None  # "fsdp": the backbone is sharded, so every process runs the evaluation (ptune.train.shard)
 
 
 @dataclass
@@ -196,10 +197,11 @@ def fit(method, task, examples, args: TrainArgs, accelerator, run_dir: Path, res
 
     def evaluate() -> None:
         method.backbone.model.eval()
-        if main:
+        if main or args.shard == "fsdp":  # a sharded backbone runs only with every process (the same batches)
             t0 = time.perf_counter()
             with accelerator.autocast():  # the precision of training (frozen weights may be stored in bf16)
                 scores, records = task.evaluate(method, args.eval_split, args.eval_batch_size)
+        if main:
             record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "split": args.eval_split,
                       **{f"eval/{k}": v for k, v in scores.items()}, "eval_time_s": round(time.perf_counter() - t0, 2)}
             write(record)
