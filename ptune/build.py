@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ptune import heads, methods, models, tasks
+from ptune import heads, methods, models, quantize, tasks
 from ptune.adapter import load_adapter, load_adapter_tensors
 from ptune.config import load_saved, method_kwargs, task_kwargs
 from ptune.errors import PtuneError
 from ptune.heads import calibration
 from ptune.rundir import RunDir
+
+log = logging.getLogger("ptune")
 
 
 def setup_logging(run_dir: Path | None, main: bool = True) -> None:
@@ -58,6 +60,12 @@ def build_backbone(cfg: DictConfig):
     attn = attention(cfg)
     if backbone.model.config._attn_implementation != attn:  # before any method wraps it (encoder prefixes)
         backbone.model.set_attn_implementation(attn)
+    how = cfg.model.get("quantize", "none")  # a config saved before the key existed: unquantized
+    if how != "none":
+        cuda = torch.cuda.is_available()
+        quantize.refuse(how, (cfg.get("method") or {}).get("name"), cfg.trainer.precision, cuda)
+        n = quantize.quantize(backbone.model, how, torch.device("cuda") if cuda else None)
+        log.info("model.quantize=%s: %d frozen layer weights quantized (torchao)", how, n)
     return backbone
 
 

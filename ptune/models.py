@@ -290,7 +290,7 @@ def store_frozen(model: nn.Module, dtype: torch.dtype) -> int:
         if not isinstance(module, (nn.Linear, Conv1D)):
             continue
         for p in (module.weight, module.bias):
-            if p is None or p.requires_grad or p.dtype == dtype or id(p) in shared:
+            if p is None or p.requires_grad or p.dtype == dtype or id(p) in shared or type(p.data) is not torch.Tensor:
                 continue
             p.data = p.data.to(dtype)
             n += p.numel()
