@@ -63,7 +63,8 @@ def build_backbone(cfg: DictConfig):
     how = cfg.model.get("quantize", "none")  # a config saved before the key existed: unquantized
     if how != "none":
         cuda = torch.cuda.is_available()
-        quantize.refuse(how, (cfg.get("method") or {}).get("name"), cfg.trainer.precision, cuda)
+        name = (cfg.get("method") or {}).get("name")
+        quantize.refuse(how, name, methods.trains_backbone(name), cfg.trainer.precision, cuda)
         n = quantize.quantize(backbone.model, how, torch.device("cuda") if cuda else None)
         log.info("model.quantize=%s: %d frozen layer weights quantized (torchao)", how, n)
     return backbone

@@ -58,12 +58,12 @@ def _torchao():
     return q
 
 
-def refuse(how: str, method_name: str, precision: str, cuda: bool) -> None:
+def refuse(how: str, method_name: str | None, trains_backbone: bool, precision: str, cuda: bool) -> None:
     """One line for a model.quantize that cannot run here."""
     if how == "none":
         return
-    if method_name == "fine-tune":
-        raise PtuneError(f"model.quantize={how} freezes the backbone in a quantized form, and method=fine-tune trains "
+    if trains_backbone:
+        raise PtuneError(f"model.quantize={how} freezes the backbone in a quantized form, and method={method_name} trains "
                          f"it; use model.quantize=none, or a prompt method (prompt, prefix, p-tuning, p-tuning-v2)")
     if how == "int4" and not cuda:
         raise PtuneError("model.quantize=int4 runs on a CUDA GPU only (torchao has no 4-bit CPU layout); on CPU use "
@@ -71,6 +71,19 @@ def refuse(how: str, method_name: str, precision: str, cuda: bool) -> None:
     if how == "int4" and precision != "bf16":
         raise PtuneError(f"model.quantize=int4 computes in bf16 (torchao's tinygemm kernel); set trainer.precision=bf16 "
                          f"(it is {precision})")
+
+
+def layer_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The model's stacks of repeated layers: the outermost ModuleLists whose items hold parameters
+    (what model.quantize quantizes and trainer.shard=fsdp shards)."""
+    found, inside = [], set()
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(any(True for _ in m.parameters()) for m in module):
+            found.append(module)
+            inside.add(name)
+    return found
 
 
 def _conv1d_to_linear(layer: nn.Module) -> None:
@@ -89,10 +102,8 @@ def _conv1d_to_linear(layer: nn.Module) -> None:
 
 
 def layer_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """The nn.Linear modules inside the model's stacks of layers (ptune.train.shard.layer_lists); GPT-2's
-    Conv1D modules are made nn.Linear first."""
-    from ptune.train.shard import layer_lists
-
+    """The nn.Linear modules inside the model's stacks of layers (layer_lists); GPT-2's Conv1D modules
+    are made nn.Linear first."""
     for stack in layer_lists(model):
         for layer in stack:
             _conv1d_to_linear(layer)

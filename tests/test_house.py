@@ -17,9 +17,9 @@ import inspect
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from omegaconf import OmegaConf
 
-from conftest import ROOT
 from ptune import heads, methods, tasks
 from ptune.config import CONF_DIR, compose
 from ptune.train.job import train_args
@@ -207,6 +207,7 @@ LOCAL_OK = {
     "accelerate": "accelerate.tracking imports each tracker's package; only when trainer.log_with names one",
     "mlflow": "an optional tracker (trainer.log_with=mlflow)",
     "submitit": "only inside a SLURM job, to requeue it (0.1 s at every start otherwise)",
+    "torchao": "model.quantize only; its import takes ~1 s and logs a warning per CUDA extension it lacks",
 }
 
 

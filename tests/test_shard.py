@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file
 
-from conftest import TINY
+from ptune import methods, quantize
 from ptune.errors import PtuneError
 from ptune.train import shard
 
@@ -39,7 +40,7 @@ def _tiny(name):
                                           ("tiny-bart", ["model.encoder.layers", "model.decoder.layers"])])
 def test_the_layer_stacks_are_found_on_every_backbone(name, stacks):
     model = _tiny(name)
-    found = shard.layer_lists(model)
+    found = quantize.layer_lists(model)
     names = {id(m): n for n, m in model.named_modules()}
     assert [names[id(s)] for s in found] == stacks
     assert all(len(s) == 2 for s in found)
@@ -58,7 +59,7 @@ def test_local_bytes_counts_what_the_process_holds():
 ])
 def test_what_sharding_cannot_do_is_refused_in_one_line(method, world, quantized, says):
     with pytest.raises(PtuneError, match=says) as e:
-        shard.refuse(method, world, quantized)
+        shard.refuse(method, methods.trains_backbone(method), world, quantized)
     assert "\n" not in str(e.value)
 
 
@@ -117,7 +118,7 @@ def test_sharded_equals_unsharded_and_one_process_and_resumes_exactly(tmp_path, 
     assert all((adapter(one)[k] - adapter(sharded)[k]).abs().max() <= 1e-5 for k in adapter(one))
     # each process holds its half of the layers (tiny-llama is mostly its embedding table, which stays whole)
     model = _tiny("tiny-llama")
-    layers = sum(p.numel() * 4 for s in shard.layer_lists(model) for p in s.parameters())
+    layers = sum(p.numel() * 4 for s in quantize.layer_lists(model) for p in s.parameters())
     assert s3["backbone_mb"] * 2**20 == pytest.approx(s2["backbone_mb"] * 2**20 - layers / 2, abs=0.1 * 2**20)
 
     # resume: back to the step-3 checkpoint (as if killed after it), then carry on sharded

@@ -24,3 +24,8 @@ def build(name: str, backbone, **kwargs) -> Method:
     method = METHODS[name](backbone, **{**group_defaults("method", name), **kwargs})
     method.name = name  # the registry key: one class can serve several entries (prefix, p-tuning-v2)
     return method
+
+
+def trains_backbone(name: str | None) -> bool:
+    """Whether method `name` trains the backbone's own weights (a quantized or sharded backbone is frozen)."""
+    return name in METHODS and METHODS[name].trains_backbone

@@ -35,6 +35,8 @@ class Method(nn.Module):
     name = "base"  # the registry key (conf/method/<name>.yaml); methods.build sets it
     acts_on = "none"  # "input" | "kv" | "weights" | "none" (module docstring)
     trains = True  # False: nothing to train (hard-prompt); a linear head on it would be a linear probe
+    # True: the backbone's own weights train (fine-tune), so it cannot be quantized or sharded as frozen.
+    trains_backbone = False
     peft_type: str | None = None  # PEFT's PeftType of the same method, where PEFT has one (ptune export)
     # Virtual positions the method adds (the papers' p): soft tokens, or keys/values per attention.
     num_virtual_tokens = 0

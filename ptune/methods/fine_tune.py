@@ -102,6 +102,7 @@ class FineTune(HardPrompt):
     name = "fine-tune"
     acts_on = "weights"
     trains = True
+    trains_backbone = True
 
     def __init__(self, backbone, *, trainable: str, k: int, **_):
         super().__init__(backbone)

@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
-from ptune import models, rundir
+from ptune import methods, models, rundir
 from ptune.adapter import WEIGHTS, adapter_tensors, head_config, load_adapter, load_adapter_tensors, save_adapter
 from ptune.build import build, setup_logging
 from ptune.config import OPTIONAL_SAVED, check
@@ -63,7 +63,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     accelerator = _accelerator(cfg.trainer.precision)
     sharded = cfg.trainer.get("shard", "none") == "fsdp"  # a config saved before the key existed: unsharded
     if sharded:
-        shard.refuse(cfg.method.name, accelerator.num_processes, cfg.model.get("quantize", "none") != "none")
+        shard.refuse(cfg.method.name, methods.trains_backbone(cfg.method.name), accelerator.num_processes,
+                     cfg.model.get("quantize", "none") != "none")
     # Everything that can fail on bad input (model, method, data) is loaded before a run directory
     # is claimed or written, so a mistake leaves no half-made run behind.
     setup_logging(None, accelerator.is_main_process)  # console only until the run directory exists

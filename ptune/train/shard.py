@@ -27,32 +27,23 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 from ptune.errors import PtuneError
+from ptune.quantize import layer_lists, stored_bytes
 
 SHARDS = ("none", "fsdp")
 
 
-def layer_lists(model: nn.Module) -> list[nn.ModuleList]:
-    """The model's stacks of repeated layers: the outermost ModuleLists whose items hold parameters."""
-    found, inside = [], set()
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(any(True for _ in m.parameters()) for m in module):
-            found.append(module)
-            inside.add(name)
-    return found
-
-
-def refuse(method_name: str, world: int, quantized: bool) -> None:
+def refuse(method_name: str, trains_backbone: bool, world: int, quantized: bool) -> None:
     """One line for what trainer.shard=fsdp cannot do."""
     if world < 2:
         raise PtuneError("trainer.shard=fsdp splits the backbone across processes, and this is one process: launch "
                          "several (accelerate launch --multi_gpu --num_processes 2 -m ptune train ..., or torchrun) or "
                          "set trainer.shard=none")
-    if method_name == "fine-tune":
-        raise PtuneError("trainer.shard=fsdp shards a FROZEN backbone; method=fine-tune trains it. Use "
+    if trains_backbone:
+        raise PtuneError(f"trainer.shard=fsdp shards a FROZEN backbone; method={method_name} trains it. Use "
                          "trainer.shard=none (several processes then each hold the whole model)")
     if quantized:
         raise PtuneError("trainer.shard=fsdp with model.quantize: a quantized backbone is not sharded (torchao's "
@@ -61,9 +52,6 @@ def refuse(method_name: str, world: int, quantized: bool) -> None:
 
 def shard_backbone(model: nn.Module, world: int, device: torch.device) -> int:
     """Shard every layer of `model` across the `world` processes (FSDP2); returns the number of layers."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh(device.type, (world,))
     layers = [layer for stack in layer_lists(model) for layer in stack]
     if not layers:
@@ -80,6 +68,4 @@ def shard_backbone(model: nn.Module, world: int, device: torch.device) -> int:
 def local_bytes(model: nn.Module) -> int:
     """Bytes of the parameters and buffers this process holds (a shard counts its local part only, a
     quantized weight its packed values and scales)."""
-    from ptune.quantize import stored_bytes
-
     return sum(stored_bytes(t) for t in [*model.parameters(), *model.buffers()])
