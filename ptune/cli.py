@@ -25,7 +25,7 @@ from ptune.infer.export import export_run
 from ptune.infer.predict import predict_file
 from ptune.infer.serve import DEFAULTS, serve
 from ptune.infer.transfer import evaluate_transfer
-from ptune.train import hydra_app
+from ptune.train import hydra_app, memory_plan
 from ptune.train.job import headline, train
 from ptune.train.report import write_report
 from ptune.train.resume import resume_config
@@ -35,6 +35,9 @@ USAGE = """usage: ptune <command> [key=value ...]
 commands:
   train     train a method: ptune train [-m] [method=prefix] [model=...] [task=...] [trainer.max_steps=...]
             resume a run:   ptune train resume=outputs/YYYY-MM-DD/HH-MM-SS
+  plan      peak memory per process and time per step of a train job, before it runs (no weights read):
+            ptune plan [the same overrides as ptune train] [device_memory=80GiB] [processes=1] [device=cpu|cuda]
+            [seq_len=max|data|<tokens>] [tflops=<sustained TFLOPS>] [format=text|json]
   eval      evaluate a finished run: ptune eval run=<run dir> [split=dev|test] [adapter=adapter|adapter_best]
             [task.decoding=beam task.num_beams=5 task.max_eval_samples=null ...]  (how to evaluate)
             another task (domain transfer): ptune eval run=<run dir> task=<task> [task.<key>=...]
@@ -110,6 +113,11 @@ def cmd_train(argv: list[str]) -> int:
         _print(headline(train(cfg, run_dir=run_dir, resume=True)))
         return 0
     _print(headline(train(compose(argv))))
+    return 0
+
+
+def cmd_plan(argv: list[str]) -> int:
+    print(memory_plan.run(argv))
     return 0
 
 
@@ -199,7 +207,7 @@ def cmd_search(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "search": cmd_search, "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve, "export": cmd_export,
+COMMANDS = {"train": cmd_train, "plan": cmd_plan, "search": cmd_search, "eval": cmd_eval, "predict": cmd_predict, "serve": cmd_serve, "export": cmd_export,
             "report": cmd_report}
 
 
