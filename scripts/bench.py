@@ -75,7 +75,8 @@ def _compose(spec: dict, out_dir: str):
     n = spec["steps"]
     generation = ([f"task.max_new_tokens={spec['max_new_tokens']}", "task.metrics=[bleu]"]
                   if "max_new_tokens" in spec else [])
-    extra = spec.get("ptune_extra", []) if spec["tool"] == "ptune" else []
+    # model_extra: both tools' backbone (a random-init size: model.tiny.*=..., scripts/gpu_check.py); ptune_extra: ptune's
+    extra = [*spec.get("model_extra", []), *(spec.get("ptune_extra", []) if spec["tool"] == "ptune" else [])]
     return compose([f"method={spec['method']}", f"model={spec['model']}", f"task={spec['task']}",
                     f"trainer.max_steps={n}", f"trainer.eval_every={n}", f"trainer.save_every={n}",
                     f"trainer.batch_size={spec['batch_size']}", f"trainer.lr={lr}", "trainer.log_every=1",
@@ -106,10 +107,12 @@ def dev_loss(method, examples, batch_size: int = 16) -> float:
     model = method.backbone.model
     model.eval()
     method.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             batch = collate(examples[i:i + batch_size], method.backbone.tokenizer.pad_token_id)
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             loss, n = heads.loss(method, batch)
             total, count = total + float(loss), count + n
     return total / count
@@ -127,14 +130,17 @@ def job_ptune(spec: dict) -> dict:
         summary = result["summary"]
         steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         train_steps = [r for r in steps if "loss" in r]
-        cfg.trainer.precision = "fp32"  # the dev loss in fp32 for both tools
-        backbone, method, task = load_trained(run, cfg)
-        loss_dev = dev_loss(method, _dev_examples(task, backbone.tokenizer, backbone.kind, spec["dev_loss_samples"]))
+        loss_dev = None  # dev_loss_samples=0: none (a backbone too big to load again in fp32 on the CPU)
+        if spec["dev_loss_samples"]:
+            cfg.trainer.precision = "fp32"  # the dev loss in fp32 for both tools
+            backbone, method, task = load_trained(run, cfg)
+            loss_dev = dev_loss(method, _dev_examples(task, backbone.tokenizer, backbone.kind, spec["dev_loss_samples"]))
     window = train_steps[-spec["loss_window"]:]
     return dict(trainable_params=summary["trainable_params"], tokens=summary["train_tokens"],
                 train_time_s=summary["train_time_s"], step_s=[r["step_s"] for r in train_steps],
                 loss=statistics.mean(r["loss"] for r in window), eval=summary["eval"].get(spec["metric"]),
-                dev_loss=loss_dev, peak_rss_mb=peak, extra_tokens_per_example=_extra_tokens(cfg))
+                dev_loss=loss_dev, peak_rss_mb=peak, extra_tokens_per_example=_extra_tokens(cfg),
+                peak_memory_mb=summary["peak_memory_mb"])  # on a GPU torch.cuda.max_memory_allocated, else RSS
 
 
 def _peak_rss_mb() -> float:
@@ -252,29 +258,32 @@ def job_peft(spec: dict) -> dict:
                                  seed=cfg.trainer.seed, dataloader_num_workers=0, disable_tqdm=True,
                                  use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
         Trainer(model=trained, args=args, train_dataset=rows, data_collator=collate, callbacks=[clock]).train()
+        peak_memory = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _peak_rss_mb()
 
         trained.eval()
-        dev = _dev_examples(task, tok, backbone.kind, spec["dev_loss_samples"])
+        dev = _dev_examples(task, tok, backbone.kind, spec["dev_loss_samples"]) if spec["dev_loss_samples"] else []
         if classify:  # PEFT's own model scores itself: its classifier reads the pooler, which ptune's head has not
             score = _peft_accuracy(trained, task, tok, spec["eval_samples"])
             peak = _peak_rss_mb()
             loss_dev = _peft_class_dev_loss(trained, dev, tok)
         else:  # one evaluator: PEFT's trained tensors into ptune's method, scored by ptune's task
+            method.to(next(model.parameters()).device)  # Trainer moved the backbone (to a GPU where there is one)
             with torch.no_grad():
                 if cfg.method.name in ("prompt", "p-tuning"):
                     method.load_adapter_tensors({"prompt": trained.get_prompt_embedding_to_save("default").float()})
                 elif cfg.method.name in ("prefix", "p-tuning-v2"):
                     enc = trained.prompt_encoder["default"]
                     # (p, L * 2 * kv_dim), collapsed
-                    flat = enc(torch.arange(method.num_virtual_tokens).unsqueeze(0))[0].float()
+                    flat = enc(torch.arange(method.num_virtual_tokens, device=next(enc.parameters()).device)[None])[0].float()
                     method.load_adapter_tensors({next(iter(method.adapter_tensors())): flat})
             scores, _ = task.evaluate(method, "dev", cfg.trainer.eval_batch_size)
             score = scores.get(spec["metric"])
             peak = _peak_rss_mb()
-            loss_dev = dev_loss(method, dev)
+            loss_dev = dev_loss(method, dev) if dev else None
     window = clock.losses[-spec["loss_window"]:]
     return dict(trainable_params=trainable, tokens=counted["tokens"], train_time_s=sum(clock.step_s),
                 step_s=clock.step_s, loss=statistics.mean(window), eval=score, dev_loss=loss_dev, peak_rss_mb=peak,
+                peak_memory_mb=peak_memory,
                 extra_tokens_per_example=_extra_tokens(cfg))
 
 

@@ -86,3 +86,45 @@ def test_quick_checkpointing_bench_compares_both_jobs(tmp_path):
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["prompt", "prefix"]
     assert all(r["max_loss_difference"] < 1e-4 and len(r["plain"]["losses"]) == 2 for r in rows)
+
+
+@pytest.mark.slow  # ptune train (twice) and ptune plan, each in its own process, one tiny-llama row (~1 min)
+def test_quick_plan_bench_compares_plan_and_measured_peaks(tmp_path):
+    bench = load_script("bench_plan")
+    out = tmp_path / "plan"
+    assert bench.main(["--quick", "--rows", "prompt b8", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = result["rows"]
+    assert len(rows) == 1 and all(r["measured_mb"] > 0 and r["plan_mb"] > 0 for r in rows)
+    assert result["fit"] and "What fits where" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow  # two gloo processes twice, and three quantized jobs per task
+def test_quick_big_backbones_bench_shards_and_quantizes(tmp_path):
+    bench = load_script("bench_big_backbones")
+    out = tmp_path / "big"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["job"] for r in result["shard"]][-1] == "2 processes, trainer.shard=fsdp"
+    assert all(r["max_rel_loss_diff_vs_1"] < 1e-4 for r in result["shard"])
+    assert {r["quantize"] for r in result["quantize"]} == {"none", "int8", "nf4"}
+
+
+@pytest.mark.slow  # scripts/gpu_check.sh --cpu: the GPU check end to end on the CPU (~3 min)
+def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
+    import subprocess
+
+    from conftest import ROOT
+
+    p = subprocess.run(["bash", "scripts/gpu_check.sh", "--cpu", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    r = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert r["contract"]["passed"] and r["contract"]["device"] == "cpu"
+    assert [(x["size"], x["method"]) for x in r["speed"]] == [(s, m) for s in ("llama-cpu-s", "llama-cpu-m")
+                                                              for m in ("prompt", "prefix")]
+    assert all(x["tokens_per_s"] > 0 and 0 < x["mfu_measured"] for x in r["speed"])
+    assert {x["tool"] for x in r["peft"]} == {"ptune", "peft"}
+    assert [q["quantize"] for q in r["quantize"]] == ["none", "int8", "nf4"]
+    assert r["shard"]["max_rel_loss_diff"] < 1e-4 and r["shard"]["backbone_mb_sharded"] < r["shard"]["backbone_mb_unsharded"]
+    assert "## contract" in (tmp_path / "gpu-check.md").read_text()

@@ -42,6 +42,7 @@ Backbones: some proofs run on `sharpened` ones (conftest), see SHARPENED.
 import copy
 import functools
 import json
+import os
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -200,14 +201,14 @@ def outputs(cell: Cell, m, batch):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if cell.head == "linear":
         out = class_logits(m, ids, mask)
-        return out[:, None], torch.ones(out.shape[0], 1, dtype=torch.bool)
+        return out[:, None], torch.ones(out.shape[0], 1, dtype=torch.bool, device=out.device)
     model = m.backbone.model
     if cell.kind == "seq2seq":
         dec = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
         out = model(**inputs(m, ids, mask, batch.get("soft_mask")), decoder_input_ids=dec).logits
         return out, batch["labels"] != -100
     out = model(**inputs(m, ids, mask, batch.get("soft_mask"))).logits
-    keep = torch.cat([torch.ones(ids.shape[0], m.n_prepended, dtype=torch.bool), mask.bool()], 1)
+    keep = torch.cat([torch.ones(ids.shape[0], m.n_prepended, dtype=torch.bool, device=ids.device), mask.bool()], 1)
     return out, keep
 
 
@@ -438,6 +439,38 @@ def test_beam_search_returns_the_best_path_it_can_see(cell):
     for i in range(len(rows)):
         row = (batch["input_ids"][i:i + 1], batch["attention_mask"][i:i + 1], None if soft is None else soft[i:i + 1])
         assert beams[i].tolist() == best_of_two_step_beam(lambda new: next_logprobs(cell, m, *row, new), 3)
+
+
+# -- (g): a device computes what the CPU computes ------------------------------------------------
+# Where CUDA is (scripts/gpu_check.sh runs this on a GPU machine), each forward cell's outputs, loss
+# and trained tensors' gradients there == on the CPU, fp32 (PyTorch leaves TF32 off for matmuls), to
+# 1e-4 relative. PTUNE_CONTRACT_DEVICE names the device (gpu_check.sh --cpu: `cpu`, which proves the
+# check runs end to end, not that two devices agree).
+DEVICE = os.environ.get("PTUNE_CONTRACT_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
+
+
+@pytest.mark.skipif(not DEVICE, reason="no CUDA device here; scripts/gpu_check.sh runs it on a GPU machine")
+@pytest.mark.parametrize("cell", FORWARD_CELLS, ids=str)
+def test_a_device_computes_what_the_cpu_computes(cell):
+    results = []
+    for device in ("cpu", DEVICE):
+        bb = fresh(cell, "outputs")
+        m = build(cell, bb)
+        bb.model.to(device)
+        m.to(device)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch_of(bb.tokenizer, examples(cell, bb.tokenizer)).items()}
+        out, keep = outputs(cell, m, batch)
+        loss, n = task_loss(cell, m, batch)
+        if m.trains:
+            (loss / n).backward()
+        grads = {k: t.grad.detach().cpu() for k, t in m.trainable_tensors().items() if t.grad is not None}
+        results.append((out.detach()[keep].cpu(), loss.detach().cpu() / n, grads))
+    (out_a, loss_a, grads_a), (out_b, loss_b, grads_b) = results
+    torch.testing.assert_close(out_b, out_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and bool(grads_a) == m.trains
+    for k in grads_a:
+        torch.testing.assert_close(grads_b[k], grads_a[k], rtol=1e-3, atol=1e-5, msg=lambda s, k=k: f"{k}: {s}")
 
 
 # -- the parametrization leaves nothing out ----------------------------------------------------------

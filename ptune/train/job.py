@@ -24,7 +24,8 @@ from ptune.errors import PtuneError
 from ptune.rundir import RunDir
 from ptune.train import checkpoint as ckpt
 from ptune.train import shard, trackers
-from ptune.train.loop import TrainArgs, check_step_size, fit, param_groups, peak_memory_mb, reset_peak_memory
+from ptune.train.loop import (TrainArgs, check_step_size, fit, param_groups, peak_memory_mb, reset_peak_memory,
+                              trim_heap)
 
 log = logging.getLogger("ptune")
 
@@ -82,7 +83,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
         log.info("frozen matmul weights stored in %s (%d parameters); trained tensors stay fp32", frozen, n)
     if sharded:
         n = shard.shard_backbone(backbone.model, accelerator.num_processes, accelerator.device)
-        gc.collect()
+    gc.collect()
+    trim_heap()  # what the replaced weights (fp32 -> bf16, quantized, sharded) held goes back to the OS
+    if sharded:
         reset_peak_memory()  # the job's peak from the sharded state on (every process loaded the whole model once)
         log.info("trainer.shard=fsdp: %d layers sharded over %d processes; this process holds %.1f MB of the backbone",
                  n, accelerator.num_processes, shard.local_bytes(backbone.model) / 2**20)

@@ -14,6 +14,7 @@ one bit for bit on CPU.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import resource
@@ -115,6 +116,19 @@ def peak_memory_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere).
+
+    Loading replaces tensors: fp32 weights by bf16 ones (store_frozen), by quantized ones (model.quantize),
+    by a process's shard (trainer.shard=fsdp). glibc keeps what they freed in its heap, and the training
+    step's allocations of other sizes do not reuse all of it, so without a trim the process holds the
+    replaced weights' memory on top of its working set (measured: scripts/bench_plan.py, docs/performance.md)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): no trim to ask for
+        pass
 
 
 def reset_peak_memory() -> None:

@@ -1,0 +1,135 @@
+"""A frozen backbone sharded (trainer.shard=fsdp) and quantized (model.quantize): losses, memory and time
+against the plain job.
+
+    python scripts/bench_big_backbones.py [--sections shard,quantize] [--model smollm2-135m] [--quick]
+                                          [--out bench/big-backbones-<date>]
+
+shard: the same E2E prompt-tuning job (global batch 8) in one process, in two gloo processes unsharded and in
+two sharded; the loss curves, the backbone bytes a process holds (summary.json's backbone_mb), the peak RSS of
+rank 0 after loading (peak_memory_mb; a sharded job's peak restarts once its layers are sharded) and time.
+quantize: the same job with model.quantize=none / int8 / nf4 under bf16 (prefix tuning on E2E, prompt tuning
+on SST-2): the losses after the same steps, the dev metric, the backbone bytes, peak RSS and time per step.
+--quick: tiny-llama, 2 steps (tests/test_bench.py runs it). Writes <out>.md and <out>.json, prints the md.
+Two processes on 2 cores share them: the sharded times say what sharding costs in communication on one
+machine, not what it gains on several devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1",
+       "PTUNE_DATA_DIR": os.environ.get("PTUNE_DATA_DIR", str(ROOT.parent / "shared" / "data"))}
+
+
+def job(out: Path, keys: list[str], processes: int = 1, cuda: bool = False) -> dict:
+    """One `ptune train` in its own process(es), on the CPU unless cuda (scripts/gpu_check.py)."""
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    env = {**ENV, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)), **({} if cuda else {"CUDA_VISIBLE_DEVICES": ""})}
+    t0 = time.perf_counter()
+    p = subprocess.run([*launcher, "-m", "ptune", "train", *keys, f"output_dir={out}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, check=False)
+    if p.returncode:
+        raise SystemExit(f"ptune train {' '.join(keys)} failed: {p.stderr.strip()[-600:]}")
+    run = next(out.rglob("summary.json")).parent
+    s = json.loads((run / "summary.json").read_text())
+    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return {"command": ("torchrun --nproc_per_node %d -m " % processes if processes > 1 else "") + "ptune train "
+            + " ".join(keys), "losses": losses, "eval": s["eval"], "backbone_mb": s["backbone_mb"],
+            "peak_memory_mb": s["peak_memory_mb"], "s_per_step": round(s["train_time_s"] / s["steps"], 3),
+            "job_s": round(time.perf_counter() - t0, 1)}
+
+
+def common(model: str, steps: int, batch: int) -> list[str]:
+    return [f"model={model}", f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"trainer.save_every={steps}",
+            "trainer.log_every=1", f"trainer.batch_size={batch}", "trainer.group_by_length=false"]
+
+
+def shard_section(tmp: Path, model: str, steps: int) -> list[dict]:
+    keys = [*common(model, steps, 8), "method=prompt", "task=e2e", "task.max_eval_samples=4",
+            f"task.max_train_samples={8 * steps}", "task.max_new_tokens=16"]
+    half = [k.replace("trainer.batch_size=8", "trainer.batch_size=4") for k in keys]
+    rows = [("1 process", job(tmp / "one", keys)),
+            ("2 processes, unsharded", job(tmp / "two", half, 2)),
+            ("2 processes, trainer.shard=fsdp", job(tmp / "sharded", [*half, "trainer.shard=fsdp"], 2))]
+    base = rows[0][1]["losses"]
+    return [{"job": name, **r, "max_rel_loss_diff_vs_1": max(abs(a - b) / abs(a) for a, b in zip(base, r["losses"]))}
+            for name, r in rows]
+
+
+def quantize_section(tmp: Path, model: str, steps: int) -> list[dict]:
+    rows = []
+    for task, method, extra in (("e2e", "prefix", ["task.max_eval_samples=40", "task.max_new_tokens=40"]),
+                                ("sst2", "prompt", ["task.max_eval_samples=200", "trainer.lr=0.03"])):
+        keys = [*common(model, steps, 8), f"method={method}", f"task={task}", "trainer.precision=bf16",
+                f"task.max_train_samples={8 * steps}", *extra]
+        plain = None
+        for how in ("none", "int8", "nf4"):
+            r = job(tmp / f"{task}-{how}", [*keys, f"model.quantize={how}"])
+            plain = plain or r
+            rows.append({"task": task, "method": method, "quantize": how, **r,
+                         "final_loss_rel_diff_vs_bf16": (r["losses"][-1] - plain["losses"][-1]) / plain["losses"][-1]})
+    return rows
+
+
+def fmt_losses(losses: list[float]) -> str:
+    return f"{losses[0]:.4f} -> {losses[-1]:.4f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", default="shard,quantize")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--steps", type=int, default=0, help="default: 6 (shard), 40 (quantize)")
+    ap.add_argument("--quick", action="store_true", help="tiny-llama, 2 steps")
+    ap.add_argument("--out", default=f"bench/big-backbones-{time.strftime('%Y-%m-%d')}")
+    args = ap.parse_args(argv)
+    model = "tiny-llama" if args.quick else args.model
+    sections = args.sections.split(",")
+    result = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": model,
+              "machine": f"{os.cpu_count()} cores, {platform.platform()}"}
+    lines = [f"# Sharded and quantized frozen backbones ({result['date']})", "",
+             f"`python scripts/bench_big_backbones.py {' '.join(sys.argv[1:] if argv is None else argv)}`; {model}; "
+             f"{result['machine']}; OMP threads = cores / processes.", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        if "shard" in sections:
+            steps = 2 if args.quick else (args.steps or 6)
+            rows = result["shard"] = shard_section(Path(tmp), model, steps)
+            lines += [f"## trainer.shard=fsdp (prompt tuning, E2E, global batch 8, {steps} steps)", "",
+                      "| job | losses (first -> last) | largest relative loss difference to 1 process | backbone MB per "
+                      "process | peak RSS MB (rank 0) | s/step |", "|---|---|---|---|---|---|"]
+            lines += [f"| {r['job']} | {fmt_losses(r['losses'])} | {r['max_rel_loss_diff_vs_1']:.1e} | {r['backbone_mb']} | "
+                      f"{r['peak_memory_mb']} | {r['s_per_step']} |" for r in rows]
+            lines.append("")
+        if "quantize" in sections:
+            steps = 2 if args.quick else (args.steps or 40)
+            rows = result["quantize"] = quantize_section(Path(tmp), model, steps)
+            lines += [f"## model.quantize (bf16, batch 8, {steps} steps)", "",
+                      "| task | method | quantize | losses (first -> last) | final loss vs unquantized | dev | backbone MB | "
+                      "peak RSS MB | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {r['task']} | {r['method']} | {r['quantize']} | {fmt_losses(r['losses'])} | "
+                      f"{r['final_loss_rel_diff_vs_bf16']:+.2%} | "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in r["eval"].items() if isinstance(v, float) and k in
+                                  ("accuracy", "bleu")) +
+                      f" | {r['backbone_mb']} | {r['peak_memory_mb']} | {r['s_per_step']} |" for r in rows]
+            lines.append("")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
