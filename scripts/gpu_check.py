@@ -117,18 +117,24 @@ def section_speed(args, cuda: bool, peaks: dict) -> list[dict]:
     rows = []
     for size in args.sizes:
         for method in ("prompt", "prefix"):
-            r = bench.run_job(spec(size, method, "ptune", args.steps, args.batch))
+            r = bench.run_job(spec(size, method, "ptune", args.steps, args.batch), in_process=not cuda)
             rows.append({"size": size, "method": method, "non_embedding_params": non_embedding_params(size),
                          **throughput(r, size, args.batch, peaks)})
             print(f"speed {size} {method}: {rows[-1]}", flush=True)
     return rows
 
 
-def section_peft(args, cuda: bool, peaks: dict) -> list[dict]:
+def section_peft(args, cuda: bool, peaks: dict, speed: list[dict]) -> list[dict]:
+    """PEFT + Trainer on the first size; ptune's rows of the same jobs come from `speed` where it ran."""
     rows, size = [], args.sizes[0]
     for method in ("prompt", "prefix"):
         for tool in ("ptune", "peft"):
-            r = bench.run_job(spec(size, method, tool, args.steps, args.batch))
+            done = [r for r in speed if (r["size"], r["method"]) == (size, method)]
+            if tool == "ptune" and done:
+                rows.append({**done[0], "tool": "ptune"})
+                continue
+            # --cpu: jobs in this process (no interpreter start-up each); on a GPU each its own process
+            r = bench.run_job(spec(size, method, tool, args.steps, args.batch), in_process=not cuda)
             rows.append({"size": size, "method": method, "tool": tool, **throughput(r, size, args.batch, peaks)})
             print(f"peft {size} {method} {tool}: {rows[-1]}", flush=True)
     return rows
@@ -223,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default="contract,speed,peft,quantize,shard")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench"))
     args = ap.parse_args(argv)
-    cuda = torch.cuda.is_available() and not args.cpu
+    if args.cpu:  # before anything asks torch about CUDA: the jobs in this process and in subprocesses see none
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    cuda = not args.cpu and torch.cuda.is_available()
     if not cuda and not args.cpu:
         raise SystemExit("gpu_check: no CUDA device here; run it on a GPU machine, or with --cpu to prove it runs")
-    if args.cpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the jobs' subprocesses too
     args.sizes = ["llama-1b", "llama-8b"] if cuda else ["llama-cpu-s", "llama-cpu-m"]
     args.steps, args.batch = (20, 32) if cuda else (4, 4)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -257,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             elif section == "speed":
                 r["speed"] = section_speed(args, cuda, peaks)
             elif section == "peft":
-                r["peft"] = section_peft(args, cuda, peaks)
+                r["peft"] = section_peft(args, cuda, peaks, r.get("speed", []))
             elif section == "quantize":
                 r["quantize"] = section_quantize(args, cuda, Path(tmp))
             elif section == "shard":
