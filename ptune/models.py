@@ -81,7 +81,7 @@ def dims_of(config, kind: str) -> Dims:
     return Dims(layers, heads, kv, head_dim, hidden, enc_dec, enc_layers)
 
 
-def _auto_class(kind: str):
+def auto_class(kind: str):
     import transformers as tf
 
     classes = {
@@ -197,7 +197,9 @@ def load_tokenizer(source: str, name_or_path: str, trust_remote_code: bool = Fal
     return tok
 
 
-def _build_tiny(kind: str, tiny: dict, tokenizer, seed: int):
+def tiny_config(tiny: dict, tokenizer):
+    """The transformers config of a tiny model (model.tiny) with the tokenizer's ids and vocabulary;
+    `ptune plan` reads it without building the model."""
     from transformers import AutoConfig
 
     spec = dict(tiny)
@@ -206,10 +208,14 @@ def _build_tiny(kind: str, tiny: dict, tokenizer, seed: int):
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if model_type in ("t5", "bart"):
         ids["decoder_start_token_id"] = tokenizer.pad_token_id if model_type == "t5" else bos
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=bos, **ids, **spec)
+    return AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=bos, **ids, **spec)
+
+
+def _build_tiny(kind: str, tiny: dict, tokenizer, seed: int):
+    config = tiny_config(tiny, tokenizer)
     with torch.random.fork_rng():  # a fixed model that does not disturb the run's RNG stream
         torch.manual_seed(seed)
-        return _auto_class(kind).from_config(config)
+        return auto_class(kind).from_config(config)
 
 
 def _from_pretrained(kind: str, path, name: str, trust_remote_code: bool = False):
@@ -225,7 +231,7 @@ def _from_pretrained(kind: str, path, name: str, trust_remote_code: bool = False
                f"code); convert them to model.safetensors" if pickles else "holds no model.safetensors")
         raise PtuneError(f"model {name}: {local} {why}; point model.name_or_path at a directory with safetensors weights")
     try:
-        return _auto_class(kind).from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+        return auto_class(kind).from_pretrained(path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     except SafetensorError as e:  # a damaged or foreign model.safetensors
         raise PtuneError(f"model {name}: the weights in {str(path)!r} cannot be read ({str(e).splitlines()[0]}); "

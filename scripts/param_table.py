@@ -199,13 +199,13 @@ KIND = {"gpt2": "causal", "llama": "causal", "bert": "masked", "t5": "seq2seq", 
 
 def meta_backbone(name: str, config) -> Backbone:
     """The architecture with meta tensors: every shape, no storage."""
-    from ptune.models import _auto_class
+    from ptune.models import auto_class
 
     kind = KIND[config.model_type]
     with torch.device("meta"):
         # eager attention: sdpa's mask builder reads values (Tensor.item), which meta tensors have not,
         # in the one-token pass fine-tune's top-k makes to find the final norm
-        model = _auto_class(kind).from_config(config, attn_implementation="eager")
+        model = auto_class(kind).from_config(config, attn_implementation="eager")
     model.requires_grad_(False)
     model.eval()
     return Backbone(model=model, tokenizer=None, dims=dims_of(model.config, kind), kind=kind, name=name)

@@ -147,26 +147,6 @@ def device_total(device: str) -> int:
 
 
 # -- the model's config, its tokenizer, and the backbone on the meta device -----------------------
-def _auto_class(kind: str):
-    import transformers as tf
-
-    return {"causal": tf.AutoModelForCausalLM, "masked": tf.AutoModelForMaskedLM,
-            "seq2seq": tf.AutoModelForSeq2SeqLM, "encoder": tf.AutoModel}[kind]
-
-
-def tiny_config(tiny: dict, tokenizer):
-    """The transformers config models.load builds a tiny model from (the same ids and vocabulary)."""
-    from transformers import AutoConfig
-
-    spec = dict(tiny)
-    model_type = spec.pop("model_type")
-    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if model_type in ("t5", "bart"):
-        ids["decoder_start_token_id"] = tokenizer.pad_token_id if model_type == "t5" else bos
-    return AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=bos, **ids, **spec)
-
-
 def _hub_config(path: str, name: str, trust: bool):
     from transformers import AutoConfig
 
@@ -193,7 +173,7 @@ def model_config(cfg: DictConfig) -> tuple[object, object, str | None]:
     trust = m.get("trust_remote_code") is True
     if m.source == "tiny":
         tok = models.load_tokenizer(m.get("tokenizer") or "smollm2", m.get("name_or_path") or "")
-        return tiny_config(OmegaConf.to_container(m.tiny), tok), tok, None
+        return models.tiny_config(OmegaConf.to_container(m.tiny), tok), tok, None
     if m.source in ("gguf", "package"):
         path = str(models.smollm2_dir() if m.source == "gguf" else models.minilm_dir())
         return _hub_config(path, m.name, trust), models.load_tokenizer("hub", path, trust), None
@@ -208,7 +188,7 @@ def model_config(cfg: DictConfig) -> tuple[object, object, str | None]:
 def meta_backbone(cfg: DictConfig, config, tokenizer) -> models.Backbone:
     """The frozen backbone with every tensor on the meta device: its modules and shapes, no storage."""
     with torch.device("meta"):
-        model = _auto_class(cfg.model.kind).from_config(config, trust_remote_code=cfg.model.get("trust_remote_code") is True)
+        model = models.auto_class(cfg.model.kind).from_config(config, trust_remote_code=cfg.model.get("trust_remote_code") is True)
     model.requires_grad_(False)
     return models.Backbone(model, tokenizer, models.dims_of(model.config, cfg.model.kind), cfg.model.kind, cfg.model.name)
 
