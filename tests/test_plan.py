@@ -227,3 +227,13 @@ def test_tiny_config_is_the_one_models_load_builds():
     real = load("tiny-t5").model.config
     config, _, _ = mp.model_config(cfg)
     assert OmegaConf.create(config.to_dict()) == OmegaConf.create(real.to_dict())
+
+
+def test_tflops_sets_the_time_and_device_the_baseline():
+    """Every plan key acts: tflops= is the rate the time divides by; device=cpu adds this process's baseline."""
+    keys = ["model=tiny-llama", "method=prompt", "task=e2e", "seq_len=64"]
+    slow, fast = (mp.plan([*keys, "device=cuda", f"tflops={t}"])["time"] for t in (100, 200))
+    assert slow["tflops"] == 100 and fast["tflops"] == 200 and slow["flops"] == fast["flops"] and slow["flops"]["total"] > 0
+    assert slow["seconds_per_step"] == pytest.approx(2 * fast["seconds_per_step"])
+    cpu, cuda = (mp.plan([*keys, f"device={d}"])["memory"]["peak_memory"] for d in ("cpu", "cuda"))
+    assert cpu > cuda
