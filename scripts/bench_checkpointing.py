@@ -30,7 +30,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1",
 def job(out: Path, model: str, method: str, batch: int, steps: int, checkpointing: bool) -> dict:
     keys = [f"model={model}", "task=e2e", f"method={method}", "method.num_virtual_tokens=10",
             f"trainer.batch_size={batch}", f"trainer.max_steps={steps}", f"trainer.eval_every={steps}",
-            f"trainer.save_every={steps}", "trainer.log_every=1", "task.max_eval_samples=1",
+            f"trainer.save_every={steps}", "trainer.log_every=1", "task.max_eval_samples=1", "task.metrics=[bleu]",
             f"task.max_train_samples={batch * steps}", "trainer.group_by_length=false",
             f"trainer.gradient_checkpointing={str(checkpointing).lower()}", f"output_dir={out}"]
     p = subprocess.run([sys.executable, "-m", "ptune", "train", *keys], cwd=ROOT, env=ENV, capture_output=True,

@@ -51,7 +51,7 @@ def test_checkpointed_training_equals_plain_training(tmp_path, data_dir, case):
 def test_prefix_layers_really_recompute_and_keep_the_prefix(data_dir, model, attention):
     """Each layer runs twice per step (forward, then in backward), and the prefix's gradients equal the
     plain ones: transformers' own checkpointing drops the prefix cache (the gradient would be zero)."""
-    cfg = run_config(model, ["task=e2e", "method=prefix", "method.num_virtual_tokens=4"])
+    cfg = run_config(model, ["task=e2e", "method=prefix", "method.num_virtual_tokens=4", "task.max_train_samples=4"])
     grads, calls = [], []
     for checkpointed in (False, True):
         torch.manual_seed(0)

@@ -70,6 +70,20 @@ def test_meteor_unavailable_without_java(monkeypatch):
     assert scores["bleu"] == pytest.approx(EXPECTED["bleu"], abs=1e-9)
 
 
+def test_meteor_keeps_one_jvm_and_each_call_stands_alone():
+    """The JVM starts once per process; a later call scores as a fresh JVM does; a dead one is restarted."""
+    try:
+        first = e2e.meteor(HYPS, REFS)
+    except MetricUnavailable as e:
+        pytest.skip(e.reason)
+    proc = e2e._METEOR["proc"]
+    one = e2e.meteor(HYPS[:1], REFS[:1])
+    assert e2e.meteor(HYPS, REFS) == first and e2e._METEOR["proc"] is proc
+    proc.kill()
+    proc.wait()
+    assert e2e.meteor(HYPS[:1], REFS[:1]) == one and e2e._METEOR["proc"] is not proc  # a fresh JVM, the same score
+
+
 def test_meteor_unavailable_without_jar(monkeypatch):
     monkeypatch.setattr(e2e.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MetricUnavailable, match="meteor-1.5.jar"):

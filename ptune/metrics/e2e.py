@@ -35,13 +35,15 @@ E2E train/dev/test references it yields the Java tokens for all but 3 (a kept pe
 final initial; commas between words, as ``french,family-friendly``, that Java does not split).
 As in the original, ``(`` ``)`` become ``-lrb-`` ``-rrb-`` and stay (the removal list is upper
 case) and ``£`` becomes ``#``. METEOR needs Java and the jar that the ``pycocoevalcap`` PyPI
-package ships (found without importing it); without them ``meteor`` raises MetricUnavailable.
+package ships (found without importing it); without them ``meteor`` raises MetricUnavailable. The
+JVM is started once per process and kept for later calls (as pycocoevalcap keeps it).
 mteval's SGML entity decoding is applied to the raw text, as e2e-metrics writes it unescaped.
 Checked against the Perl scoring subroutines and pycocoevalcap (Java tokenizer included) on
 the E2E test set with a held-out reference as hypothesis: all five agree to 1e-12.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import math
 import os
@@ -49,6 +51,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections import Counter
 from typing import Sequence
 
@@ -370,22 +373,51 @@ def meteor(hyps: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
     if java is None:
         raise MetricUnavailable("METEOR 1.5 needs a Java runtime; `java` is not on PATH")
     hyp_t, ref_t = _coco_inputs(hyps, refs)
-    cmd = [java, "-jar", "-Xmx2G", jar, "-", "-", "-stdio", "-l", "en", "-norm"]
-    with tempfile.TemporaryFile() as err:
-        try:
-            proc = subprocess.Popen(cmd, cwd=os.path.dirname(jar), stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=err)
-        except OSError as e:
-            raise MetricUnavailable(f"cannot start Java for METEOR: {e}") from e
+    with _METEOR_LOCK:
+        proc, err = _meteor_process(java, jar)
         try:
             return _meteor_talk(proc, hyp_t, ref_t)
         except (OSError, ValueError) as e:
+            _close_meteor()
             err.seek(0)
             tail = err.read()[-500:].decode("utf-8", "replace")
             raise MetricUnavailable(f"METEOR jar failed: {e}; stderr: {tail}") from e
-        finally:
-            proc.kill()
-            proc.wait()
+
+
+# One METEOR JVM per process, started on first use and asked again by every later call (as pycocoevalcap's
+# Meteor object does): starting Java and loading the paraphrase table costs ~5 s, which every evaluation of a
+# run (and every job of a sweep in one process) would pay again. Each call's SCORE/EVAL exchange stands alone.
+# A forked child starts its own (the pipes belong to the parent's), a failed exchange closes it, exit ends it.
+_METEOR: dict = {}
+_METEOR_LOCK = threading.Lock()
+
+
+def _meteor_process(java: str, jar: str):
+    m = _METEOR
+    if m and m["pid"] == os.getpid() and m["cmd"][0] == java and m["cmd"][3] == jar and m["proc"].poll() is None:
+        return m["proc"], m["err"]
+    if m and m["pid"] == os.getpid():
+        _close_meteor()
+    m.clear()
+    cmd = [java, "-jar", "-Xmx2G", jar, "-", "-", "-stdio", "-l", "en", "-norm"]
+    err = tempfile.TemporaryFile()
+    try:
+        proc = subprocess.Popen(cmd, cwd=os.path.dirname(jar), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+    except OSError as e:
+        err.close()
+        raise MetricUnavailable(f"cannot start Java for METEOR: {e}") from e
+    m.update(pid=os.getpid(), cmd=cmd, proc=proc, err=err)
+    return proc, err
+
+
+@atexit.register
+def _close_meteor() -> None:
+    m = _METEOR
+    if m and m["pid"] == os.getpid():
+        m["proc"].kill()
+        m["proc"].wait()
+        m["err"].close()
+    m.clear()
 
 
 def _meteor_talk(proc, hyp_t, ref_t) -> float:
