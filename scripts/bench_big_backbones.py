@@ -50,34 +50,53 @@ def job(out: Path, keys: list[str], processes: int = 1, cuda: bool = False) -> d
             "job_s": round(time.perf_counter() - t0, 1)}
 
 
-def common(model: str, steps: int, batch: int) -> list[str]:
-    return [f"model={model}", f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"trainer.save_every={steps}",
+def common(model_keys: list[str], steps: int, batch: int) -> list[str]:
+    return [*model_keys, f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"trainer.save_every={steps}",
             "trainer.log_every=1", f"trainer.batch_size={batch}", "trainer.group_by_length=false"]
 
 
-def shard_section(tmp: Path, model: str, steps: int) -> list[dict]:
-    keys = [*common(model, steps, 8), "method=prompt", "task=e2e", "task.max_eval_samples=4",
-            f"task.max_train_samples={8 * steps}", "task.max_new_tokens=16"]
+def shard_section(tmp: Path, model_keys: list[str], steps: int, cuda: bool = False) -> list[dict]:
+    """Prompt tuning on E2E, global batch 8: 1 process, 2 unsharded, 2 sharded; a failed job is a row."""
+    keys = [*common(model_keys, steps, 8), "method=prompt", "task=e2e", "task.max_eval_samples=4",
+            f"task.max_train_samples={8 * steps}", "task.max_new_tokens=16", "task.metrics=[bleu]"]
     half = [k.replace("trainer.batch_size=8", "trainer.batch_size=4") for k in keys]
-    rows = [("1 process", job(tmp / "one", keys)),
-            ("2 processes, unsharded", job(tmp / "two", half, 2)),
-            ("2 processes, trainer.shard=fsdp", job(tmp / "sharded", [*half, "trainer.shard=fsdp"], 2))]
-    base = rows[0][1]["losses"]
-    return [{"job": name, **r, "max_rel_loss_diff_vs_1": max(abs(a - b) / abs(a) for a, b in zip(base, r["losses"]))}
-            for name, r in rows]
-
-
-def quantize_section(tmp: Path, model: str, steps: int, tasks: tuple[str, ...] = ("e2e", "sst2")) -> list[dict]:
     rows = []
-    for task, method, extra in (("e2e", "prefix", ["task.max_eval_samples=40", "task.max_new_tokens=40"]),
-                                ("sst2", "prompt", ["task.max_eval_samples=200", "trainer.lr=0.03"])):
-        if task not in tasks:
+    for name, out, ks, processes in (("1 process", "one", keys, 1), ("2 processes, unsharded", "two", half, 2),
+                                     ("2 processes, trainer.shard=fsdp", "sharded", [*half, "trainer.shard=fsdp"], 2)):
+        try:
+            r = job(tmp / out, ks, processes, cuda=cuda)
+        except SystemExit as e:
+            rows.append({"job": name, "error": str(e)[-300:]})
             continue
-        keys = [*common(model, steps, 8), f"method={method}", f"task={task}", "trainer.precision=bf16",
-                f"task.max_train_samples={8 * steps}", *extra]
+        base = next((x["losses"] for x in rows if "losses" in x), r["losses"])
+        rows.append({"job": name, **r, "max_rel_loss_diff_vs_1": max(abs(a - b) / abs(a) for a, b in zip(base, r["losses"]))})
+    return rows
+
+
+TASK_JOBS = {  # task: the method quantized through and its own keys (dev samples, generation length, lr)
+    "e2e": ("prefix", ["task.max_eval_samples=40", "task.max_new_tokens=40", "task.metrics=[bleu]"]),
+    "sst2": ("prompt", ["task.max_eval_samples=200", "trainer.lr=0.03"]),
+}
+
+
+def quantize_section(tmp: Path, model_keys: list[str], steps: int, tasks: tuple[str, ...] = ("e2e", "sst2"),
+                     hows: tuple[str, ...] = ("none", "int8", "nf4"), batch: int = 8, cuda: bool = False,
+                     extra: tuple[str, ...] = ()) -> list[dict]:
+    """The same bf16 job per task with each model.quantize; losses against the first (unquantized) row."""
+    rows = []
+    for task in tasks:
+        method, task_keys = TASK_JOBS[task]
+        named = {k.split("=")[0] for k in extra}  # extra's keys replace the task's own
+        keys = [*common(model_keys, steps, batch), f"method={method}", f"task={task}", "trainer.precision=bf16",
+                f"task.max_train_samples={batch * steps}", *(k for k in task_keys if k.split("=")[0] not in named),
+                *extra]
         plain = None
-        for how in ("none", "int8", "nf4"):
-            r = job(tmp / f"{task}-{how}", [*keys, f"model.quantize={how}"])
+        for how in hows:
+            try:
+                r = job(tmp / f"{task}-{how}", [*keys, f"model.quantize={how}"], cuda=cuda)
+            except SystemExit as e:  # a failed job is a row (int4 where torchao's kernel is missing, ...)
+                rows.append({"task": task, "method": method, "quantize": how, "error": str(e)[-300:]})
+                continue
             plain = plain or r
             rows.append({"task": task, "method": method, "quantize": how, **r,
                          "final_loss_rel_diff_vs_bf16": (r["losses"][-1] - plain["losses"][-1]) / plain["losses"][-1]})
@@ -86,6 +105,33 @@ def quantize_section(tmp: Path, model: str, steps: int, tasks: tuple[str, ...] =
 
 def fmt_losses(losses: list[float]) -> str:
     return f"{losses[0]:.4f} -> {losses[-1]:.4f}"
+
+
+def shard_markdown(rows: list[dict], steps: int, where: str = "") -> list[str]:
+    lines = [f"## trainer.shard=fsdp (prompt tuning, E2E, global batch 8, {steps} steps{where})", "",
+             "| job | losses (first -> last) | largest relative loss difference to 1 process | backbone MB per "
+             "process | peak RSS MB (rank 0) | s/step |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['job']} | error: {r['error'][-160:]} |" if "error" in r else
+              f"| {r['job']} | {fmt_losses(r['losses'])} | {r['max_rel_loss_diff_vs_1']:.1e} | {r['backbone_mb']} | "
+              f"{r['peak_memory_mb']} | {r['s_per_step']} |" for r in rows]
+    return [*lines, ""]
+
+
+def quantize_markdown(rows: list[dict], steps: int, batch: int = 8) -> list[str]:
+    lines = [f"## model.quantize (bf16, batch {batch}, {steps} steps)", "",
+             "| task | method | quantize | losses (first -> last) | final loss vs unquantized | dev | backbone MB | "
+             "peak RSS MB | s/step |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['method']} | {r['quantize']} | error: {r['error'][-160:]} |" if "error" in r else
+              f"| {r['task']} | {r['method']} | {r['quantize']} | {fmt_losses(r['losses'])} | "
+              f"{r['final_loss_rel_diff_vs_bf16']:+.2%} | "
+              + ", ".join(f"{k} {v:.4f}" for k, v in r["eval"].items() if isinstance(v, float) and k in
+                          ("accuracy", "bleu")) +
+              f" | {r['backbone_mb']} | {r['peak_memory_mb']} | {r['s_per_step']} |" for r in rows]
+    return [*lines, ""]
+
+
+def failed(result: dict) -> bool:
+    return any("error" in r for name in ("shard", "quantize") for r in result.get(name, []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,31 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if "shard" in sections:
             steps = 2 if args.quick else (args.steps or 6)
-            rows = result["shard"] = shard_section(Path(tmp), model, steps)
-            lines += [f"## trainer.shard=fsdp (prompt tuning, E2E, global batch 8, {steps} steps)", "",
-                      "| job | losses (first -> last) | largest relative loss difference to 1 process | backbone MB per "
-                      "process | peak RSS MB (rank 0) | s/step |", "|---|---|---|---|---|---|"]
-            lines += [f"| {r['job']} | {fmt_losses(r['losses'])} | {r['max_rel_loss_diff_vs_1']:.1e} | {r['backbone_mb']} | "
-                      f"{r['peak_memory_mb']} | {r['s_per_step']} |" for r in rows]
-            lines.append("")
+            result["shard"] = shard_section(Path(tmp), [f"model={model}"], steps)
+            lines += shard_markdown(result["shard"], steps)
         if "quantize" in sections:
             steps = 2 if args.quick else (args.steps or 40)
-            rows = result["quantize"] = quantize_section(Path(tmp), model, steps, ("e2e",) if args.quick else ("e2e", "sst2"))
-            lines += [f"## model.quantize (bf16, batch 8, {steps} steps)", "",
-                      "| task | method | quantize | losses (first -> last) | final loss vs unquantized | dev | backbone MB | "
-                      "peak RSS MB | s/step |", "|---|---|---|---|---|---|---|---|---|"]
-            lines += [f"| {r['task']} | {r['method']} | {r['quantize']} | {fmt_losses(r['losses'])} | "
-                      f"{r['final_loss_rel_diff_vs_bf16']:+.2%} | "
-                      + ", ".join(f"{k} {v:.4f}" for k, v in r["eval"].items() if isinstance(v, float) and k in
-                                  ("accuracy", "bleu")) +
-                      f" | {r['backbone_mb']} | {r['peak_memory_mb']} | {r['s_per_step']} |" for r in rows]
-            lines.append("")
+            result["quantize"] = quantize_section(Path(tmp), [f"model={model}"], steps,
+                                                  ("e2e",) if args.quick else ("e2e", "sst2"))
+            lines += quantize_markdown(result["quantize"], steps)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
-    return 0
+    return 1 if failed(result) else 0
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ speed     bf16 training tokens/s and MFU of prompt and prefix tuning on random-i
           (Llama-3.2-1B's shape) and ~8B (Llama-3.1-8B's) parameters, E2E, batch 32 (smaller under --cpu).
 peft      ptune against PEFT + transformers' Trainer on the same ~1B job (scripts/bench.py's two jobs: the
           same weights, tokenizer, examples, batch, steps, lr, precision).
-quantize  the ~1B prefix job with model.quantize=none / int8 / nf4 (+ int4 on CUDA): losses, memory, time.
-shard     trainer.shard=fsdp, 2 processes: on 2 GPUs where there are; on one GPU NCCL cannot put two ranks on
-          one device, so it runs on the CPU with gloo (said in the report).
+quantize  the ~1B prefix job with model.quantize=none / int8 / nf4 (+ int4 on CUDA): losses, memory, time
+          (scripts/bench_big_backbones.py's section, at this script's batch and steps).
+shard     trainer.shard=fsdp: 1 process, 2 unsharded, 2 sharded (scripts/bench_big_backbones.py's job): on 2 GPUs
+          where there are; on one GPU NCCL cannot put two ranks on one device, so it runs on the CPU with gloo
+          (said in the report).
 
 MFU = model FLOPs / time / peak: a frozen backbone costs 4N FLOPs per token (forward 2N, backward through the
 activations 2N; no weight gradients), N its non-embedding parameters, prompt tokens counted as tokens; the
@@ -141,43 +143,20 @@ def section_peft(args, cuda: bool, peaks: dict, speed: list[dict]) -> list[dict]
 
 
 def section_quantize(args, cuda: bool, tmp: Path) -> list[dict]:
-    size, rows, plain = args.sizes[0], [], None
-    keys = [*model_keys(size), "method=prefix", "task=e2e", "trainer.precision=bf16", f"trainer.max_steps={args.steps}",
-            f"trainer.eval_every={args.steps}", f"trainer.save_every={args.steps}", "trainer.log_every=1",
-            f"trainer.batch_size={args.batch}", f"task.max_train_samples={args.batch * args.steps}",
-            "task.max_eval_samples=4", "task.max_new_tokens=16"]
-    for how in ("none", "int8", "nf4", *(["int4"] if cuda else [])):
-        try:
-            r = big.job(tmp / f"q-{how}", [*keys, f"model.quantize={how}"], cuda=cuda)
-        except SystemExit as e:  # a failed job is a row
-            rows.append({"quantize": how, "error": str(e)[-300:]})
-            continue
-        plain = plain or r
-        rows.append({"quantize": how, "losses": r["losses"], "backbone_mb": r["backbone_mb"],
-                     "peak_memory_mb": r["peak_memory_mb"], "s_per_step": r["s_per_step"],
-                     "final_loss_rel_diff_vs_none": (r["losses"][-1] - plain["losses"][-1]) / plain["losses"][-1]})
-        print(f"quantize {how}: {rows[-1]}", flush=True)
-    return rows
+    """The first size's prefix job on E2E through each quantization (+ int4 on CUDA: torchao's tinygemm kernel)."""
+    return big.quantize_section(tmp, model_keys(args.sizes[0]), args.steps, ("e2e",),
+                                ("none", "int8", "nf4", *(["int4"] if cuda else [])), args.batch, cuda,
+                                ("task.max_eval_samples=4", "task.max_new_tokens=16"))
 
 
-def section_shard(args, cuda: bool, tmp: Path) -> dict:
+def section_shard(args, cuda: bool) -> tuple[str, list[dict]]:
+    """On 2 GPUs where there are; on one GPU NCCL cannot put two ranks on one device: the CPU, 2 gloo processes."""
     on_gpus = cuda and torch.cuda.device_count() >= 2
-    size = args.sizes[0] if on_gpus else ("llama-cpu-s")
-    steps = min(args.steps, 4)
-    keys = [*model_keys(size), "method=prompt", "task=e2e", f"trainer.max_steps={steps}", f"trainer.eval_every={steps}",
-            f"trainer.save_every={steps}", "trainer.log_every=1", "trainer.batch_size=4", "trainer.group_by_length=false",
-            f"task.max_train_samples={8 * steps}", "task.max_eval_samples=2", "task.max_new_tokens=8"]
+    size = args.sizes[0] if on_gpus else "llama-cpu-s"
     where = ("2 GPUs, NCCL" if on_gpus else
              "the CPU, 2 gloo processes" + (" (one GPU: NCCL cannot put two ranks on one device)" if cuda else ""))
-    try:
-        plain = big.job(tmp / "s-plain", keys, 2, cuda=on_gpus)
-        sharded = big.job(tmp / "s-fsdp", [*keys, "trainer.shard=fsdp"], 2, cuda=on_gpus)
-    except SystemExit as e:
-        return {"where": where, "size": size, "error": str(e)[-300:]}
-    diff = max(abs(a - b) / abs(a) for a, b in zip(plain["losses"], sharded["losses"]))
-    return {"where": where, "size": size, "losses_unsharded": plain["losses"], "losses_sharded": sharded["losses"],
-            "max_rel_loss_diff": diff, "backbone_mb_unsharded": plain["backbone_mb"],
-            "backbone_mb_sharded": sharded["backbone_mb"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        return f"{size} on {where}", big.shard_section(Path(tmp), model_keys(size), min(args.steps, 4), on_gpus)
 
 
 def markdown(r: dict) -> str:
@@ -206,20 +185,9 @@ def markdown(r: dict) -> str:
                          + " | ".join(f"{row.get('mfu_' + k, 0):.1%}" for k in mfu_cols) + " |")
         lines.append("")
     if "quantize" in r:
-        lines += ["## model.quantize (prefix, bf16)", "", "| quantize | losses (first -> last) | final loss vs none | "
-                  "backbone MB | peak MB | s/step |", "|---|---|---|---|---|---|"]
-        for q in r["quantize"]:
-            lines.append(f"| {q['quantize']} | error: {q['error'][-160:]} |" if "error" in q else
-                         f"| {q['quantize']} | {q['losses'][0]:.4f} -> {q['losses'][-1]:.4f} | "
-                         f"{q['final_loss_rel_diff_vs_none']:+.2%} | {q['backbone_mb']} | {q['peak_memory_mb']} | "
-                         f"{q['s_per_step']} |")
-        lines.append("")
+        lines += big.quantize_markdown(r["quantize"], r["steps"], r["batch"])
     if "shard" in r:
-        s = r["shard"]
-        lines += ["## trainer.shard=fsdp (prompt, 2 processes)", "", f"On {s['where']}, {s['size']}: " + (
-            f"error {s['error']}" if "error" in s else
-            f"largest relative loss difference sharded vs unsharded {s['max_rel_loss_diff']:.1e}; backbone MB per "
-            f"process {s['backbone_mb_unsharded']} unsharded, {s['backbone_mb_sharded']} sharded."), ""]
+        lines += big.shard_markdown(r["shard"], min(r["steps"], 4), f"; {r['shard_where']}")
     return "\n".join(lines)
 
 
@@ -246,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = args.sections.split(",")
     t0 = time.perf_counter()
     r = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": "python scripts/gpu_check.py " + " ".join(
-        sys.argv[1:] if argv is None else argv), "device": name, "torch": torch.__version__, "peaks": peaks}
+        sys.argv[1:] if argv is None else argv), "device": name, "torch": torch.__version__, "peaks": peaks,
+         "steps": args.steps, "batch": args.batch}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -267,15 +236,14 @@ def main(argv: list[str] | None = None) -> int:
             elif section == "quantize":
                 r["quantize"] = section_quantize(args, cuda, Path(tmp))
             elif section == "shard":
-                r["shard"] = section_shard(args, cuda, Path(tmp))
+                r["shard_where"], r["shard"] = section_shard(args, cuda)
             else:
                 raise SystemExit(f"gpu_check: unknown section {section!r}")
             print(f"-- {section}: {time.perf_counter() - t:.0f} s", flush=True)
             write()  # after every section: a check cut off at its limit keeps what it measured
     print(markdown(r))
-    ok = (r.get("contract", {}).get("passed", True)
-          and not any("error" in row for name in ("speed", "peft", "quantize") for row in r.get(name, []))
-          and "error" not in r.get("shard", {}))
+    ok = (r.get("contract", {}).get("passed", True) and not big.failed(r)
+          and not any("error" in row for name in ("speed", "peft") for row in r.get(name, [])))
     return 0 if ok else 1
 
 

@@ -99,18 +99,9 @@ def test_quick_plan_bench_compares_plan_and_measured_peaks(tmp_path):
     assert result["fit"] and "What fits where" in out.with_suffix(".md").read_text()
 
 
-@pytest.mark.slow  # two gloo processes twice, and three quantized jobs per task
-def test_quick_big_backbones_bench_shards_and_quantizes(tmp_path):
-    bench = load_script("bench_big_backbones")
-    out = tmp_path / "big"
-    assert bench.main(["--quick", "--out", str(out)]) == 0
-    result = json.loads(out.with_suffix(".json").read_text())
-    assert [r["job"] for r in result["shard"]][-1] == "2 processes, trainer.shard=fsdp"
-    assert all(r["max_rel_loss_diff_vs_1"] < 1e-4 for r in result["shard"])
-    assert {r["quantize"] for r in result["quantize"]} == {"none", "int8", "nf4"}
-
-
-@pytest.mark.slow  # scripts/gpu_check.sh --cpu: the GPU check end to end on the CPU (~3 min)
+# scripts/gpu_check.sh --cpu: the GPU check end to end on the CPU (~2 min); its quantize and shard sections are
+# scripts/bench_big_backbones.py's, so this is that script's test too (its --quick would run the same processes again)
+@pytest.mark.slow
 def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     import subprocess
 
@@ -125,6 +116,9 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
                                                               for m in ("prompt", "prefix")]
     assert all(x["tokens_per_s"] > 0 and 0 < x["mfu_measured"] for x in r["speed"])
     assert {x["tool"] for x in r["peft"]} == {"ptune", "peft"}
-    assert [q["quantize"] for q in r["quantize"]] == ["none", "int8", "nf4"]
-    assert r["shard"]["max_rel_loss_diff"] < 1e-4 and r["shard"]["backbone_mb_sharded"] < r["shard"]["backbone_mb_unsharded"]
-    assert "## contract" in (tmp_path / "gpu-check.md").read_text()
+    assert [q["quantize"] for q in r["quantize"]] == ["none", "int8", "nf4"] and all("losses" in q for q in r["quantize"])
+    one, two, sharded = r["shard"]
+    assert sharded["job"] == "2 processes, trainer.shard=fsdp" and all(x["max_rel_loss_diff_vs_1"] < 1e-4 for x in r["shard"])
+    assert sharded["backbone_mb"] < two["backbone_mb"] == one["backbone_mb"]
+    md = (tmp_path / "gpu-check.md").read_text()
+    assert "## contract" in md and "## trainer.shard=fsdp" in md and "## model.quantize" in md
