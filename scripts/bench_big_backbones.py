@@ -1,8 +1,8 @@
 """A frozen backbone sharded (trainer.shard=fsdp) and quantized (model.quantize): losses, memory and time
 against the plain job.
 
-    python scripts/bench_big_backbones.py [--sections shard,quantize] [--model smollm2-135m] [--quick]
-                                          [--out bench/big-backbones-<date>]
+    python scripts/bench_big_backbones.py [--sections shard,quantize] [--model smollm2-135m] [--set KEY=VALUE ...]
+                                          [--quick] [--out bench/big-backbones-<date>]
 
 shard: the same E2E prompt-tuning job (global batch 8) in one process, in two gloo processes unsharded and in
 two sharded; the loss curves, the backbone bytes a process holds (summary.json's backbone_mb), the peak RSS of
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--steps", type=int, default=0, help="default: 6 (shard), 40 (quantize)")
     ap.add_argument("--quick", action="store_true", help="tiny-llama, 2 steps")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more model keys, e.g. a random-init size: --model tiny-llama --set model.tiny.hidden_size=1024")
     ap.add_argument("--out", default=f"bench/big-backbones-{time.strftime('%Y-%m-%d')}")
     args = ap.parse_args(argv)
     model = "tiny-llama" if args.quick else args.model
@@ -152,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if "shard" in sections:
             steps = 2 if args.quick else (args.steps or 6)
-            result["shard"] = shard_section(Path(tmp), [f"model={model}"], steps)
+            result["shard"] = shard_section(Path(tmp), [f"model={model}", *args.set], steps)
             lines += shard_markdown(result["shard"], steps)
         if "quantize" in sections:
             steps = 2 if args.quick else (args.steps or 40)
-            result["quantize"] = quantize_section(Path(tmp), [f"model={model}"], steps,
+            result["quantize"] = quantize_section(Path(tmp), [f"model={model}", *args.set], steps,
                                                   ("e2e",) if args.quick else ("e2e", "sst2"))
             lines += quantize_markdown(result["quantize"], steps)
     out = Path(args.out)
