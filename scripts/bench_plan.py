@@ -200,7 +200,8 @@ def _fit_word(plan: dict) -> str:
 def markdown(result: dict) -> str:
     lines = [f"# `ptune plan` against measured runs ({result['date']})", "",
              f"`python scripts/bench_plan.py {result['argv']}`; {result['machine']}; every job 3 steps, its own process; "
-             "the plan with the same overrides and seq_len=data, its own process.", "",
+             "the plan with the same overrides and seq_len=data, its own process.", ""]
+    lines += [] if not result["rows"] else [
              "| row | micro-batch | plan MB | measured MB (glibc default) | error | measured MB (fixed mmap threshold) | "
              "error | plan: weights / activations / process + data MB | trainable (plan = run) | s/step | TFLOPS |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

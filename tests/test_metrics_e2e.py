@@ -70,6 +70,7 @@ def test_meteor_unavailable_without_java(monkeypatch):
     assert scores["bleu"] == pytest.approx(EXPECTED["bleu"], abs=1e-9)
 
 
+@pytest.mark.slow  # METEOR's JVM
 def test_meteor_keeps_one_jvm_and_each_call_stands_alone():
     """The JVM starts once per process; a later call scores as a fresh JVM does; a dead one is restarted."""
     try:

@@ -146,3 +146,24 @@ def test_other_backbones_and_methods_shard_to_the_unsharded_numbers(tmp_path, da
     assert len(losses(sharded)) == 3
     assert all(abs(x - y) <= 1e-6 * abs(x) for x, y in zip(losses(two), losses(sharded)))
     assert all((adapter(sharded)[k] - adapter(two)[k]).abs().max() <= 1e-5 for k in adapter(two))
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_processes_load_and_shard_in_turn(monkeypatch, rank):
+    """trainer.shard=fsdp: process k loads (and shards) after processes 0..k-1 have sharded, before k+1..N-1
+    load, so one host holds one whole model at a time; the mesh is made by all of them first."""
+    from types import SimpleNamespace
+
+    from ptune.train import job
+
+    events = []
+    monkeypatch.setattr(job.shard, "device_mesh", lambda world, device: events.append("mesh") or "mesh")
+    monkeypatch.setattr(job, "_final_form", lambda cfg, b, m, frozen: events.append("final"))
+    monkeypatch.setattr(job.shard, "shard_backbone", lambda model, mesh, device: events.append(f"shard {mesh}") or 5)
+    monkeypatch.setattr(job, "trim_heap", lambda: None)
+    acc = SimpleNamespace(num_processes=3, process_index=rank, device=torch.device("cpu"),
+                          wait_for_everyone=lambda: events.append("barrier"))
+    backbone = SimpleNamespace(model="model")
+    monkeypatch.setattr(job, "_build", lambda cfg: events.append("build") or (backbone, "method", "task"))
+    assert job._build_sharded(None, acc, None) == (backbone, "method", "task", 5)
+    assert events == ["mesh", *["barrier"] * rank, "build", "final", "shard mesh", *["barrier"] * (3 - rank)]

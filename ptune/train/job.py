@@ -69,24 +69,18 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     # Everything that can fail on bad input (model, method, data) is loaded before a run directory
     # is claimed or written, so a mistake leaves no half-made run behind.
     setup_logging(None, accelerator.is_main_process)  # console only until the run directory exists
-    backbone, method, task = build(cfg)
-    # trainer.head_lr with no head tensors: refused before the training set is encoded
-    param_groups(list(method.trainable_tensors()), train_args(cfg))
-    backbone.model.to(accelerator.device)
-    method.to(accelerator.device)
-    if cfg.trainer.get("gradient_checkpointing", False):
-        method.checkpoint_activations()
-        log.info("activation checkpointing: the backbone's layers recompute their activations in backward")
     frozen = frozen_dtype(cfg)
-    if frozen is not None:
-        n = models.store_frozen(backbone.model, frozen)
-        log.info("frozen matmul weights stored in %s (%d parameters); trained tensors stay fp32", frozen, n)
     if sharded:
-        n = shard.shard_backbone(backbone.model, accelerator.num_processes, accelerator.device)
+        backbone, method, task, n = _build_sharded(cfg, accelerator, frozen)
+    else:
+        backbone, method, task = _build(cfg)
+        backbone.model.to(accelerator.device)
+        _final_form(cfg, backbone, method, frozen)
+    method.to(accelerator.device)
     gc.collect()
     trim_heap()  # what the replaced weights (fp32 -> bf16, quantized, sharded) held goes back to the OS
     if sharded:
-        reset_peak_memory()  # the job's peak from the sharded state on (every process loaded the whole model once)
+        reset_peak_memory()  # the job's peak from the sharded state on (each process loaded the whole model in turn)
         log.info("trainer.shard=fsdp: %d layers sharded over %d processes; this process holds %.1f MB of the backbone",
                  n, accelerator.num_processes, shard.local_bytes(backbone.model) / 2**20)
     examples = task.train_examples(backbone.tokenizer, backbone.kind)
@@ -178,6 +172,47 @@ def diverged(state) -> bool:
     ends normally, and summary.json, train.log and the command's last line say so."""
     first, last = state.first_loss, state.last_loss
     return first is not None and last is not None and last > DIVERGED * first and last - first > 1.0
+
+
+def _build(cfg: DictConfig):
+    backbone, method, task = build(cfg)
+    # trainer.head_lr with no head tensors: refused before the training set is encoded
+    param_groups(list(method.trainable_tensors()), train_args(cfg))
+    return backbone, method, task
+
+
+def _final_form(cfg: DictConfig, backbone, method, frozen: torch.dtype | None) -> None:
+    """Activation checkpointing and the frozen weights' storage dtype, before any sharding."""
+    if cfg.trainer.get("gradient_checkpointing", False):
+        method.checkpoint_activations()
+        log.info("activation checkpointing: the backbone's layers recompute their activations in backward")
+    if frozen is not None:
+        n = models.store_frozen(backbone.model, frozen)
+        log.info("frozen matmul weights stored in %s (%d parameters); trained tensors stay fp32", frozen, n)
+
+
+def _build_sharded(cfg: DictConfig, accelerator, frozen: torch.dtype | None):
+    """trainer.shard=fsdp: the processes load in turn, each sharding its copy before the next one loads.
+
+    Loading reads the whole checkpoint into host memory (transformers' from_pretrained, fp32), so N
+    processes loading at once would hold N whole models on one machine; in turn, the host holds one whole
+    model and the shards of the others. Each process builds exactly what an unsharded process builds (the
+    method's initialisation may run the whole backbone: prefix's word activations, KPT's calibration) and only
+    then keeps its share. Nothing reaches the device whole: FSDP moves each layer's share onto it as it shards,
+    and only the parts that stay whole (embeddings, final norm, a head) are moved as they are. The cost is
+    time: N loads one after another."""
+    mesh = shard.device_mesh(accelerator.num_processes, accelerator.device)  # every process, before the turns
+    built = None
+    for turn in range(accelerator.num_processes):
+        if turn == accelerator.process_index:
+            backbone, method, task = _build(cfg)
+            _final_form(cfg, backbone, method, frozen)
+            n = shard.shard_backbone(backbone.model, mesh, accelerator.device)
+            built = backbone, method, task, n
+            gc.collect()
+            trim_heap()
+        accelerator.wait_for_everyone()
+    return built
 
 
 def frozen_dtype(cfg: DictConfig) -> torch.dtype | None:

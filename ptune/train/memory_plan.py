@@ -21,7 +21,8 @@ the run will have, per module. Memory per process, in the order the run allocate
   on a GPU nothing (peak_memory_mb there is torch.cuda.max_memory_allocated), plus a reserve for the
   CUDA context when deciding whether it fits;
 - loading: the run reads the weights in fp32 and converts them after (on a GPU the whole fp32 model
-  reaches the device before store_frozen or sharding; quantization converts layer by layer).
+  reaches the device before store_frozen; quantization converts layer by layer; a sharded run converts on
+  the host, one process after another, and sends each layer's share only to its device).
 
 Time: matmul FLOPs of the frozen backbone (forward 2·N per token, backward input gradients only
 another 2·N, attention scores both ways, the LM head at the label positions, one more forward of the
@@ -685,10 +686,13 @@ def baseline(opts: Options, process: int, data: dict | None) -> dict:
 
 def loading(p: Params, s: Settings, base: dict) -> float:
     """The load: models.load reads fp32 weights (on CPU from safetensors, mapped and read when first used, so
-    the load's peak is the training step's); on a GPU the whole fp32 model reaches the device before store_frozen
-    or sharding, while quantization moves and converts one layer linear at a time."""
+    the load's peak is the training step's); on a GPU the whole fp32 model reaches the device before store_frozen,
+    while quantization moves and converts one layer linear at a time, and a sharded run converts on the host and
+    moves each layer's share only (ptune.train.shard), so its device holds no more than in a step."""
     if s.mapped:
         return 0
+    if s.device == "cuda" and s.shard == "fsdp":  # the host converts, fully_shard moves one layer's share at a time
+        return weight_bytes(p, s)["total"]
     fp32 = 4 * p.backbone
     if s.device == "cuda" and s.quantize != "none":
         linear = sum(quantized_bytes(o, i, s.quantize) for o, i in p.layer_linear)
@@ -873,7 +877,8 @@ def _rows(result: dict) -> list[tuple[str, float, str]]:
          f"process {_mb(base['process'])} + encoded rows {_mb(base['data_kept'])}, measured now" if j["device"] == "cpu"
          else "not in torch.cuda.max_memory_allocated"),
         ("training step", mem["training_step"], "the sum"),
-        ("loading", mem["loading"], "fp32 weights as read" + (" (to the device before sharding)" if j["shard"] == "fsdp" else "")),
+        ("loading", mem["loading"], "its shares converted on the host, moved layer by layer" if (j["device"], j["shard"]) ==
+         ("cuda", "fsdp") else "fp32 weights as read" + (" (whole, each process in turn)" if j["shard"] == "fsdp" else "")),
         ("peak (peak_memory_mb)", mem["peak_memory"], "what summary.json will report"
          + (" (reset after sharding)" if j["shard"] == "fsdp" else "")),
     ]

@@ -19,8 +19,10 @@ Why FSDP2's `fully_shard` directly and not Accelerate's FSDP plugin: the plugin 
 `accelerator.prepare` with a DDP-style gradient reduction of trained weights, while here the backbone
 trains nothing and the trainable tensors live outside it (docs/design.md). The engine is the same.
 What is left out: fine-tune (its backbone trains: use Accelerate's FSDP plugin and a Trainer), a
-quantized backbone sharded (torchao's tensor subclasses do not shard), and sharded loading (each
-process still reads the whole checkpoint once before it keeps its share).
+quantized backbone sharded (torchao's tensor subclasses do not shard), and sharded reading of the
+checkpoint: each process still reads the whole checkpoint once, in turn (ptune.train.job._build_sharded),
+so one host holds one whole model plus the others' shares at a time, never N whole models, and a device
+never holds more than its share plus one gathered layer.
 """
 
 from __future__ import annotations
@@ -50,12 +52,27 @@ def refuse(method_name: str, trains_backbone: bool, world: int, quantized: bool)
                          "quantized weights are not FSDP-shardable); choose one of the two")
 
 
-def shard_backbone(model: nn.Module, world: int, device: torch.device) -> int:
-    """Shard every layer of `model` across the `world` processes (FSDP2); returns the number of layers."""
-    mesh = init_device_mesh(device.type, (world,))
+def device_mesh(world: int, device: torch.device):
+    """The 1-D mesh of all processes (created by every process together, before any of them shards)."""
+    return init_device_mesh(device.type, (world,))
+
+
+def shard_backbone(model: nn.Module, mesh, device: torch.device) -> int:
+    """Shard every layer of `model` (on the host or already on `device`) across the mesh (FSDP2) and move
+    the rest, which stays whole, to `device`; returns the number of layers. A layer reaches the device as its
+    share only: fully_shard moves the layer, splits it and keeps this process's part, one layer at a time."""
     layers = [layer for stack in layer_lists(model) for layer in stack]
     if not layers:
         raise PtuneError(f"trainer.shard=fsdp: {type(model).__name__} has no stack of repeated layers to shard")
+    inside = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
+    with torch.no_grad():
+        for module in model.modules():  # what stays whole: in place, so a tied weight stays one tensor
+            for p in module._parameters.values():
+                if p is not None and id(p) not in inside and p.device != device:
+                    p.data = p.data.to(device)
+            for name, b in module._buffers.items():
+                if b is not None and id(b) not in inside and b.device != device:
+                    module._buffers[name] = b.to(device)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
         # Each layer is its own root unit (the methods call the backbone in different places: the whole model,
