@@ -59,6 +59,40 @@ def test_quantized_outputs_stay_close_to_the_model():
         assert (out - ref).norm() / ref.norm() < tol, how
 
 
+@pytest.mark.parametrize("how", ["int8", "nf4"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_the_backward_keeps_no_dequantized_weight_and_gives_its_input_gradient(how, autocast):
+    """Between forward and backward a quantized layer keeps its packed weight only, never a dequantized
+    copy of it (torchao's int8 linear left to autograd kept one per layer); the input gradient is the one
+    of a plain linear over the dequantized weight."""
+    model = _model("tiny-llama", how)
+    layer = model.model.layers[0].mlp  # gate, up, down: Llama's MLP
+    dense = {}
+    for n in ("gate_proj", "up_proj", "down_proj"):
+        q = getattr(layer, n)
+        dense[n] = torch.nn.Linear(q.in_features, q.out_features, bias=False).requires_grad_(False)
+        dense[n].weight.copy_(q.weight.dequantize() if how == "int8" else q.weight.get_original_weight())
+    x = torch.randn(2, 5, layer.gate_proj.in_features, requires_grad=True)
+    big = []
+
+    def pack(t):
+        if type(t) is torch.Tensor and t.numel() >= layer.down_proj.in_features * layer.down_proj.out_features:
+            big.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16,
+                                                                                     enabled=autocast):
+        y = layer(x)
+    assert big == []  # no (out, in) weight-sized plain tensor waits for the backward
+    g = torch.randn_like(y)
+    grad, = torch.autograd.grad(y, x, g)
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        y_ref = dense["down_proj"](torch.nn.functional.silu(dense["gate_proj"](x)) * dense["up_proj"](x))
+    ref, = torch.autograd.grad(y_ref, x, g.to(y_ref.dtype))
+    tol = 3e-2 if autocast else 1e-4
+    torch.testing.assert_close(grad.float(), ref.float(), atol=tol * ref.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("method", ["prompt", "prefix", "p-tuning", "p-tuning-v2"])
 @pytest.mark.parametrize("how", ["int8", "nf4"])
 def test_every_prompt_method_trains_through_a_quantized_backbone(tmp_path, data_dir, method, how):

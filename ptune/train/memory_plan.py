@@ -538,10 +538,10 @@ def logits_peak(a: Arch, p: Params, shape: Shape, s: Settings, seq2seq: bool) ->
 
 
 def weight_copies(p: Params, s: Settings) -> float:
-    """Per layer: full-precision copies of frozen layer weights the backward keeps: torchao's int8 linear
-    dequantizes its weight and autograd keeps that; autocast's cast of fp32 weights under bf16/fp16."""
+    """Per layer: low-precision copies of frozen layer weights the backward keeps: autocast's cast of fp32
+    weights under bf16/fp16 (a quantized linear keeps its packed weight only: ptune.quantize)."""
     c = _compute_bytes(s)
-    copies = s.quantize == "int8" or (s.quantize == "none" and c < 4 and s.frozen == "fp32")
+    copies = s.quantize == "none" and c < 4 and s.frozen == "fp32"
     return sum(o * i for o, i in p.layer_linear) * c / max(p.layers, 1) if copies else 0
 
 
@@ -564,7 +564,8 @@ def activations(a: Arch, p: Params, shape: Shape, s: Settings, seq2seq: bool, pr
         transient = layer  # the gradients of one layer's activations while its backward runs
     kept += once_saved(a, shape.batch, shape.seq) + 2 * 4 * shape.batch * prefix_dropout
     loss = logits_peak(a, p, shape, s, seq2seq)
-    dequantized = max((o * i for o, i in p.layer_linear), default=0) * _compute_bytes(s) if s.quantize == "nf4" else 0
+    # the backward dequantizes one weight at a time for the input gradient, in the compute dtype (ptune.quantize)
+    dequantized = max((o * i for o, i in p.layer_linear), default=0) * _compute_bytes(s) if s.quantize in ("nf4", "int8") else 0
     return {"kept": kept, "layer": layer, "logits": loss, "transient": max(loss, transient) + dequantized,
             "total": kept + max(loss, transient) + dequantized}
 
