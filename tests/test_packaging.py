@@ -76,6 +76,15 @@ def test_a_wheel_built_from_the_checkout_runs_from_a_fresh_venv(tmp_path, data_d
     assert all(Path(w).is_relative_to(env_dir) for w in where), where  # the wheel's code and configs
     assert "method" in ptune("train", "--help") and "prefix" in ptune("train", "--help")
     assert "label-words" in ptune("search", "--help")
+    llama = work / "llama-1b"  # Llama-3.2-1B's config.json alone: the plan reads no weights
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=131072, tie_word_embeddings=True)))
+    plan = ptune("plan", "model=llama", f"model.name_or_path={llama}", "method=prefix", "trainer.shard=fsdp",
+                 "processes=8", "device=cuda", "device_memory=80GiB", "task=e2e", "seq_len=512")
+    assert "ptune plan: prefix on llama" in plan and "1,245,288,960 total" in plan and "-> fits in" in plan
     out = ptune("train", "model=tiny-gpt2", "task=e2e", "method=prompt", "task.max_train_samples=16",
                 "task.max_eval_samples=2", "task.max_new_tokens=4", "task.metrics=[bleu]", "trainer.batch_size=4",
                 "trainer.max_steps=2", "trainer.eval_every=2", "trainer.save_every=2")
