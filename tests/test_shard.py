@@ -167,3 +167,32 @@ def test_processes_load_and_shard_in_turn(monkeypatch, rank):
     monkeypatch.setattr(job, "_build", lambda cfg: events.append("build") or (backbone, "method", "task"))
     assert job._build_sharded(None, acc, None) == (backbone, "method", "task", 5)
     assert events == ["mesh", *["barrier"] * rank, "build", "final", "shard mesh", *["barrier"] * (3 - rank)]
+
+
+MMAP_PROBE = """
+import ctypes, sys
+from ptune.train.loop import fix_mmap_threshold
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+fixed = fix_mmap_threshold() if sys.argv[1] == "fix" else False
+libc.free(libc.malloc(4 << 20))  # a 4 MiB block, mmapped and freed: by default the threshold rises past it
+before = libc.mallinfo2().hblkhd  # bytes in mmapped blocks now
+p = libc.malloc(2 << 20)
+print(fixed, libc.mallinfo2().hblkhd - before >= 2 << 20)  # is the next 2 MiB block mmapped (given back at free)?
+"""
+
+
+@pytest.mark.parametrize("how, env, says", [("fix", {}, "True True"), ("keep", {}, "False False"),
+                                            ("fix", {"MALLOC_MMAP_THRESHOLD_": "262144"}, "False True")])
+def test_a_sharded_cpu_run_fixes_glibcs_mmap_threshold_unless_the_user_chose(how, env, says):
+    """What trainer.shard=fsdp on CPU sets (ptune.train.job): after a large block is freed, glibc's default
+    serves the next one from the heap (kept after free); fixed, it stays mmapped; a user's own setting wins."""
+    out = subprocess.run([sys.executable, "-c", MMAP_PROBE, how], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env)
+    assert out.stdout.strip() == says, out.stderr[-1000:]

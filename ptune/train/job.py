@@ -24,8 +24,8 @@ from ptune.errors import PtuneError
 from ptune.rundir import RunDir
 from ptune.train import checkpoint as ckpt
 from ptune.train import shard, trackers
-from ptune.train.loop import (TrainArgs, check_step_size, fit, param_groups, peak_memory_mb, reset_peak_memory,
-                              trim_heap)
+from ptune.train.loop import (TrainArgs, check_step_size, fit, fix_mmap_threshold, param_groups, peak_memory_mb,
+                              reset_peak_memory, trim_heap)
 
 log = logging.getLogger("ptune")
 
@@ -71,6 +71,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     setup_logging(None, accelerator.is_main_process)  # console only until the run directory exists
     frozen = frozen_dtype(cfg)
     if sharded:
+        if accelerator.device.type == "cpu" and fix_mmap_threshold():
+            log.info("trainer.shard=fsdp on CPU: glibc's mmap threshold fixed at 128 KiB, so the layers FSDP gathers "
+                     "and frees go back to the OS (set MALLOC_MMAP_THRESHOLD_ to choose another)")
         backbone, method, task, n = _build_sharded(cfg, accelerator, frozen)
     else:
         backbone, method, task = _build(cfg)
