@@ -14,6 +14,9 @@ which needs the weights for the input gradients), freeing it after. Nothing else
   For 1B-70B Llama models the layers are 90-99% of the weights; for SmolLM2-135M (a 28M-row tied
   embedding) 79%.
 - Evaluation runs on every process in lockstep (the same batches, so the same gathers); rank 0 writes.
+- The processes load one after another (ptune.train.job._build_sharded), and on CPU a sharded run fixes
+  glibc's mmap threshold (ptune.train.loop.fix_mmap_threshold) so the gathered layers' memory goes back to
+  the OS when freed; both measured in docs/performance.md.
 
 Why FSDP2's `fully_shard` directly and not Accelerate's FSDP plugin: the plugin wraps the whole model for
 `accelerator.prepare` with a DDP-style gradient reduction of trained weights, while here the backbone
