@@ -149,14 +149,13 @@ def section_quantize(args, cuda: bool, tmp: Path) -> list[dict]:
                                 ("task.max_eval_samples=4", "task.max_new_tokens=16"))
 
 
-def section_shard(args, cuda: bool) -> tuple[str, list[dict]]:
+def section_shard(args, cuda: bool, tmp: Path) -> tuple[str, list[dict]]:
     """On 2 GPUs where there are; on one GPU NCCL cannot put two ranks on one device: the CPU, 2 gloo processes."""
     on_gpus = cuda and torch.cuda.device_count() >= 2
     size = args.sizes[0] if on_gpus else "llama-cpu-s"
     where = ("2 GPUs, NCCL" if on_gpus else
              "the CPU, 2 gloo processes" + (" (one GPU: NCCL cannot put two ranks on one device)" if cuda else ""))
-    with tempfile.TemporaryDirectory() as tmp:
-        return f"{size} on {where}", big.shard_section(Path(tmp), model_keys(size), min(args.steps, 4), on_gpus)
+    return f"{size} on {where}", big.shard_section(tmp, model_keys(size), min(args.steps, 4), on_gpus)
 
 
 def markdown(r: dict) -> str:
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             elif section == "quantize":
                 r["quantize"] = section_quantize(args, cuda, Path(tmp))
             elif section == "shard":
-                r["shard_where"], r["shard"] = section_shard(args, cuda)
+                r["shard_where"], r["shard"] = section_shard(args, cuda, Path(tmp))
             else:
                 raise SystemExit(f"gpu_check: unknown section {section!r}")
             print(f"-- {section}: {time.perf_counter() - t:.0f} s", flush=True)

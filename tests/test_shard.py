@@ -161,6 +161,7 @@ def test_processes_load_and_shard_in_turn(monkeypatch, rank):
     monkeypatch.setattr(job, "_final_form", lambda cfg, b, m, frozen: events.append("final"))
     monkeypatch.setattr(job.shard, "shard_backbone", lambda model, mesh, device: events.append(f"shard {mesh}") or 5)
     monkeypatch.setattr(job, "trim_heap", lambda: None)
+    monkeypatch.setattr(job, "fix_mmap_threshold", lambda: False)  # mallopt would change this test process
     acc = SimpleNamespace(num_processes=3, process_index=rank, device=torch.device("cpu"),
                           wait_for_everyone=lambda: events.append("barrier"))
     backbone = SimpleNamespace(model="model")

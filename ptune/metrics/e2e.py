@@ -394,12 +394,10 @@ _METEOR_LOCK = threading.Lock()
 
 def _meteor_process(java: str, jar: str):
     m = _METEOR
-    if m and m["pid"] == os.getpid() and m["cmd"][0] == java and m["cmd"][3] == jar and m["proc"].poll() is None:
-        return m["proc"], m["err"]
-    if m and m["pid"] == os.getpid():
-        _close_meteor()
-    m.clear()
     cmd = [java, "-jar", "-Xmx2G", jar, "-", "-", "-stdio", "-l", "en", "-norm"]
+    if m.get("pid") == os.getpid() and m["cmd"] == cmd and m["proc"].poll() is None:
+        return m["proc"], m["err"]
+    _close_meteor()  # a dead JVM, another jar or java, or the parent's (after a fork: left to the parent)
     err = tempfile.TemporaryFile()
     try:
         proc = subprocess.Popen(cmd, cwd=os.path.dirname(jar), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)

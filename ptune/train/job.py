@@ -71,17 +71,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None, resume: bool = False) ->
     setup_logging(None, accelerator.is_main_process)  # console only until the run directory exists
     frozen = frozen_dtype(cfg)
     if sharded:
-        if accelerator.device.type == "cpu" and fix_mmap_threshold():
-            log.info("trainer.shard=fsdp on CPU: glibc's mmap threshold fixed at 128 KiB, so the layers FSDP gathers "
-                     "and frees go back to the OS (set MALLOC_MMAP_THRESHOLD_ to choose another)")
         backbone, method, task, n = _build_sharded(cfg, accelerator, frozen)
     else:
         backbone, method, task = _build(cfg)
         backbone.model.to(accelerator.device)
         _final_form(cfg, backbone, method, frozen)
+        gc.collect()
+        trim_heap()  # what the replaced weights (fp32 -> bf16, quantized) held goes back to the OS
     method.to(accelerator.device)
-    gc.collect()
-    trim_heap()  # what the replaced weights (fp32 -> bf16, quantized, sharded) held goes back to the OS
     if sharded:
         reset_peak_memory()  # the job's peak from the sharded state on (each process loaded the whole model in turn)
         log.info("trainer.shard=fsdp: %d layers sharded over %d processes; this process holds %.1f MB of the backbone",
@@ -204,6 +201,9 @@ def _build_sharded(cfg: DictConfig, accelerator, frozen: torch.dtype | None):
     then keeps its share. Nothing reaches the device whole: FSDP moves each layer's share onto it as it shards,
     and only the parts that stay whole (embeddings, final norm, a head) are moved as they are. The cost is
     time: N loads one after another."""
+    if accelerator.device.type == "cpu" and fix_mmap_threshold():
+        log.info("trainer.shard=fsdp on CPU: glibc's mmap threshold fixed at 128 KiB, so the layers FSDP gathers "
+                 "and frees go back to the OS (set MALLOC_MMAP_THRESHOLD_ to choose another)")
     mesh = shard.device_mesh(accelerator.num_processes, accelerator.device)  # every process, before the turns
     built = None
     for turn in range(accelerator.num_processes):
@@ -213,7 +213,7 @@ def _build_sharded(cfg: DictConfig, accelerator, frozen: torch.dtype | None):
             n = shard.shard_backbone(backbone.model, mesh, accelerator.device)
             built = backbone, method, task, n
             gc.collect()
-            trim_heap()
+            trim_heap()  # what the whole model held goes back to the OS before the next process loads
         accelerator.wait_for_everyone()
     return built
 

@@ -126,10 +126,18 @@ def trim_heap() -> None:
     by a process's shard (trainer.shard=fsdp). glibc keeps what they freed in its heap, and the training
     step's allocations of other sizes do not reuse all of it, so without a trim the process holds the
     replaced weights' memory on top of its working set (measured: scripts/bench_plan.py, docs/performance.md)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """glibc's malloc controls, or None where the C library is another (musl, macOS): nothing to ask for."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): no trim to ask for
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
 
 
 MMAP_THRESHOLD = 128 * 1024  # glibc's own starting value, kept fixed instead of rising with what is freed
@@ -146,12 +154,10 @@ def fix_mmap_threshold() -> bool:
     With the threshold fixed it peaks 12% below, at +16% time per step. Left as it is when the user's
     environment sets MALLOC_MMAP_THRESHOLD_ (glibc read it at start), and for unsharded runs, where the same
     setting cost 30% time per step for a smaller gain."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+    libc = _glibc()
+    if libc is None or os.environ.get("MALLOC_MMAP_THRESHOLD_"):
         return False
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+    return libc.mallopt(-3, MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
 
 
 def reset_peak_memory() -> None:
