@@ -1,6 +1,7 @@
 """scripts/bench.py --quick runs both tools on every method and writes its report (its speed is not tested)."""
 
 import json
+import os
 
 import pytest
 
@@ -112,9 +113,12 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     r = json.loads((tmp_path / "gpu-check.json").read_text())
     assert r["contract"]["passed"] and r["contract"]["device"] == "cpu"
+    assert " passed" in r["contract"]["summary"] and "skipped" not in r["contract"]["summary"]  # the device test ran
     assert [(x["size"], x["method"]) for x in r["speed"]] == [(s, m) for s in ("llama-cpu-s", "llama-cpu-m")
                                                               for m in ("prompt", "prefix")]
     assert all(x["tokens_per_s"] > 0 and 0 < x["mfu_measured"] for x in r["speed"])
+    prefix = {x["size"]: x["trainable_params"] for x in r["speed"] if x["method"] == "prefix"}
+    assert prefix["llama-cpu-s"] < prefix["llama-cpu-m"]  # each size's model keys reach the job (a wider prefix MLP)
     assert {x["tool"] for x in r["peft"]} == {"ptune", "peft"}
     assert [q["quantize"] for q in r["quantize"]] == ["none", "int8", "nf4"] and all("losses" in q for q in r["quantize"])
     one, two, sharded = r["shard"]
@@ -122,3 +126,42 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
     assert sharded["backbone_mb"] < two["backbone_mb"] == one["backbone_mb"]
     md = (tmp_path / "gpu-check.md").read_text()
     assert "## contract" in md and "## trainer.shard=fsdp" in md and "## model.quantize" in md
+
+
+def test_big_backbones_options_reach_its_jobs(tmp_path, monkeypatch):
+    """scripts/bench_big_backbones.py's flags (its jobs run for real in the GPU check's test): --model, --set and
+    --steps reach every `ptune train`, --sections picks the sections, --out is where it writes."""
+    big = load_script("bench_big_backbones")
+    calls = []
+
+    def job(out, keys, processes=1, cuda=False):
+        calls.append(keys)
+        return {"command": "", "losses": [2.0, 1.0], "eval": {"bleu": 0.5}, "backbone_mb": 1.0, "peak_memory_mb": 1.0,
+                "host_peak_mb": 1.0, "s_per_step": 0.1, "job_s": 1.0}
+
+    monkeypatch.setattr(big, "job", job)
+    out = tmp_path / "big"
+    assert big.main(["--sections", "quantize", "--model", "tiny-gpt2", "--set", "model.tiny.n_layer=3",
+                     "--steps", "5", "--out", str(out)]) == 0
+    assert len(calls) == 6 and all("model=tiny-gpt2" in k and "model.tiny.n_layer=3" in k and
+                                   "trainer.max_steps=5" in k for k in calls)  # e2e and sst2, none / int8 / nf4
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert "shard" not in result and len(result["quantize"]) == 6
+    calls.clear()
+    assert big.main(["--quick", "--sections", "shard", "--out", str(out)]) == 0
+    assert len(calls) == 3 and all("model=tiny-llama" in k and "trainer.max_steps=2" in k for k in calls)
+    assert sum("trainer.shard=fsdp" in k for k in calls) == 1
+
+
+def test_gpu_check_runs_only_the_sections_asked(tmp_path, monkeypatch):
+    gpu = load_script("gpu_check")
+    for name in ("CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE"):  # what --cpu sets in this process, restored after
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    ran = []
+    monkeypatch.setattr(gpu, "matmul_flops", lambda cuda: 1e12)
+    monkeypatch.setattr(gpu, "section_shard", lambda args, cuda, tmp: ran.append("shard") or ("here", []))
+    monkeypatch.setattr(gpu, "section_contract", lambda args, cuda: ran.append("contract") or {})
+    assert gpu.main(["--cpu", "--sections", "shard", "--out", str(tmp_path)]) == 0
+    assert ran == ["shard"] and set(json.loads((tmp_path / "gpu-check.json").read_text())) >= {"shard", "shard_where"}
+    with pytest.raises(SystemExit, match="unknown section"):
+        gpu.main(["--cpu", "--sections", "nothing", "--out", str(tmp_path)])
