@@ -238,3 +238,11 @@ def test_tflops_sets_the_time_and_device_the_baseline():
     assert slow["seconds_per_step"] == pytest.approx(2 * fast["seconds_per_step"])
     cpu, cuda = (mp.plan([*keys, f"device={d}"])["memory"]["peak_memory"] for d in ("cpu", "cuda"))
     assert cpu > cuda
+
+
+def test_seq_len_and_device_memory_act():
+    """seq_len= sets the rows' length (longer rows keep more activations); device_memory= decides the fit."""
+    keys = ["model=tiny-llama", "method=prompt", "task=e2e", "device=cuda"]
+    short, long = (mp.plan([*keys, f"seq_len={n}", "device_memory=80GiB"]) for n in (64, 256))
+    assert long["memory"]["activations"]["kept"] > 3 * short["memory"]["activations"]["kept"]
+    assert short["fits"] and not mp.plan([*keys, "seq_len=64", "device_memory=1MiB"])["fits"]
